@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from lightclip.config import ConfigError, Params, load_params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_load_and_are_typed():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.validate_.on_error in ("fail", "quarantine")
+    assert params.synth.n_items > 0
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"validate": {"on_eror": "fail"}})
+    message = str(err.value)
+    assert "validate.on_eror" in message and "on_error" in message
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(ConfigError, match=r"unknown key 'splt'.*synth, validate, split"):
+        parse_params({"splt": {}})
+
+
+def test_bad_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"'fail' or 'quarantine'"):
+        parse_params({"validate": {"on_error": "ignore"}})
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match=r"synth.n_items"):
+        parse_params({"synth": {"n_items": "many"}})
+
+
+def test_unknown_attribute_column_in_allowed_values():
+    with pytest.raises(ConfigError, match=r"colour"):
+        parse_params({"validate": {"allowed_values": {"colour": ["Red"]}}})
+
+
+def test_split_sizes_must_be_sane():
+    with pytest.raises(ConfigError, match=r"split.val"):
+        parse_params({"split": {"val": 1.5}})
+    assert parse_params({"split": {"val": 100, "test": 0.2}}).split.val == 100
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
