@@ -1,0 +1,250 @@
+"""The ``lightclip`` command line: one subcommand per stage, each a thin wrapper over the library.
+
+``main(argv)`` takes an argument list so tests drive the real CLI in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lightclip.env import configure_environment
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _params(args: argparse.Namespace):
+    from lightclip.config import load_params
+
+    return load_params(args.params)
+
+
+def _project(args: argparse.Namespace) -> Path:
+    from lightclip.tracking import project_root
+
+    return project_root(Path(args.params).resolve().parent)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _run_import(args: argparse.Namespace, stage: str, run_params: dict, importer: Callable[[], tuple]) -> int:
+    """Run an importer inside its MLflow run and print its report."""
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    with stage_run(stage, run_params, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+        catalogue, report = importer()
+        run.log_metrics({"rows_read": report.rows_read, "items_written": report.items_written, "rows_skipped": len(report.skipped)})
+        run.log_artifact(Path(args.out) / "import_report.json")
+    print(report.summary())
+    print(f"catalogue written to {catalogue.root} ({len(catalogue)} items); report: {Path(args.out) / 'import_report.json'}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from lightclip.data.synth import SYNTH_VERSION, generate_catalogue
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    config = params.synth
+    with stage_run("synth", {"synth": params.section("synth"), "synth_version": SYNTH_VERSION}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+        catalogue = generate_catalogue(Path(args.out), config, progress=not args.quiet)
+        run.log_metrics({"items_written": len(catalogue)})
+    print(f"synthetic catalogue (v{SYNTH_VERSION}, seed {config.seed}): {len(catalogue)} items in {catalogue.root}")
+    return 0
+
+
+def cmd_import_kaggle(args: argparse.Namespace) -> int:
+    from lightclip.data.kaggle import import_kaggle
+
+    return _run_import(
+        args,
+        "import_kaggle",
+        {"source": str(args.source), "out": str(args.out)},
+        lambda: import_kaggle(Path(args.source), Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_import_manifest(args: argparse.Namespace) -> int:
+    from lightclip.data.manifest import import_manifest
+
+    image_root = Path(args.image_root) if args.image_root else None
+    return _run_import(
+        args,
+        "import_manifest",
+        {"source": str(args.manifest), "out": str(args.out), "image_root": str(image_root)},
+        lambda: import_manifest(Path(args.manifest), Path(args.out), image_root=image_root, overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_import_webdataset(args: argparse.Namespace) -> int:
+    from lightclip.data.webdataset import expand_shards, import_webdataset
+
+    shards = [p for spec in args.shards for p in expand_shards(spec)]
+    return _run_import(
+        args,
+        "import_webdataset",
+        {"source": " ".join(args.shards), "out": str(args.out)},
+        lambda: import_webdataset(shards, Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_export_webdataset(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.data.webdataset import export_webdataset
+
+    catalogue = Catalogue.load(args.catalogue)
+    shards = export_webdataset(catalogue, Path(args.out), split=args.split, shard_size=args.shard_size)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    for shard in shards:
+        print(f"  {shard}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lightclip.tracking import stage_run
+    from lightclip.validation import run_validation
+
+    params = _params(args)
+    config = params.validate_
+    if args.on_error:
+        config = config.model_copy(update={"on_error": args.on_error})
+    with stage_run("validate", {"validate": config.model_dump(mode="json"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+        try:
+            summary = run_validation(Path(args.input), Path(args.out), Path(args.report), Path(args.metrics), config, progress=not args.quiet)
+        finally:
+            # The report and metrics are written in every outcome; log what exists.
+            if Path(args.metrics).is_file():
+                metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            run.log_artifact(Path(args.report))
+            run.log_artifact(Path(args.out) / "quarantine.csv")
+    print(f"validation passed: {summary.rows_in} rows in, {summary.rows_out} out, {summary.rows_quarantined} quarantined; report: {args.report}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from lightclip.data.split import run_split
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    with stage_run("split", {"split": params.section("split"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+        counts = run_split(Path(args.input), Path(args.out), Path(args.metrics), params.split)
+        run.log_metrics({k: v for k, v in counts.items() if isinstance(v, (int, float))})
+    print("split: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
+    from lightclip.tracking import pipeline_run
+
+    params = _params(args)
+    project = _project(args)
+    command = ["dvc", "repro", *args.targets]
+    if args.force:
+        command.append("--force")
+    with pipeline_run(args.name, {"command": " ".join(command)}, project_dir=project, experiment=params.tracking.experiment) as run:
+        print(f"pipeline run {run.run_id}: {' '.join(command)}", flush=True)
+        result = subprocess.run(command, cwd=project)
+        run.set_tags({"lightclip.exit_code": result.returncode})
+        if result.returncode != 0:
+            raise CliError(f"'{' '.join(command)}' failed with exit code {result.returncode}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightclip", description="Small, fast text-image retrieval models from a product catalogue.")
+    parser.add_argument("--params", default="params.yaml", help="the run configuration (default: params.yaml)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="create, import and export catalogues")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    synth = data_commands.add_parser("synth", help="render the embedded synthetic catalogue (params: synth)")
+    synth.add_argument("--out", default="data/raw", help="catalogue directory to write (default: data/raw)")
+    synth.set_defaults(handler=cmd_synth)
+
+    kaggle = data_commands.add_parser("import-kaggle", help="import the Kaggle Fashion Product Images layout (styles.csv + images/)")
+    kaggle.add_argument("source", help="directory holding styles.csv and images/")
+    kaggle.add_argument("--out", required=True, help="catalogue directory to write")
+    kaggle.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --out")
+    kaggle.set_defaults(handler=cmd_import_kaggle)
+
+    manifest = data_commands.add_parser("import-manifest", help="import a CSV or JSONL manifest (image, title[, id, attributes, split])")
+    manifest.add_argument("manifest", help="manifest file (.csv or .jsonl)")
+    manifest.add_argument("--out", required=True, help="catalogue directory to write")
+    manifest.add_argument("--image-root", help="directory image paths are relative to (default: the manifest's)")
+    manifest.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --out")
+    manifest.set_defaults(handler=cmd_import_manifest)
+
+    wds_in = data_commands.add_parser("import-webdataset", help="import WebDataset tar shards (<key>.jpg + <key>.txt/.json)")
+    wds_in.add_argument("shards", nargs="+", help="tar files, globs or brace ranges (shard-{000000..000009}.tar)")
+    wds_in.add_argument("--out", required=True, help="catalogue directory to write")
+    wds_in.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --out")
+    wds_in.set_defaults(handler=cmd_import_webdataset)
+
+    wds_out = data_commands.add_parser("export-webdataset", help="export a catalogue as WebDataset shards for open_clip_train")
+    wds_out.add_argument("catalogue", help="catalogue directory")
+    wds_out.add_argument("--out", required=True, help="directory for the shards")
+    wds_out.add_argument("--split", choices=["train", "val", "test"], help="export one split only")
+    wds_out.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    wds_out.set_defaults(handler=cmd_export_webdataset)
+
+    validate = commands.add_parser("validate", help="run the Great Expectations suite on a catalogue (params: validate)")
+    validate.add_argument("--in", dest="input", default="data/raw", help="catalogue to validate (default: data/raw)")
+    validate.add_argument("--out", default="data/validated", help="where the clean catalogue goes (default: data/validated)")
+    validate.add_argument("--report", default="reports/validation.md", help="Markdown report (default: reports/validation.md)")
+    validate.add_argument("--metrics", default="metrics/validate.json", help="counts as JSON (default: metrics/validate.json)")
+    validate.add_argument("--on-error", choices=["fail", "quarantine"], help="override validate.on_error for this run")
+    validate.set_defaults(handler=cmd_validate)
+
+    split = commands.add_parser("split", help="deterministic train/val/test split without leakage (params: split)")
+    split.add_argument("--in", dest="input", default="data/validated", help="catalogue to split (default: data/validated)")
+    split.add_argument("--out", default="data/split", help="where the split catalogue goes (default: data/split)")
+    split.add_argument("--metrics", default="metrics/split.json", help="split sizes as JSON (default: metrics/split.json)")
+    split.set_defaults(handler=cmd_split)
+
+    pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
+    pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
+    pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
+    pipeline.add_argument("--force", action="store_true", help="pass --force to dvc repro")
+    pipeline.set_defaults(handler=cmd_pipeline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lightclip.tracking import project_root
+
+    configure_environment(project_root())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lightclip.config import ConfigError
+    from lightclip.data.catalogue import CatalogueError
+
+    known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, FileNotFoundError)
+    try:
+        from lightclip.validation import ValidationFailed
+
+        known += (ValidationFailed,)
+    except ImportError:
+        pass
+    try:
+        return args.handler(args)
+    except known as exc:
+        print(f"lightclip {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Tracking: runs land in the SQLite store, nest under the pipeline run, carry lineage tags."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lightclip.tracking import (
+    PARENT_RUN_ENV,
+    data_version,
+    default_tracking_uri,
+    flatten,
+    pipeline_run,
+    project_root,
+    stage_run,
+)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny git project with params.yaml, dvc.yaml and a data.dvc, and its own SQLite store."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "params.yaml").write_text("tracking:\n  experiment: test\n")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data/raw\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=root, check=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-tiny")
+    return root
+
+
+def test_project_root_maps_dvc_temp_workspace_back(tmp_path: Path):
+    repo = tmp_path / "repo"
+    temp = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    temp.mkdir(parents=True)
+    assert project_root(temp) == repo
+
+
+def test_default_uri_is_absolute_sqlite(tmp_path: Path):
+    uri = default_tracking_uri(tmp_path)
+    assert uri.startswith("sqlite:////") and uri.endswith("/mlflow/mlflow.db")
+
+
+def test_data_version_reads_data_dvc(project: Path, tmp_path: Path):
+    assert data_version(project) == "abc123.dir"
+    assert data_version(tmp_path) == "untracked"
+
+
+def test_flatten_nested_params():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def test_stage_runs_nest_under_pipeline_and_carry_lineage(project: Path):
+    import mlflow
+
+    (project / "params.yaml").write_text("tracking:\n  experiment: test\n# dirty\n")
+    with pipeline_run("repro", {"command": "dvc repro"}, project_dir=project, experiment="test") as parent:
+        with stage_run("validate", {"validate": {"on_error": "fail"}}, project_dir=project, experiment="test") as child:
+            child.log_metrics({"rows_in": 10, "flag": True})
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(project))
+    run = client.get_run(child.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id
+    assert tags["lightclip.stage"] == "validate"
+    assert len(tags["lightclip.git_commit"]) == 40
+    assert tags["lightclip.git_dirty"] == "true"
+    assert tags["lightclip.data_hash"] == "abc123.dir"
+    assert tags["lightclip.dvc_exp_name"] == "exp-tiny"
+    assert run.data.params["validate.on_error"] == "fail"
+    assert run.data.metrics == {"rows_in": 10.0}
+    assert (project / "mlflow" / "mlflow.db").is_file()
+    experiment = client.get_experiment_by_name("test")
+    assert experiment.artifact_location.endswith("/mlflow/artifacts")
+
+
+def test_failed_stage_marks_run_failed(project: Path):
+    import mlflow
+
+    with pytest.raises(RuntimeError):
+        with stage_run("split", {}, project_dir=project, experiment="test") as run:
+            raise RuntimeError("boom")
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(project))
+    assert client.get_run(run.run_id).info.status == "FAILED"
