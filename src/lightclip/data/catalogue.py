@@ -80,6 +80,10 @@ class ImportReport:
         Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _is_null(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
 def _empty_frame() -> pd.DataFrame:
     return SCHEMA.empty_table().to_pandas()
 
@@ -105,8 +109,8 @@ def normalise_items(items: pd.DataFrame, source: str = "catalogue") -> pd.DataFr
         if col == "year":
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int32")
         else:
-            frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
-            frame[col] = frame[col].astype(object)
+            # Built as an object Series: under pandas 3 ``.map`` on a str column would turn None into NaN.
+            frame[col] = pd.Series([None if _is_null(v) else str(v) for v in frame[col]], index=frame.index, dtype=object)
     return frame
 
 

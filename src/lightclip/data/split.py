@@ -1,0 +1,182 @@
+"""The ``split`` stage: a deterministic, leakage-free train/val/test assignment.
+
+Items that are near-certainly the same product are grouped and a group always lands in one
+split: identical titles (compared normalised: lower-case, collapsed whitespace), identical
+image bytes (sha256) and identical ids are joined with union-find, transitively. Groups are
+visited in a seeded order that is stable across platforms and Python versions (sorted by
+``sha256(f"{seed}:{smallest id}")``); test is filled first, then val, the rest is train.
+A group joins a split only while it brings that split's count closer to its target, so
+actual sizes may deviate slightly from the targets (groups are atomic) and are reported.
+
+Any ``split`` values already in the catalogue are overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from lightclip.config import SplitConfig, SplitSize
+from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, file_sha256, normalise_items
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _is_null(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def normalise_title(title: Any) -> str | None:
+    """Lower-case and collapse whitespace; ``None`` for a missing or blank title."""
+    if _is_null(title):
+        return None
+    text = _WHITESPACE.sub(" ", str(title)).strip().lower()
+    return text or None
+
+
+def target_size(size: SplitSize, n_items: int) -> int:
+    """Items requested by a size: a float in [0, 1) is a fraction of ``n_items``, an int a count."""
+    if isinstance(size, bool):
+        raise CatalogueError(f"split size must be a fraction or a count, got {size!r}")
+    if isinstance(size, float):
+        return int(round(size * n_items))
+    return int(size)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def group_items(ids: Sequence[Any], titles: Sequence[Any], image_hashes: Sequence[str | None]) -> list[int]:
+    """Per item, a group label (the group's first row): same id, title or image -> same group."""
+    n = len(ids)
+    if not (len(titles) == len(image_hashes) == n):
+        raise CatalogueError(f"group_items: {n} ids, {len(titles)} titles and {len(image_hashes)} image hashes")
+    uf = _UnionFind(n)
+    first: dict[tuple[str, str], int] = {}
+    for i in range(n):
+        keys = [("title", normalise_title(titles[i])), ("image", image_hashes[i]), ("id", ids[i])]
+        for kind, value in keys:
+            if _is_null(value):
+                continue
+            key = (kind, str(value))
+            if key in first:
+                uf.union(first[key], i)
+            else:
+                first[key] = i
+    return [uf.find(i) for i in range(n)]
+
+
+def _image_hashes(catalogue: Catalogue) -> list[str]:
+    hashes = []
+    for item_id, image in zip(catalogue.items["id"], catalogue.items["image"]):
+        path = catalogue.image_path(image) if isinstance(image, str) else None
+        if path is None or not path.is_file():
+            raise CatalogueError(f"item {item_id}: image {image!r} not found (run the validate stage first)")
+        hashes.append(file_sha256(path))
+    return hashes
+
+
+def assign_splits(catalogue: Catalogue, config: SplitConfig, *, image_hashes: Sequence[str | None] | None = None) -> Catalogue:
+    """Return ``catalogue`` with a fresh ``split`` column (existing values are overwritten).
+
+    ``image_hashes`` (sha256 of each item's image bytes, in item order; ``None`` = do not group
+    by image) are computed with :func:`file_sha256` when not given. Raises
+    :class:`CatalogueError` when val + test would leave no training items.
+    """
+    items = normalise_items(catalogue.items)
+    n = len(items)
+    n_test, n_val = target_size(config.test, n), target_size(config.val, n)
+    if n == 0 or n_test + n_val >= n:
+        raise CatalogueError(
+            f"split: val={config.val!r} ({n_val} items) + test={config.test!r} ({n_test} items) "
+            f"leaves no training items out of {n}; lower val/test"
+        )
+    hashes = list(image_hashes) if image_hashes is not None else _image_hashes(catalogue)
+    if len(hashes) != n:
+        raise CatalogueError(f"split: {len(hashes)} image hashes for {n} items")
+    ids = items["id"].tolist()
+    labels = group_items(ids, items["title"].tolist(), hashes)
+
+    members: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        members.setdefault(label, []).append(row)
+
+    def order_key(rows: list[int]) -> tuple[str, str]:
+        smallest = min(str(ids[r]) for r in rows)
+        return hashlib.sha256(f"{config.seed}:{smallest}".encode("utf-8")).hexdigest(), smallest
+
+    groups = sorted(members.values(), key=order_key)
+    assignment = ["train"] * n
+    remaining = groups
+    for split, target in (("test", n_test), ("val", n_val)):
+        count, left = 0, []
+        for rows in remaining:
+            # take a group only while it brings the count closer to the target
+            if count < target and abs(count + len(rows) - target) < abs(count - target):
+                count += len(rows)
+                for r in rows:
+                    assignment[r] = split
+            else:
+                left.append(rows)
+        remaining = left
+    if "train" not in assignment:
+        raise CatalogueError(f"split: no training items left out of {n} (groups are atomic); lower val/test")
+    items["split"] = assignment
+    return catalogue.with_items(items)
+
+
+def split_counts(catalogue: Catalogue) -> dict[str, int]:
+    """Items per split (train/val/test), 0 for an empty split."""
+    counts = catalogue.items["split"].value_counts()
+    return {name: int(counts.get(name, 0)) for name in SPLITS}
+
+
+def run_split(in_dir: Path, out_dir: Path, metrics_path: Path, config: SplitConfig) -> dict[str, Any]:
+    """The ``split`` stage: load ``in_dir``, assign splits, save to ``out_dir``, write counts JSON."""
+    in_dir, out_dir, metrics_path = Path(in_dir), Path(out_dir), Path(metrics_path)
+    if in_dir.resolve() == out_dir.resolve():
+        raise CatalogueError(f"{out_dir}: the split catalogue must go to a different folder than its input")
+    catalogue = Catalogue.load(in_dir)
+    hashes = _image_hashes(catalogue)
+    split = assign_splits(catalogue, config, image_hashes=hashes).save(out_dir)
+    n = len(split)
+    labels = group_items(split.items["id"].tolist(), split.items["title"].tolist(), hashes)
+    sizes: dict[int, int] = {}
+    for label in labels:
+        sizes[label] = sizes.get(label, 0) + 1
+    counts = split_counts(split)
+    metrics = {
+        "items": n,
+        **counts,
+        "fractions": {name: round(counts[name] / n, 6) for name in SPLITS},
+        "targets": {"val": target_size(config.val, n), "test": target_size(config.test, n)},
+        "groups": len(sizes),
+        "grouped_items": sum(s for s in sizes.values() if s > 1),
+        "largest_group": max(sizes.values()),
+    }
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics

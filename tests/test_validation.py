@@ -1,0 +1,252 @@
+"""The validate stage: one GX suite, a clear message per failure, fail and quarantine modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pytest
+
+from conftest import make_image
+from lightclip.config import ValidateConfig
+from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, file_sha256
+from lightclip.validation import (
+    QUARANTINE_FILE,
+    ValidationFailed,
+    inspect_images,
+    run_validation,
+    validate_catalogue,
+)
+
+COLOURS = ["Red", "Blue", "Green", "Black", "White", "Yellow", "Pink", "Grey"]
+
+
+def config(**overrides) -> ValidateConfig:
+    base = dict(
+        title_min_chars=3,
+        title_max_chars=200,
+        min_image_side=32,
+        year_min=2000,
+        year_max=2030,
+        allowed_values={"gender": ["Men", "Women", "Unisex"], "baseColour": COLOURS, "season": ["Summer", "Winter"]},
+    )
+    return ValidateConfig(**(base | overrides))
+
+
+def run(cat: Catalogue, tmp_path: Path, **overrides):
+    out = tmp_path / "validated"
+    return run_validation(cat.root, out, tmp_path / "report.md", tmp_path / "metrics.json", config(**overrides), progress=False)
+
+
+def edit(cat: Catalogue, change: Callable[[pd.DataFrame], None]) -> Catalogue:
+    items = cat.items.copy()
+    change(items)
+    return cat.with_items(items).save()
+
+
+def set_value(row: int, column: str, value) -> Callable[[pd.DataFrame], None]:
+    def change(items: pd.DataFrame) -> None:
+        items.loc[row, column] = value
+
+    return change
+
+
+def test_valid_catalogue_passes_and_writes_everything(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(12)
+    summary = run(cat, tmp_path)
+    assert summary.passed and summary.checks_failed == [] and summary.warnings == []
+    assert (summary.rows_in, summary.rows_out, summary.rows_quarantined) == (12, 12, 0)
+    out = Catalogue.load(tmp_path / "validated")
+    assert out.items["id"].tolist() == cat.items["id"].tolist()
+    assert all(p.is_file() for p in out.image_paths())  # rebased onto the original images
+    assert (tmp_path / "validated" / QUARANTINE_FILE).read_text().startswith("id,image,title,")
+    assert len(pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE)) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "PASSED" in report and "| image_exists |" in report and "FAIL" not in report
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rows_in"] == metrics["rows_out"] == 12
+    assert metrics["rows_quarantined"] == metrics["checks_failed"] == metrics["warnings"] == 0
+    assert metrics["unexpected"]["id_unique"] == 0 and "attribute_in_set:gender" in metrics["unexpected"]
+
+
+def test_inspect_images_reports_size_and_hash(tiny_catalogue):
+    cat = tiny_catalogue(3)
+    (cat.root / "images" / "1.png").unlink()
+    (cat.root / "images" / "2.png").write_bytes(b"not an image")
+    info = inspect_images(cat, progress=False)
+    assert info["image_exists"].tolist() == [True, False, True]
+    assert info["image_decodes"].tolist() == [True, None, False]
+    assert (info.loc[0, "image_width"], info.loc[0, "image_min_side"]) == (48, 48)
+    assert info.loc[0, "image_sha256"] == file_sha256(cat.root / "images" / "0.png")
+    assert info.loc[1, "image_sha256"] is None and pd.isna(info.loc[2, "image_min_side"])
+
+
+def _missing_image(cat):
+    (cat.root / "images" / "3.png").unlink()
+    return cat
+
+
+def _garbage_image(cat):
+    (cat.root / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return cat
+
+
+def _small_image(cat):
+    make_image(cat.root / "images" / "3.png", size=16)
+    return cat
+
+
+def _id_in_two_splits(cat):
+    def change(items):
+        items["split"] = "train"
+        items.loc[5, "id"] = "1002"
+        items.loc[5, "split"] = "test"
+
+    return edit(cat, change)
+
+
+def _image_in_train_and_test(cat):
+    shutil.copyfile(cat.root / "images" / "0.png", cat.root / "images" / "5.png")
+
+    def change(items):
+        items["split"] = "train"
+        items.loc[5, "split"] = "test"
+
+    return edit(cat, change)
+
+
+FAILURES = {
+    # case: (break the catalogue, {check: ids it must name}; no other error-level check may fail)
+    "missing_image": (_missing_image, {"image_exists": ["1003"]}),
+    "empty_title": (lambda cat: edit(cat, set_value(3, "title", "   ")), {"title_not_empty": ["1003"]}),
+    "placeholder_title": (lambda cat: edit(cat, set_value(3, "title", " N/A ")), {"title_not_placeholder": ["1003"]}),
+    "long_title": (lambda cat: edit(cat, set_value(3, "title", "x" * 201)), {"title_length": ["1003"]}),
+    "short_title": (lambda cat: edit(cat, set_value(3, "title", "ab")), {"title_length": ["1003"]}),
+    "duplicate_id": (lambda cat: edit(cat, set_value(4, "id", "1001")), {"id_unique": ["1001", "1001"]}),
+    "undecodable_image": (_garbage_image, {"image_decodes": ["1003"]}),
+    "small_image": (_small_image, {"image_min_size": ["1003"]}),
+    "unknown_attribute": (lambda cat: edit(cat, set_value(3, "gender", "Martian")), {"attribute_in_set:gender": ["1003"]}),
+    "year_out_of_range": (lambda cat: edit(cat, set_value(3, "year", 1980)), {"year_in_range": ["1003"]}),
+    "bad_split": (lambda cat: edit(cat, set_value(3, "split", "training")), {"split_value": ["1003"]}),
+    "id_in_two_splits": (_id_in_two_splits, {"cross_split_id": ["1002", "1002"], "id_unique": ["1002", "1002"]}),
+    "image_in_train_and_test": (_image_in_train_and_test, {"cross_split_image": ["1000", "1005"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_each_failure_names_check_count_and_ids(case, tiny_catalogue, tmp_path):
+    breaker, expected = FAILURES[case]
+    cat = breaker(tiny_catalogue(8))
+    with pytest.raises(ValidationFailed) as err:
+        run(cat, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"validation failed: {len(expected)} check(s)")
+    result = err.value.result
+    assert sorted(c.name for c in result.failed) == sorted(expected)
+    for check, ids in expected.items():
+        found = result.check(check)
+        assert found.example_ids == ids and found.unexpected_count == len(ids)
+        assert f"  {check} ({found.expectation}): {len(ids)} row(s), e.g. ids {ids!r}" in message
+    # one clear reason per broken row: e.g. a missing image is not also "undecodable"/"too small"
+    if case == "missing_image":
+        assert result.reasons[3] == ["image_exists"]
+    if case == "image_in_train_and_test":
+        assert result.check("image_duplicate").success  # across splits it is an error, not a warning
+    # fail mode: report and metrics written, no catalogue
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "FAILED" in report and all(f"| {check} |" in report for check in expected)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["checks_failed"] == len(expected) and metrics["rows_out"] == 0
+    assert all(metrics["unexpected"][check] == len(ids) for check, ids in expected.items())
+
+
+def test_quarantine_keeps_exactly_the_clean_rows(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(12)
+    (cat.root / "images" / "3.png").unlink()
+    shutil.copyfile(cat.root / "images" / "0.png", cat.root / "images" / "9.png")  # same split: warning only
+
+    def change(items):
+        items.loc[5, "title"] = "n/a"
+        items.loc[7, "year"] = 1850
+        items.loc[8, "baseColour"] = "Ultraviolet"
+        items.loc[8, "season"] = None  # null attributes are not checked
+
+    cat = edit(cat, change)
+    summary = run(cat, tmp_path, on_error="quarantine")
+    assert not summary.passed
+    assert (summary.rows_in, summary.rows_out, summary.rows_quarantined) == (12, 8, 4)
+    assert summary.rows_in == summary.rows_out + summary.rows_quarantined
+    assert sorted(summary.checks_failed) == sorted(["image_exists", "title_not_placeholder", "year_in_range", "attribute_in_set:baseColour"])
+    assert summary.warnings == ["image_duplicate"]
+    bad = {"1003", "1005", "1007", "1008"}
+    out = Catalogue.load(tmp_path / "validated")
+    assert set(out.items["id"]) == {str(1000 + i) for i in range(12)} - bad
+    assert {"1000", "1009"} <= set(out.items["id"])  # duplicate images are kept
+    assert all(p.is_file() for p in out.image_paths())
+    quarantine = pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE, dtype=str)
+    assert dict(zip(quarantine["id"], quarantine["reasons"])) == {
+        "1003": "image_exists",
+        "1005": "title_not_placeholder",
+        "1007": "year_in_range",
+        "1008": "attribute_in_set:baseColour",
+    }
+    assert {"title", "image", "split", "reasons"} <= set(quarantine.columns)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["rows_in"], metrics["rows_out"], metrics["rows_quarantined"]) == (12, 8, 4)
+    assert metrics["warnings"] == 1 and metrics["unexpected"]["image_duplicate"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "rows quarantined: 4" in report and "image_duplicate" in report.split("## Warnings")[1]
+
+
+def test_duplicate_images_in_one_split_are_a_warning_only(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(6)
+    shutil.copyfile(cat.root / "images" / "1.png", cat.root / "images" / "4.png")
+    summary = run(cat, tmp_path)  # fail mode, all splits null: must still pass
+    assert summary.passed and summary.rows_out == 6
+    assert summary.warnings == ["image_duplicate"]
+    check = summary.result.check("image_duplicate")
+    assert check.severity == "warning" and not check.success and check.example_ids == ["1001", "1004"]
+    assert "image_duplicate (expect_column_values_to_be_unique): 2 row(s)" in (tmp_path / "report.md").read_text()
+
+
+def test_fail_mode_removes_a_stale_catalogue_of_ours_only(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(6)
+    run(cat, tmp_path)
+    out = tmp_path / "validated"
+    assert (out / CATALOGUE_FILE).exists()
+    _missing_image(cat)
+    with pytest.raises(ValidationFailed):
+        run(cat, tmp_path)
+    assert not (out / CATALOGUE_FILE).exists() and not (out / QUARANTINE_FILE).exists()
+
+    # a folder with someone else's files in it is not cleaned; the message says so
+    make_image(cat.root / "images" / "3.png")
+    run(cat, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    _missing_image(cat)
+    with pytest.raises(ValidationFailed, match="stale .* left in place"):
+        run(cat, tmp_path)
+    assert (out / "notes.txt").exists()
+
+
+def test_null_id_is_named_by_row(tiny_catalogue):
+    cat = tiny_catalogue(4)
+    items = cat.items.copy()
+    items.loc[1, "id"] = None
+    result = validate_catalogue(Catalogue(root=cat.root, items=items), config(), progress=False)
+    check = result.check("id_not_null")
+    assert not check.success and check.rows == [1] and check.example_ids == ["<row 1>"]
+    assert result.reasons[1] == ["id_not_null"] and result.bad_rows == [1]
+
+
+def test_empty_catalogue_passes(tmp_path):
+    from lightclip.data.catalogue import new_catalogue
+
+    cat = new_catalogue(tmp_path / "empty", [])
+    summary = run(cat, tmp_path)
+    assert summary.passed and (summary.rows_in, summary.rows_out) == (0, 0)
+    assert len(Catalogue.load(tmp_path / "validated")) == 0
