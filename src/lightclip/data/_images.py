@@ -1,0 +1,161 @@
+"""Helpers shared by the importers: staged output directories, safe file names, image copies.
+
+Every importer writes a whole catalogue or nothing: it builds the catalogue in a temporary
+directory beside ``out_dir`` and renames it into place at the end, so an error or an interrupt
+never leaves half a catalogue behind, and an existing catalogue is only replaced once its
+successor is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from lightclip.data.catalogue import CATALOGUE_FILE, CatalogueError
+
+#: Image file extensions the importers and the WebDataset exporter accept, and their canonical form.
+IMAGE_EXTENSIONS: dict[str, str] = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png", ".webp": ".webp"}
+#: Values of attribute columns that mean "no value" in the Kaggle ``styles.csv``.
+NULL_MARKERS: frozenset[str] = frozenset({"", "NA"})
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MAX_STEM = 100
+
+
+def safe_stem(text: str, fallback: str = "item") -> str:
+    """A file-name stem made of ``[A-Za-z0-9_-]`` only (no dots, slashes or leading dashes)."""
+    stem = _UNSAFE.sub("_", str(text)).strip("_").lstrip("-")[:_MAX_STEM]
+    return stem or fallback
+
+
+class NameAllocator:
+    """Hands out unique file names; unique case-insensitively, so catalogues survive any filesystem."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def allocate(self, text: str, ext: str = "") -> str:
+        stem = safe_stem(text)
+        name, n = stem + ext, 1
+        while name.lower() in self._used:
+            n += 1
+            name = f"{stem}_{n}{ext}"
+        self._used.add(name.lower())
+        return name
+
+
+def image_extension(path: str | Path) -> str | None:
+    """The canonical extension (``.jpg``/``.png``/``.webp``) of an image path, or None if unsupported."""
+    return IMAGE_EXTENSIONS.get(Path(str(path)).suffix.lower())
+
+
+def parse_year(value: object) -> tuple[int | None, bool]:
+    """``(year, invalid)``: an int for integral values, None for empty ones; ``invalid`` flags junk."""
+    if value is None:
+        return None, False
+    if isinstance(value, bool):
+        return None, True
+    if isinstance(value, int):
+        return value, False
+    if isinstance(value, float):
+        return (int(value), False) if value.is_integer() else (None, True)
+    text = str(value).strip()
+    if text == "":
+        return None, False
+    try:
+        return int(text), False
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None, True
+    return (int(number), False) if number.is_integer() else (None, True)
+
+
+def format_ids(ids: Sequence[object], limit: int = 50) -> str:
+    """A short comma-separated id list for report notes."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def copy_file_exclusive(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst``, failing (never overwriting) if ``dst`` already exists."""
+    with open(src, "rb") as fsrc, open(dst, "xb") as fdst:
+        shutil.copyfileobj(fsrc, fdst, 1 << 20)
+
+
+def copy_images(jobs: Sequence[tuple[Path, Path]], *, progress: bool = True, desc: str = "copying images") -> None:
+    """Copy ``(src, dst)`` pairs with a progress bar; a failing copy names both paths."""
+    for src, dst in tqdm(jobs, desc=desc, unit="img", disable=not progress, leave=False):
+        try:
+            copy_file_exclusive(src, dst)
+        except FileExistsError:
+            raise CatalogueError(f"{dst}: refusing to overwrite an existing image (copying {src})") from None
+        except OSError as exc:
+            raise CatalogueError(f"{src}: cannot copy image to {dst}: {exc.strerror or exc}") from None
+
+
+def _is_inside(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+    except ValueError:
+        return False
+    return True
+
+
+def check_output_dir(out_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an ``out_dir`` we must not write: non-empty (unless ``overwrite`` and a catalogue)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CatalogueError(f"{out_dir}: output path exists and is not a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise CatalogueError(f"{out_dir}: output directory exists and is not empty; pass overwrite=True to replace a catalogue there")
+    if not (out_dir / CATALOGUE_FILE).is_file():
+        raise CatalogueError(f"{out_dir}: refusing to replace a non-empty directory that holds no catalogue (no {CATALOGUE_FILE})")
+    resolved = out_dir.resolve()
+    for source in inputs:
+        if _is_inside(Path(source).resolve(), resolved):
+            raise CatalogueError(f"{out_dir}: refusing to replace the output directory: it contains the input {source}")
+
+
+def _commit(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    check_output_dir(out_dir, overwrite=overwrite)  # again: something may have appeared meanwhile
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(out_dir, old)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out_dir.is_dir():
+        out_dir.rmdir()
+    os.rename(staging, out_dir)
+
+
+@contextmanager
+def staged_output(out_dir: Path, *, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a fresh directory beside ``out_dir``; on success it becomes ``out_dir``, on error it goes."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()  # respects the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        yield staging
+        _commit(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,115 @@
+"""The generic CSV/JSONL manifest importer: aliases, skipped records, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_image
+
+from lightclip.data.catalogue import Catalogue, CatalogueError
+from lightclip.data.manifest import import_manifest
+
+
+@pytest.fixture
+def pics(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    make_image(root / "pics" / "a.png", colour=(10, 20, 30))
+    make_image(root / "pics" / "b.jpeg", colour=(40, 50, 60), fmt="JPEG")
+    make_image(root / "pics" / "c d.png", colour=(70, 80, 90))
+    return root
+
+
+def reasons(report) -> list[tuple[str, str | None, str]]:
+    return [(s.source, s.id, s.reason.split(":")[0]) for s in report.skipped]
+
+
+def test_csv_manifest_with_aliases_and_skips(pics: Path, tmp_path: Path):
+    manifest = pics / "items.csv"
+    manifest.write_text(
+        "filepath,caption,id,baseColour,year,split\n"
+        "pics/a.png,Red Shirt,A1,Red,2015,train\n"  # line 2
+        "pics/b.jpeg,Blue Shoe,,Blue,2016.0,val\n"  # 3: id derived from the row number
+        "pics/c d.png,  Grey Bag  ,C/3,,,\n"  # 4: odd id, empty attributes
+        "pics/nope.png,Ghost,D4,,,\n"  # 5: missing image
+        "https://example.com/x.jpg,Remote,E5,,,\n"  # 6: URL
+        "pics/a.png,Shirt Again,F6,,,training\n"  # 7: bad split
+        "pics/a.png,,G7,,,\n"  # 8: empty caption
+        "pics/a.png,Short\n"  # 9: wrong width
+        "pics/a.png,Dup,A1,,,\n"  # 10: duplicate id
+        "pics/a.png,Odd year,H8,,soon,test\n",  # 11: year becomes null, noted
+        encoding="utf-8",
+    )
+    catalogue, report = import_manifest(manifest, tmp_path / "out", progress=False)
+    items = catalogue.items.set_index("id")
+    assert items.index.tolist() == ["A1", "row2", "C/3", "H8"]
+    assert items.loc["row2", "title"] == "Blue Shoe" and items.loc["row2", "year"] == 2016
+    assert items.loc["row2", "image"] == "images/row2.jpg"
+    assert items.loc["C/3", "title"] == "Grey Bag" and items.loc["C/3", "image"] == "images/C_3.png"
+    assert pd.isna(items.loc["C/3", "baseColour"]) and pd.isna(items.loc["C/3", "split"])
+    assert items["split"].tolist()[:2] == ["train", "val"] and pd.isna(items.loc["H8", "year"])
+    assert reasons(report) == [
+        ("items.csv:5", "D4", "missing_image"),
+        ("items.csv:6", "E5", "remote_image"),
+        ("items.csv:7", "F6", "bad_split"),
+        ("items.csv:8", "G7", "empty_title"),
+        ("items.csv:9", None, "bad_row"),
+        ("items.csv:10", "A1", "duplicate_id"),
+    ]
+    assert report.rows_read == 10 and report.items_written == 4
+    assert any("year_not_integer: 1" in n and "H8='soon'" in n for n in report.notes)
+    out = tmp_path / "out"
+    assert (out / "images" / "row2.jpg").read_bytes() == (pics / "pics" / "b.jpeg").read_bytes()
+    assert Catalogue.load(out).items.equals(catalogue.items)
+    assert json.loads((out / "import_report.json").read_text())["items_written"] == 4
+
+
+def test_jsonl_manifest_with_image_root_and_bad_lines(pics: Path, tmp_path: Path):
+    manifest = tmp_path / "m.jsonl"
+    lines = [
+        json.dumps({"image_path": "a.png", "text": "Red Shirt", "id": 7, "gender": "Men", "year": 2012}),
+        "{not json",
+        "",
+        json.dumps(["a list"]),
+        json.dumps({"path": "b.jpeg", "title": "Blue Shoe", "split": "test"}),
+        json.dumps({"image": "missing.png", "title": "Ghost"}),
+        json.dumps({"image": "http://host/a.png", "caption": "Remote"}),
+        json.dumps({"image": "a.png", "title": "Nested", "usage": {"a": 1}}),
+    ]
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    catalogue, report = import_manifest(manifest, tmp_path / "out", image_root=pics / "pics", progress=False)
+    assert catalogue.items["id"].tolist() == ["7", "row4"]  # record 4: blank lines are not records
+    assert catalogue.items["gender"].tolist()[0] == "Men" and catalogue.items["year"].tolist()[0] == 2012
+    assert catalogue.items["split"].tolist()[1] == "test"
+    assert reasons(report) == [
+        ("m.jsonl:2", None, "bad_row"),
+        ("m.jsonl:4", None, "bad_row"),
+        ("m.jsonl:6", "row5", "missing_image"),
+        ("m.jsonl:7", "row6", "remote_image"),
+        ("m.jsonl:8", None, "bad_row"),
+    ]
+    assert "line 2: invalid JSON" in report.skipped[0].reason
+
+
+def test_unknown_column_or_format_is_an_error(pics: Path, tmp_path: Path):
+    manifest = pics / "items.csv"
+    manifest.write_text("image,title,colour\npics/a.png,Red,Red\n")
+    with pytest.raises(CatalogueError, match=r"items.csv:1: unknown column\(s\) \['colour'\]; allowed: .*'baseColour'"):
+        import_manifest(manifest, tmp_path / "out", progress=False)
+    jsonl = pics / "items.jsonl"
+    jsonl.write_text(json.dumps({"image": "pics/a.png", "title": "x", "price": 3}) + "\n")
+    with pytest.raises(CatalogueError, match=r"items.jsonl:1: unknown key\(s\) \['price'\]"):
+        import_manifest(jsonl, tmp_path / "out", progress=False)
+    both = pics / "both.csv"
+    both.write_text("image,path,title\na,b,c\n")
+    with pytest.raises(CatalogueError, match="'image' and 'path' both give the image"):
+        import_manifest(both, tmp_path / "out", progress=False)
+    no_title = pics / "nt.csv"
+    no_title.write_text("image\npics/a.png\n")
+    with pytest.raises(CatalogueError, match=r"no title column; name it one of \['title', 'caption', 'text'\]"):
+        import_manifest(no_title, tmp_path / "out", progress=False)
+    with pytest.raises(CatalogueError, match=r"unknown manifest format '.parquet'"):
+        import_manifest(pics / "items.parquet", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
