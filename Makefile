@@ -1,0 +1,70 @@
+# lightclip: the commands that matter. `make install`, `make test`, `make pipeline`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+# Telemetry off and tool homes inside the project (see ../shared/STACK.md).
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export HF_HUB_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+MLFLOW_PORT ?= 5000
+
+.PHONY: help install venv data data-update test pipeline mlflow-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+venv: $(BIN)/lightclip
+
+$(BIN)/lightclip: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: venv data ## create .venv with the pinned stack and materialise the default catalogue
+
+data: venv ## get data/raw: dvc pull when the remote has it, else regenerate it bit-for-bit
+	@if [ -n "$$($(BIN)/dvc status data.dvc --json 2>/dev/null | tr -d '{} \n')" ] || [ ! -d data/raw ]; then \
+	  $(BIN)/dvc pull -q data.dvc 2>/dev/null && echo "data/raw pulled from the DVC remote" \
+	  || { echo "DVC remote has no copy: regenerating data/raw (lightclip data synth)"; \
+	       rm -rf data/raw; $(BIN)/lightclip -q data synth --out data/raw; }; \
+	fi
+	@status="$$($(BIN)/dvc status data.dvc --json | tr -d '{} \n')"; \
+	if [ -n "$$status" ]; then echo "data/raw does not match data.dvc: $$status" >&2; exit 1; fi; \
+	echo "data/raw matches data.dvc"
+
+data-update: venv ## after changing params.yaml `synth:`: regenerate data/raw and record it in data.dvc
+	rm -rf data/raw
+	$(BIN)/lightclip data synth --out data/raw
+	$(BIN)/dvc commit -f -q data.dvc
+	$(BIN)/dvc push -q data.dvc || echo "dvc push failed: the remote is not reachable"
+
+test: ## run the test suite
+	$(BIN)/python -m pytest -q
+
+pipeline: ## run the whole pipeline on the embedded default (dvc repro inside one MLflow parent run)
+	$(BIN)/lightclip pipeline
+
+mlflow-ui: ## serve the project's MLflow store on 127.0.0.1:$(MLFLOW_PORT)
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+	  --default-artifact-root file://$(CURDIR)/mlflow/artifacts
+
+clean: ## remove pipeline outputs (not the venv, not data/raw, not the MLflow store)
+	rm -rf data/validated data/split reports .pytest_cache
