@@ -1,0 +1,109 @@
+"""The CLI end to end, in-process: each stage is an MLflow run with lineage tags; errors are clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lightclip.cli import build_parser, main
+from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project dir with a tiny params.yaml; the CLI runs from inside it."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    params = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    params = params.replace("n_items: 3000", "n_items: 60")
+    (root / "params.yaml").write_text(params)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    return root
+
+
+def _runs(project: Path) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(default_tracking_uri(project))
+    return mlflow.search_runs(experiment_names=["lightclip"])
+
+
+def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]):
+    commands = [["data", "synth"], ["data", "import-kaggle"], ["data", "import-manifest"], ["data", "import-webdataset"],
+                ["data", "export-webdataset"], ["validate"], ["split"], ["pipeline"]]
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: lightclip" in capsys.readouterr().out
+
+
+def test_data_stages_chain_and_are_tracked(project: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["-q", "data", "synth", "--out", "data/raw"]) == 0
+    assert main(["-q", "validate"]) == 0
+    assert main(["-q", "split"]) == 0
+    out = capsys.readouterr().out
+    assert "60 items" in out and "validation passed: 60 rows in, 60 out, 0 quarantined" in out
+
+    counts = json.loads((project / "metrics" / "split.json").read_text())
+    assert counts["train"] + counts["val"] + counts["test"] == 60
+    split = pd.read_parquet(project / "data" / "split" / "catalogue.parquet")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert (project / "reports" / "validation.md").is_file()
+
+    runs = _runs(project)
+    assert sorted(runs["tags.lightclip.stage"]) == ["split", "synth", "validate"]
+    assert set(runs["status"]) == {"FINISHED"}
+    for column in ("tags.lightclip.git_commit", "tags.lightclip.git_dirty", "tags.lightclip.data_hash"):
+        assert runs[column].notna().all()
+    validate = runs[runs["tags.lightclip.stage"] == "validate"].iloc[0]
+    assert validate["params.validate.on_error"] == "fail"
+    assert validate["metrics.rows_in"] == 60
+
+
+def test_validate_fail_and_quarantine_from_cli(project: Path, tiny_catalogue, capsys: pytest.CaptureFixture[str]):
+    catalogue = tiny_catalogue(8, root=project / "broken")
+    (project / "broken" / "images" / "2.png").unlink()  # a missing image
+    items = catalogue.items.copy()
+    items.loc[3, "title"] = ""  # an empty title
+    items.loc[5, "id"] = items.loc[4, "id"]  # a duplicate id
+    catalogue.with_items(items).save()
+    (project / "broken" / "images" / "6.png").write_bytes(b"not an image")  # undecodable
+
+    assert main(["-q", "validate", "--in", "broken", "--out", "clean"]) == 1
+    err = capsys.readouterr().err
+    for check in ("image_exists", "title_not_empty", "id_unique", "image_decodes"):
+        assert check in err
+    assert not (project / "clean" / "catalogue.parquet").exists()
+
+    assert main(["-q", "validate", "--in", "broken", "--out", "clean", "--on-error", "quarantine"]) == 0
+    out = capsys.readouterr().out
+    assert "8 rows in, 3 out, 5 quarantined" in out
+    quarantine = pd.read_csv(project / "clean" / "quarantine.csv")
+    assert len(quarantine) == 5 and quarantine["reasons"].str.len().gt(0).all()
+    runs = _runs(project)
+    assert set(runs["status"]) == {"FINISHED", "FAILED"}
+
+
+def test_config_error_is_clear(project: Path, capsys: pytest.CaptureFixture[str]):
+    (project / "params.yaml").write_text("validate:\n  on_eror: fail\n")
+    assert main(["-q", "validate"]) == 1
+    assert "unknown key 'validate.on_eror'" in capsys.readouterr().err
+
+
+def test_webdataset_export_import_roundtrip_from_cli(project: Path, tiny_catalogue, capsys: pytest.CaptureFixture[str]):
+    tiny_catalogue(5, root=project / "cat")
+    assert main(["-q", "data", "export-webdataset", "cat", "--out", "shards", "--shard-size", "2"]) == 0
+    assert main(["-q", "data", "import-webdataset", "shards/shard-{000000..000002}.tar", "--out", "back"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 3 shard(s)" in out and "wrote 5 items, skipped 0" in out
+    back = pd.read_parquet(project / "back" / "catalogue.parquet")
+    assert sorted(back["id"]) == [str(1000 + i) for i in range(5)]
+    shutil.rmtree(project / "back")
