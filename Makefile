@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PREFECT_HOME := $(CURDIR)/.prefect
-export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -41,9 +41,17 @@ install: venv data ## create .venv with the pinned stack and materialise the def
 
 data: venv ## get data/raw: dvc pull when the remote has it, else regenerate it bit-for-bit
 	@if [ -n "$$($(BIN)/dvc status data.dvc --json 2>/dev/null | tr -d '{} \n')" ] || [ ! -d data/raw ]; then \
-	  $(BIN)/dvc pull -q data.dvc 2>/dev/null && echo "data/raw pulled from the DVC remote" \
-	  || { echo "DVC remote has no copy: regenerating data/raw (lightclip data synth)"; \
-	       rm -rf data/raw; $(BIN)/lightclip -q data synth --out data/raw; }; \
+	  if $(BIN)/dvc pull -q data.dvc 2>/dev/null; then echo "data/raw pulled from the DVC remote"; \
+	  else \
+	    echo "DVC remote has no copy: regenerating data/raw (lightclip data synth)"; \
+	    rm -rf data/raw; $(BIN)/lightclip -q data synth --out data/raw; \
+	    cp data.dvc .dvc/tmp/data.dvc.expected; \
+	    $(BIN)/dvc commit -f -q data.dvc; \
+	    if ! cmp -s data.dvc .dvc/tmp/data.dvc.expected; then \
+	      mv .dvc/tmp/data.dvc.expected data.dvc; \
+	      echo "regenerated data/raw does not match data.dvc (different synth params or versions?)" >&2; exit 1; \
+	    fi; \
+	  fi; \
 	fi
 	@status="$$($(BIN)/dvc status data.dvc --json | tr -d '{} \n')"; \
 	if [ -n "$$status" ]; then echo "data/raw does not match data.dvc: $$status" >&2; exit 1; fi; \

@@ -41,7 +41,7 @@ def configure_environment(project_dir: Path | None = None, allow_hub: bool = Fal
         root = Path(project_dir).resolve()
         homes = {
             "PREFECT_HOME": str(root / ".prefect"),
-            "DVC_SITE_CACHE_DIR": str(root / ".dvc" / "site-cache"),
+            "DVC_SITE_CACHE_DIR": str(root / ".cache" / "dvc-site"),
             "MPLCONFIGDIR": str(root / ".cache" / "matplotlib"),
         }
         for key, value in homes.items():
