@@ -341,6 +341,18 @@ class ConceptVocabulary:
 # --------------------------------------------------------------------------------------------
 
 
+_CLAUSE_BREAKS = frozenset({"with", "for"})
+
+
+def main_clause(units: list[str]) -> list[str]:
+    """Units before a trailing "with ..."/"for ..." clause, which names parts or buyers, not the
+    product ("Belt with Gold-Toned Buckle" is a belt; "Jeans for Men" are jeans)."""
+    for i, unit in enumerate(units):
+        if i and unit in _CLAUSE_BREAKS:
+            return units[:i]
+    return units
+
+
 def _strip_prefix(units: list[str], brands: frozenset[str], max_units: int) -> list[str]:
     """Drop a brand (longest match) and gender words from the start of a title."""
     for size in range(min(max_units, len(units)), 0, -1):
@@ -352,7 +364,7 @@ def _strip_prefix(units: list[str], brands: frozenset[str], max_units: int) -> l
 
 def _parse(units: list[str], heads: frozenset[str], modifiers: frozenset[str], brands: frozenset[str], cfg: KGMiningConfig) -> tuple[str, tuple[str, ...]] | None:
     """(head, canonical modifiers) of a normalised title, or None when it names no head."""
-    units = _strip_prefix(units, brands, cfg.max_brand_units)
+    units = _strip_prefix(main_clause(units), brands, cfg.max_brand_units)
     for pos in range(len(units) - 1, -1, -1):
         if units[pos] in heads:
             break
@@ -388,7 +400,7 @@ def _last_word(units: list[str]) -> str | None:
 
 def _learn_heads(docs: list[list[str]], cfg: KGMiningConfig) -> frozenset[str]:
     """Heads: lexicon heads seen in the data + frequent title-final words that are not modifiers."""
-    last = Counter(w for w in (_last_word(u) for u in docs) if w is not None)
+    last = Counter(w for w in (_last_word(main_clause(u)) for u in docs) if w is not None)
     seen = {unit for units in docs for unit in units}
     learned = {w for w, n in last.items() if n >= cfg.min_count and w not in MODIFIER_LEXICON and w.replace(" ", "").isalpha()}
     return frozenset(learned | (HEAD_LEXICON & seen))
