@@ -144,6 +144,26 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kg(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.kg.build import build_knowledge_graph
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    catalogue = Catalogue.load(args.input)
+    with stage_run("build_kg", {"build_kg": params.section("build_kg"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+        stats = build_knowledge_graph(catalogue, params.build_kg, Path(args.out), stats_path=Path(args.metrics), figure_path=Path(args.figure), progress=not args.quiet)
+        run.log_metrics({f"kg/{k}": v for k, v in stats.items()})
+        run.log_artifact(Path(args.metrics))
+        run.log_artifact(Path(args.figure))
+        run.log_artifact(Path(args.out), artifact_path="kg")
+    levels = ", ".join(f"L{k}={v}" for k, v in stats["concepts_per_level"].items())
+    print(f"concept graph: {stats['n_concepts']} concepts ({levels}), depth {stats['max_depth']}, items covered {stats['item_coverage']:.1%}")
+    if "article_types_rooted" in stats:
+        print(f"quality vs articleType: article types rooted {stats['article_types_rooted']:.1%}, items descending from their type {stats['items_descend_from_type']:.1%}")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
     from lightclip.tracking import pipeline_run
@@ -215,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--metrics", default="metrics/split.json", help="split sizes as JSON (default: metrics/split.json)")
     split.set_defaults(handler=cmd_split)
 
+    kg = commands.add_parser("build-kg", help="mine the FashionKLIP concept graph from the training titles (params: build_kg)")
+    kg.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
+    kg.add_argument("--out", default="data/kg", help="graph, item concepts and prototypes (default: data/kg)")
+    kg.add_argument("--metrics", default="metrics/kg.json", help="graph stats and quality (default: metrics/kg.json)")
+    kg.add_argument("--figure", default="reports/kg_sample.png", help="picture of a graph sample (default: reports/kg_sample.png)")
+    kg.set_defaults(handler=cmd_build_kg)
+
     pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
     pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
@@ -232,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightclip.config import ConfigError
     from lightclip.data.catalogue import CatalogueError
 
-    known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, FileNotFoundError)
+    from lightclip.kg.concepts import KGError
+
+    known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, KGError, FileNotFoundError)
     try:
         from lightclip.validation import ValidationFailed
 

@@ -91,6 +91,29 @@ class SplitConfig(StrictModel):
         return value
 
 
+class KGConfig(StrictModel):
+    """The ``build_kg`` stage: concept mining knobs (see ``lightclip.kg.concepts.KGMiningConfig``)
+    and the visual side (prototype images per concept, chosen with maximal marginal relevance)."""
+
+    min_count: int = Field(3, ge=1)
+    max_modifiers: int = Field(3, ge=0, le=6)
+    max_run: int = Field(6, ge=1, le=10)
+    min_brand_types: int = Field(2, ge=1)
+    max_brand_units: int = Field(4, ge=1, le=8)
+    min_modifier_heads: int = Field(2, ge=1)
+    min_modifier_brands: int = Field(2, ge=1)
+    learn_modifiers: bool = True
+    prototypes_per_concept: int = Field(4, ge=1, le=32)
+    #: MMR trade-off: 1 = pure relevance, 0 = pure diversity.
+    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0)
+    #: Candidates retrieved per concept before MMR re-ranking.
+    prototype_pool: int = Field(64, ge=1)
+
+    def mining_fields(self) -> dict[str, Any]:
+        """The fields that parameterise concept mining (a ``KGMiningConfig``)."""
+        return self.model_dump(include={"min_count", "max_modifiers", "max_run", "min_brand_types", "max_brand_units", "min_modifier_heads", "min_modifier_brands", "learn_modifiers"})
+
+
 class TrackingConfig(StrictModel):
     """Where runs go: one MLflow experiment per pipeline."""
 
@@ -103,6 +126,7 @@ class Params(StrictModel):
     synth: SynthConfig = SynthConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
+    build_kg: KGConfig = KGConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
