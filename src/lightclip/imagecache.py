@@ -1,0 +1,177 @@
+"""Decode every image once: a uint8 ``N x 3 x S x S`` array on disk, memory-mapped for training.
+
+:func:`build_image_cache` decodes the images of one catalogue split (PIL, RGB, shortest side
+resized to ``S`` with bicubic filtering, then centre-cropped to a square; large JPEGs are
+decoded at a reduced scale first, which is what makes this fast) and stores them as
+``<split>-<S>px-<key>.npy`` with a ``.json`` sidecar (ids, key). The key hashes the ordered item
+ids, each image's resolved path, size and mtime, the image size and the cache format version,
+so any change to the catalogue or its images rebuilds the cache; an unchanged one is reused
+without decoding anything (:attr:`ImageCache.reused`).
+
+Training augments uint8 batches (random horizontal flip) and then normalises them with the
+model's mean/std into float32 (:func:`normalise`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lightclip.data.catalogue import Catalogue, CatalogueError
+
+CACHE_VERSION = 1
+
+
+class ImageCacheError(ValueError):
+    """An image that cannot be decoded, or a cache file that does not match its sidecar."""
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """Decoded images of one split, in catalogue order (``ids[i]`` is row ``i`` of ``images``)."""
+
+    path: Path
+    ids: tuple[str, ...]
+    images: np.ndarray  # uint8 N x 3 x S x S, memory-mapped read-only
+    image_size: int
+    key: str
+    reused: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """uint8 tensor ``B x 3 x S x S`` of the given rows (a copy, safe to modify)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+
+    @classmethod
+    def from_array(cls, images: np.ndarray, ids: Sequence[str] | None = None, key: str = "in-memory") -> "ImageCache":
+        """An in-memory cache (tests, benchmarks): ``images`` is uint8 ``N x 3 x S x S``."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise ImageCacheError(f"expected uint8 N x 3 x S x S images, got {images.dtype} {images.shape}")
+        ids = tuple(str(i) for i in (ids if ids is not None else range(len(images))))
+        return cls(path=Path(key), ids=ids, images=images, image_size=int(images.shape[2]), key=key)
+
+
+def decode_image(path: Path, image_size: int) -> np.ndarray:
+    """One image as uint8 ``3 x S x S``: RGB, shortest side -> ``S`` (bicubic), centre crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= S
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = image_size / min(w, h)
+            new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ImageCacheError(f"{path}: cannot decode image: {exc}") from exc
+    return array.transpose(2, 0, 1)
+
+
+def cache_key(ids: Sequence[str], paths: Sequence[Path], image_size: int) -> str:
+    """Hash of the ordered ids, each image's path, size and mtime, and the image size."""
+    digest = hashlib.sha256(f"lightclip-imagecache/{CACHE_VERSION}:{image_size}\n".encode())
+    for item_id, path in zip(ids, paths):
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise ImageCacheError(f"item {item_id}: image {path} not readable: {exc}") from exc
+        digest.update(f"{item_id}\t{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _load(npy: Path, meta: Path, key: str, ids: tuple[str, ...], image_size: int) -> ImageCache | None:
+    if not (npy.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        images = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if info.get("key") != key or tuple(info.get("ids", ())) != ids or images.shape != (len(ids), 3, image_size, image_size):
+        return None
+    return ImageCache(path=npy, ids=ids, images=images, image_size=image_size, key=key, reused=True)
+
+
+def build_image_cache(
+    catalogue: Catalogue,
+    split: str | None,
+    image_size: int,
+    cache_dir: Path | str,
+    *,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> ImageCache:
+    """Decode the images of ``split`` (``None`` = every item) once; reuse the cache while unchanged."""
+    from tqdm.auto import tqdm
+
+    items = catalogue.items if split is None else catalogue.split(split)
+    if len(items) == 0:
+        raise CatalogueError(f"{catalogue.root}: split {split!r} has no items")
+    ids = tuple(str(i) for i in items["id"])
+    paths = [catalogue.image_path(p) for p in items["image"]]
+    key = cache_key(ids, paths, image_size)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{split or 'all'}-{image_size}px"
+    npy = cache_dir / f"{stem}-{key[:16]}.npy"
+    meta = npy.with_suffix(".json")
+    cached = _load(npy, meta, key, ids, image_size)
+    if cached is not None:
+        return cached
+
+    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.tmp")  # concurrent builders never share a temp file
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, image_size, image_size))
+    bar = tqdm(total=len(ids), desc=f"decoding {stem} images", unit="img", disable=not progress)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+            for i, array in enumerate(pool.map(lambda p: decode_image(p, image_size), paths, chunksize=1)):
+                out[i] = array
+                bar.update(1)
+        out.flush()
+        del out
+        os.replace(tmp, npy)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps({"key": key, "version": CACHE_VERSION, "image_size": image_size, "ids": list(ids)}) + "\n", encoding="utf-8")
+    os.replace(meta_tmp, meta)
+    for stale in cache_dir.glob(f"{stem}-*.npy"):  # older versions of this split at this size
+        if stale != npy:
+            stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
+    images = np.load(npy, mmap_mode="r")
+    return ImageCache(path=npy, ids=ids, images=images, image_size=image_size, key=key, reused=False)
+
+
+def hflip(batch: torch.Tensor, flip: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Flip (in place) the images of a ``B x C x H x W`` batch where ``flip`` (bool, B) is set."""
+    flip = torch.as_tensor(flip, dtype=torch.bool)
+    if bool(flip.any()):
+        batch[flip] = batch[flip].flip(-1)
+    return batch
+
+
+def normalise(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``B x 3 x S x S`` -> float32 ``(x / 255 - mean) / std``."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+    return batch.to(torch.float32).mul_(scale).sub_(shift)

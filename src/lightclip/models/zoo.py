@@ -1,0 +1,431 @@
+"""The model zoo: open_clip architectures as data, created, saved and loaded without pickles.
+
+Our architectures are open_clip JSON configs in ``configs/`` (``embed_dim``, ``vision_cfg``,
+``text_cfg``), registered with ``open_clip.add_model_config`` once, on import of this module.
+Any open_clip built-in name works too (``open_clip.list_models()``).
+
+Weights come from one of three places (:class:`ModelSpec.pretrained`):
+
+* ``None``: random initialisation; never touches the network (timm towers included:
+  ``timm_model_pretrained`` is forced off).
+* a local path: a directory written by :func:`save_model`, or a checkpoint file
+  (``.safetensors``, or a torch state dict loaded with ``weights_only=True``). Tensors that do
+  not match the architecture are an error that names the keys and shapes.
+* an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"`` ...): downloaded by
+  open_clip, so only when the user asks for it (the environment must allow the hub).
+
+A released model is a directory with ``model.safetensors`` and ``model.json`` (architecture
+name, the full open_clip config, tokenizer settings, image mean/std, embedding size): it loads
+from the config stored beside the weights, so later edits of ``configs/*.json`` never change a
+released model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from copy import deepcopy
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg
+from pydantic import Field, field_validator
+from torch import nn
+
+from lightclip.config import StrictModel
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+MODEL_FORMAT = "lightclip-model/1"
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+DEFAULT_ARCH = "lc-vit-t"
+
+#: Our architectures (the stems of ``configs/*.json``).
+OUR_ARCHS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+_registered = False
+
+
+class ModelError(ValueError):
+    """A model that cannot be built, loaded or saved; the message says which and why."""
+
+
+def register_configs() -> None:
+    """Register ``configs/`` with open_clip (idempotent; done on import)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+register_configs()
+
+
+def _unknown_arch_message(arch: str) -> str:
+    return (
+        f"unknown architecture {arch!r}; ours: {', '.join(OUR_ARCHS)}; "
+        f"or any open_clip built-in name (see open_clip.list_models(), {len(open_clip.list_models())} names)"
+    )
+
+
+def arch_config(arch: str) -> dict[str, Any]:
+    """The open_clip config dict of an architecture (a copy)."""
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ModelError(_unknown_arch_message(arch))
+    return config
+
+
+def _as_int_size(size: Any) -> int:
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ModelError(f"non-square image size {tuple(size)} is not supported")
+        return int(size[0])
+    return int(size)
+
+
+class ModelSpec(StrictModel):
+    """Which model: an architecture name and where its weights come from."""
+
+    arch: str = Field(DEFAULT_ARCH, description="one of ours (lc-*) or any open_clip built-in name")
+    pretrained: str | None = Field(
+        None, description="None = random init; a local checkpoint/model directory; or an open_clip tag (network)"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if open_clip.get_model_config(value) is None:
+            raise ValueError(_unknown_arch_message(value))
+        return value
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return arch_config(self.arch)
+
+    @property
+    def image_size(self) -> int:
+        """Input image side in pixels, from the architecture's ``vision_cfg``."""
+        return _as_int_size(self.config["vision_cfg"].get("image_size", 224))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["text_cfg"].get("context_length", 77))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+
+
+def _model_class(config: Mapping[str, Any]) -> type[nn.Module]:
+    custom_text = bool(config.get("custom_text", False)) or "hf_model_name" in config.get("text_cfg", {})
+    if custom_text:
+        return open_clip.CoCa if "multimodal_cfg" in config else open_clip.CustomTextCLIP
+    return open_clip.CLIP
+
+
+def build_from_config(config: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None) -> nn.Module:
+    """An open_clip model with random weights from a config dict; never downloads anything."""
+    cfg = deepcopy(dict(config))
+    cls = _model_class(cfg)
+    cfg.pop("custom_text", None)
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+    try:
+        model = cls(**cfg)
+    except Exception as exc:  # open_clip/timm raise many types for a bad config
+        raise ModelError(f"cannot build a model from this config: {type(exc).__name__}: {exc}") from exc
+    preprocess = asdict(PreprocessCfg())  # open_clip's defaults (OpenAI mean/std, bicubic, shortest side)
+    size = getattr(getattr(model, "visual", None), "image_size", None) or cfg["vision_cfg"].get("image_size", 224)
+    preprocess["size"] = _as_int_size(size)
+    preprocess.update(preprocess_cfg or {})
+    open_clip.set_model_preprocess_cfg(model, preprocess)
+    model.lightclip_config = deepcopy(dict(config))  # what save_model records
+    return model
+
+
+def preprocess_config(model: nn.Module) -> dict[str, Any]:
+    """The model's preprocessing (size, mean, std, interpolation, resize_mode) as plain data."""
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    for key in ("mean", "std"):
+        if key in cfg:
+            cfg[key] = [float(v) for v in cfg[key]]
+    if "size" in cfg:
+        cfg["size"] = _as_int_size(cfg["size"])
+    return cfg
+
+
+def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``spec``'s model; returns ``(model, preprocess_cfg)``.
+
+    ``seed`` makes random initialisation reproducible without touching the global RNG.
+    """
+    config = spec.config
+    pretrained = spec.pretrained
+    if pretrained is not None and not Path(pretrained).expanduser().exists():
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        if pretrained not in tags:
+            raise ModelError(
+                f"pretrained={pretrained!r} is neither an existing local path nor an open_clip tag of "
+                f"{spec.arch!r} (tags: {tags or 'none'})"
+            )
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=pretrained)
+        except Exception as exc:
+            raise ModelError(
+                f"could not fetch open_clip weights {spec.arch}/{pretrained}: {exc}. Downloads need network access "
+                "and HF_HUB_OFFLINE unset; offline, pass a local checkpoint path instead"
+            ) from exc
+        return model, preprocess_config(model)
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build_from_config(config)
+    if pretrained is not None:
+        path = Path(pretrained).expanduser()
+        if path.is_dir():
+            info = read_model_info(path)
+            if info["arch"] != spec.arch:
+                raise ModelError(f"{path}: holds a {info['arch']!r} model, but the spec asks for {spec.arch!r}")
+            state = _read_safetensors(path / WEIGHTS_FILE)
+        else:
+            state = read_checkpoint(path)
+        load_weights(model, state, source=str(path))
+    return model, preprocess_config(model)
+
+
+def tokenizer(spec: ModelSpec | str) -> Callable[..., torch.Tensor]:
+    """The text tokenizer of an architecture: open_clip's bundled CLIP BPE for ours (offline).
+
+    Calling it on a list of ``n`` strings returns an ``n x context_length`` LongTensor.
+    """
+    arch = spec.arch if isinstance(spec, ModelSpec) else spec
+    context = spec.context_length if isinstance(spec, ModelSpec) else None
+    return open_clip.get_tokenizer(arch, context_length=context)
+
+
+def tokenizer_settings(arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """How texts are tokenised for ``config`` (recorded in ``model.json``)."""
+    text_cfg = config.get("text_cfg", {})
+    settings: dict[str, Any] = {"context_length": int(text_cfg.get("context_length", 77))}
+    if text_cfg.get("hf_tokenizer_name"):
+        settings.update(type="HFTokenizer", name=text_cfg["hf_tokenizer_name"])
+    elif "siglip" in arch.lower():
+        settings.update(type="SigLipTokenizer", name=arch)
+    else:
+        settings.update(type="SimpleTokenizer", name="clip-bpe")
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (``weights_only=True``, never pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        state: Any = _read_safetensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: not a loadable weights-only torch checkpoint: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: expected a mapping of parameter names to tensors")
+    if state and next(iter(state)).startswith("module."):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _short(items: list[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch names the keys and shapes."""
+    expected = model.state_dict()
+    state = dict(state)
+    if "logit_scale" in state and "logit_scale" in expected and state["logit_scale"].ndim != expected["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {_short(shapes)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_short(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
+        raise ModelError(f"{source}: weights do not match the architecture; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle); returns it."""
+    from safetensors.torch import save
+
+    arch = spec.arch if isinstance(spec, ModelSpec) else spec
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "lightclip_config", None) or arch_config(arch)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    preprocess = preprocess_config(model)
+    info = {
+        "format": MODEL_FORMAT,
+        "arch": arch,
+        "open_clip_config": config,
+        "embed_dim": int(config["embed_dim"]),
+        "tokenizer": tokenizer_settings(arch, config),
+        "image": {
+            "size": preprocess.get("size"),
+            "mean": preprocess.get("mean"),
+            "std": preprocess.get("std"),
+            "interpolation": preprocess.get("interpolation", "bicubic"),
+            "resize_mode": preprocess.get("resize_mode", "shortest"),
+        },
+        "parameters": count_parameters(model),
+    }
+    if extra:
+        info["extra"] = dict(extra)
+    _atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": MODEL_FORMAT, "arch": arch}))
+    _atomic_write_bytes(directory / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    return directory
+
+
+def read_model_info(directory: Path | str) -> dict[str, Any]:
+    """The ``model.json`` of a saved model."""
+    path = Path(directory) / INFO_FILE
+    if not path.is_file():
+        raise ModelError(f"{directory}: not a saved lightclip model (no {INFO_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    if info.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path}: unknown format {info.get('format')!r}; expected {MODEL_FORMAT!r}")
+    return info
+
+
+def load_model(directory: Path | str) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (from its stored config) and load its weights."""
+    directory = Path(directory)
+    info = read_model_info(directory)
+    image = info.get("image", {})
+    preprocess = {k: v for k, v in image.items() if v is not None}
+    model = build_from_config(info["open_clip_config"], preprocess)
+    load_weights(model, _read_safetensors(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    model.eval()
+    return model
+
+
+def load_tokenizer(directory: Path | str) -> Callable[..., torch.Tensor]:
+    """The tokenizer recorded in a saved model's ``model.json``."""
+    info = read_model_info(directory)
+    settings = info.get("tokenizer", {})
+    if settings.get("type", "SimpleTokenizer") != "SimpleTokenizer":
+        return open_clip.get_tokenizer(info["arch"], context_length=settings.get("context_length"))
+    return open_clip.SimpleTokenizer(context_length=int(settings.get("context_length", 77)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Introspection and fast paths
+# ----------------------------------------------------------------------------------------------
+
+_POSITIONAL_NAMES = ("positional_embedding", "pos_embed")
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``total`` parameters and ``non_embedding`` ones (no token or positional embeddings)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    total = 0
+    non_embedding = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        leaf = name.rsplit(".", 1)[-1]
+        if id(param) in embedding_ids or leaf in _POSITIONAL_NAMES:
+            continue
+        non_embedding += param.numel()
+    return {"total": total, "non_embedding": non_embedding}
+
+
+def _can_trim_text(model: nn.Module) -> bool:
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+        and not getattr(model.transformer, "grad_checkpointing", False)
+    )
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``model.encode_text`` on the shortest prefix that holds every end-of-text token.
+
+    open_clip's CLIP text tower is causal and pools at the end-of-text token (argmax of the
+    ids), so the padding after it cannot change the output: cutting the batch to its longest
+    sequence gives the same embeddings (up to float rounding) at a fraction of the cost for
+    short titles. Other towers fall back to ``model.encode_text``.
+    """
+    if not _can_trim_text(model) or tokens.shape[1] <= 1:
+        return model.encode_text(tokens, normalize=normalize)
+    length = int(tokens.argmax(dim=-1).max().item()) + 1
+    if length >= tokens.shape[1]:
+        return model.encode_text(tokens, normalize=normalize)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def logit_scale_max() -> float:
+    """open_clip clamps the learned temperature at 100 (``ln 100``)."""
+    return math.log(100.0)

@@ -1,0 +1,276 @@
+"""The shared training loop (on a tiny model and catalogue) and the retrieval metrics."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lightclip.training as training
+from lightclip.evaluation import retrieval_metrics, title_groups
+from lightclip.models import ModelSpec, create_model, tokenizer
+from lightclip.training import (
+    ClipPretrainTask,
+    ConceptInputs,
+    ConceptLossConfig,
+    PairSet,
+    TrainConfig,
+    TrainingDiverged,
+    lr_factor,
+    load_checkpoint,
+    train,
+    train_step,
+)
+
+SPEC = ModelSpec(arch="lc-test-tiny")
+FAST = dict(batch_size=8, lr=1e-3, weight_decay=0.0, warmup_steps=2, num_threads=1, log_every_n_steps=1)
+
+
+@pytest.fixture
+def pairs(tiny_catalogue, tmp_path):
+    """32 training and 8 validation pairs of the tiny catalogue at the tiny model's size."""
+    catalogue = tiny_catalogue(n=40)
+    items = catalogue.items.copy()
+    items["split"] = ["val" if i >= 32 else "train" for i in range(len(items))]
+    catalogue = catalogue.with_items(items).save()
+    train_set = PairSet.from_catalogue(catalogue, "train", SPEC.image_size, tmp_path / "cache", progress=False)
+    val_set = PairSet.from_catalogue(catalogue, "val", SPEC.image_size, tmp_path / "cache", progress=False)
+    return train_set, val_set
+
+
+def make_task(pairs, seed=0, **kwargs) -> ClipPretrainTask:
+    model, _ = create_model(SPEC, seed=seed)
+    return ClipPretrainTask(model, tokenizer(SPEC), pairs[0], pairs[1], **kwargs)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_loss_falls_and_checkpoints_are_written(pairs, tmp_path):
+    logged: list[tuple[dict, int]] = []
+    task = make_task(pairs)
+    config = TrainConfig(epochs=10, **FAST)
+    result = train(task, config, checkpoint_dir=tmp_path / "ck", log_metrics=lambda m, s: logged.append((m, s)), progress=False)
+    assert result.steps == 40 and result.epochs_completed == 10 and not result.stopped_early
+    steps = [(m, s) for m, s in logged if "train/loss" in m]
+    assert len(steps) == 40 and [s for _, s in steps] == list(range(1, 41))
+    assert {"train/loss", "train/clip", "train/lr", "train/pairs_per_s", "train/logit_scale"} <= set(steps[0][0])
+    losses = [m["train/loss"] for m, _ in steps]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    epochs = [m for m, _ in logged if "val/mean_recall" in m]
+    assert len(epochs) == 10 and {"val/i2t_R@1", "val/t2i_R@10", "epoch"} <= set(epochs[0])
+    assert (tmp_path / "ck" / "last.pt").is_file() and (tmp_path / "ck" / "best.pt").is_file()
+    last = load_checkpoint(tmp_path / "ck" / "last.pt")
+    assert last["step"] == 40 and last["epoch"] == 10 and len(last["history"]) == 10
+    best = load_checkpoint(tmp_path / "ck" / "best.pt")
+    assert best["epoch"] == result.best_epoch and best["best_metric"] == result.best_metric
+    # the schedule: warm-up then cosine to min_lr_ratio
+    assert lr_factor(0, 40, 2, 0.1) == pytest.approx(0.5) and lr_factor(2, 40, 2, 0.1) == pytest.approx(1.0)
+    assert lr_factor(40, 40, 2, 0.1) == pytest.approx(0.1)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt:
+    """Wraps a task; raises when ``train_batches`` starts epoch ``epoch`` (after a checkpoint)."""
+
+    def __init__(self, task, epoch):
+        self.task, self.epoch = task, epoch
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_batches(self, epoch, rng, batch_size):
+        if epoch == self.epoch:
+            raise Killed(f"killed before epoch {epoch}")
+        return self.task.train_batches(epoch, rng, batch_size)
+
+
+def test_resume_after_a_kill_is_exact(pairs, tmp_path):
+    config = TrainConfig(epochs=2, **FAST)
+    full_task = make_task(pairs)
+    full = train(full_task, config, checkpoint_dir=tmp_path / "full", progress=False)
+
+    with pytest.raises(Killed):
+        train(KillAt(make_task(pairs), 1), config, checkpoint_dir=tmp_path / "part", progress=False)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
+    resumed_task = make_task(pairs, seed=123)  # a different init: everything must come from the checkpoint
+    resumed = train(resumed_task, config, checkpoint_dir=tmp_path / "part", resume=True, progress=False)
+
+    assert resumed.steps == full.steps == 8
+    assert resumed.history == full.history
+    for (name, a), b in zip(full_task.model.state_dict().items(), resumed_task.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # resuming a finished run does nothing
+    again = train(resumed_task, config, checkpoint_dir=tmp_path / "part", resume=True, progress=False)
+    assert again.steps == 8 and again.epochs_completed == 2
+    # a resume with a trajectory-changing config is refused
+    with pytest.raises(ValueError, match="lr"):
+        train(resumed_task, config.model_copy(update={"lr": 1.0}), checkpoint_dir=tmp_path / "part", resume=True, progress=False)
+
+
+class NanAt:
+    def __init__(self, task, step):
+        self.task, self.step, self.calls = task, step, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, batch):
+        out = self.task.loss(batch)
+        self.calls += 1
+        if self.calls > self.step:
+            out["loss"] = out["loss"] * float("nan")
+            out["clip"] = out["loss"].detach()
+        return out
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(pairs, tmp_path):
+    config = TrainConfig(epochs=3, **FAST)
+    task = NanAt(make_task(pairs), step=6)
+    with pytest.raises(TrainingDiverged) as err:
+        train(task, config, checkpoint_dir=tmp_path / "ck", progress=False)
+    message = str(err.value)
+    assert "step 6" in message and "epoch 2" in message and "loss=nan" in message and "clip=nan" in message
+    assert "logit_scale=" in message
+    last = load_checkpoint(tmp_path / "ck" / "last.pt")
+    assert last["epoch"] == 1 and last["step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["task"]["model"].values())
+
+
+class ScriptedEval:
+    def __init__(self, task, recalls):
+        self.task, self.recalls, self.epoch = task, list(recalls), 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def evaluate(self):
+        value = self.recalls[self.epoch]
+        self.epoch += 1
+        return {"val/mean_recall": value}
+
+
+def test_early_stopping_keeps_the_best_checkpoint(pairs, tmp_path):
+    config = TrainConfig(epochs=8, early_stop_patience=2, **FAST)
+    task = ScriptedEval(make_task(pairs), [10.0, 30.0, 25.0, 29.0, 50.0, 60.0, 70.0, 80.0])
+    result = train(task, config, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert result.stopped_early and result.epochs_completed == 4 and result.steps == 16
+    assert result.best_epoch == 2 and result.best_metric == 30.0
+    best = load_checkpoint(tmp_path / "ck" / "best.pt")
+    assert best["epoch"] == 2 and best["step"] == 8
+    before = _sha(tmp_path / "ck" / "last.pt")
+    again = train(task, config, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    assert again.stopped_early and again.steps == 16 and _sha(tmp_path / "ck" / "last.pt") == before
+
+
+def test_concepts_train_and_weight_zero_costs_nothing(pairs, monkeypatch):
+    train_set = pairs[0]
+    links = [["tshirt", "red tshirt"] if i % 2 else ["dress"] for i in range(len(train_set))]
+    concepts = ConceptInputs.build(train_set.images.ids, links, max_slots=3, prototypes_per_concept=4)
+    assert concepts.concepts == ("dress", "red tshirt", "tshirt")
+    assert concepts.item_concepts.shape == (32, 3) and (concepts.item_concepts[0] == [0, -1, -1]).all()
+    assert (concepts.prototypes >= 0).all()  # every concept has at least 4 items here
+    ids = train_set.images.ids
+    given = ConceptInputs.build(ids, dict(zip(ids, links)), max_slots=3, prototypes_per_concept=4, prototypes={"dress": ["nope", ids[4], ids[2]]})
+    assert list(given.prototypes[0]) == [4, 2, -1, -1]  # the given ones, training items only, in order
+    assert (given.prototypes[1:] == concepts.prototypes[1:]).all() and (given.item_concepts == concepts.item_concepts).all()
+
+    calls = {"n": 0}
+    real = training.encode_text
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "encode_text", counting)
+    off = make_task(pairs, concepts=concepts, concept_weight=0.0)
+    batches = list(off.train_batches(0, np.random.default_rng(0), 8))
+    assert all(b.concepts is None for b in batches)
+    out = off.loss(batches[0])
+    assert calls["n"] == 1 and set(out) == {"loss", "clip", "logit_scale"}
+
+    task = make_task(pairs, concepts=concepts, concept_weight=0.5, concept_config=ConceptLossConfig(top_k=2))
+    config = TrainConfig(epochs=2, **FAST)
+    optimizer = training.make_optimizer(task.named_parameters(), config)
+    params = [p for _, p in task.named_parameters()]
+    seen = []
+    for epoch in range(2):
+        for batch in task.train_batches(epoch, np.random.default_rng(epoch), 8):
+            calls["n"] = 0
+            seen.append(train_step(task, batch, optimizer, None, params))
+            assert calls["n"] == 2  # titles + the batch's concept prompts
+    assert {"concept", "concept_prototype", "concept_image"} <= set(seen[0])
+    assert all(np.isfinite(list(s.values())).all() for s in seen)
+    assert seen[0]["concept_prototype"] == 0.0  # nothing in the bank yet
+    assert seen[-1]["concept_prototype"] > 0.0  # prototypes seen in epoch 1 are used in epoch 2
+    assert bool(task.bank_valid.all())
+
+
+def test_bf16_autocast_step_runs(pairs):
+    task = make_task(pairs)
+    config = TrainConfig(epochs=1, amp="bf16", **FAST)
+    optimizer = training.make_optimizer(task.named_parameters(), config)
+    batch = next(iter(task.train_batches(0, np.random.default_rng(0), 8)))
+    terms = train_step(task, batch, optimizer, None, [p for _, p in task.named_parameters()], amp="bf16", grad_clip_norm=1.0)
+    assert np.isfinite(terms["loss"])
+
+
+def test_weight_decay_groups_follow_open_clip():
+    model, _ = create_model(SPEC, seed=0)
+    optimizer = training.make_optimizer(model.named_parameters(), TrainConfig())
+    no_decay, decay = optimizer.param_groups
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "visual.conv1.weight" in decayed and "text_projection" in decayed
+    assert not any(k in n for n in decayed for k in ("bias", "ln_", "logit_scale", "embedding"))
+
+
+def test_train_config_forbids_unknown_keys():
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig(epoch=3)
+    with pytest.raises(ValueError):
+        TrainConfig(amp="fp16")
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_hand_made_case():
+    # cosine similarities (rows: images, columns: texts):
+    #   image 0: (0.196, 1.000, 0.000) -> its text 0 ranks 2nd
+    #   image 1: (0.290, 0.995, 0.100) -> text 1 ranks 1st
+    #   image 2: (0.981, 0.000, 1.000) -> text 2 ranks 1st
+    # and from the texts: text 0 -> image 0 ranks 3rd, text 1 -> image 1 ranks 2nd, text 2 -> 1st
+    images = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.2], [0.0, 1.0], [1.0, 0.0]])
+    m = retrieval_metrics(images, texts)
+    assert m["i2t_R@1"] == pytest.approx(200 / 3) and m["i2t_R@5"] == m["i2t_R@10"] == 100.0
+    assert m["t2i_R@1"] == pytest.approx(100 / 3) and m["t2i_R@5"] == 100.0
+    assert m["mean_recall"] == pytest.approx((200 / 3 + 100 + 100 + 100 / 3 + 100 + 100) / 6)
+
+
+def test_duplicate_titles_count_as_hits_and_ties_are_deterministic():
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # items 0 and 1 are identical: with a tie the lower index ranks first, so item 1 misses R@1
+    plain = retrieval_metrics(images, texts)
+    assert plain["i2t_R@1"] == pytest.approx(200 / 3) and plain["t2i_R@1"] == pytest.approx(200 / 3)
+    groups = title_groups(["Red Shirt", "red  shirt", "Blue Dress"])
+    assert list(groups) == [0, 0, 1]
+    dup = retrieval_metrics(images, texts, groups)
+    assert dup["i2t_R@1"] == 100.0 and dup["t2i_R@1"] == 100.0 and dup["mean_recall"] == 100.0
+
+
+def test_retrieval_metrics_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
+    groups = torch.randint(0, 200, (300,), generator=g)
+    assert retrieval_metrics(images, texts, groups, chunk=37) == retrieval_metrics(images, texts, groups, chunk=1024)
