@@ -62,7 +62,7 @@ def test_stage_runs_nest_under_pipeline_and_carry_lineage(project: Path):
     (project / "params.yaml").write_text("tracking:\n  experiment: test\n# dirty\n")
     with pipeline_run("repro", {"command": "dvc repro"}, project_dir=project, experiment="test") as parent:
         with stage_run("validate", {"validate": {"on_error": "fail"}}, project_dir=project, experiment="test") as child:
-            child.log_metrics({"rows_in": 10, "flag": True})
+            child.log_metrics({"rows_in": 10, "flag": True, "test/i2t_R@1": 12.5})
     client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(project))
     run = client.get_run(child.run_id)
     tags = run.data.tags
@@ -73,7 +73,7 @@ def test_stage_runs_nest_under_pipeline_and_carry_lineage(project: Path):
     assert tags["lightclip.data_hash"] == "abc123.dir"
     assert tags["lightclip.dvc_exp_name"] == "exp-tiny"
     assert run.data.params["validate.on_error"] == "fail"
-    assert run.data.metrics == {"rows_in": 10.0}
+    assert run.data.metrics == {"rows_in": 10.0, "test/i2t_R_at_1": 12.5}
     assert (project / "mlflow" / "mlflow.db").is_file()
     experiment = client.get_experiment_by_name("test")
     assert experiment.artifact_location.endswith("/mlflow/artifacts")

@@ -164,6 +164,38 @@ def cmd_build_kg(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.pretrain import run_pretrain, summarise
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    config = params.pretrain
+    project = _project(args)
+    catalogue = Catalogue.load(args.input)
+    run_params = {"pretrain": params.section("pretrain"), "build_kg": params.section("build_kg"), "in": str(args.input), "kg": str(args.kg)}
+    with stage_run("pretrain", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=args.run_name) as run:
+        metrics = run_pretrain(
+            catalogue,
+            Path(args.kg),
+            config,
+            params.build_kg,
+            Path(args.out),
+            cache_dir=project / ".cache" / "images",
+            checkpoint_root=project / ".cache" / "checkpoints" / "pretrain",
+            resume=args.resume,
+            log_metrics=lambda values, step: run.log_metrics(values, step=step),
+            progress=not args.quiet,
+        )
+        run.log_metrics(metrics)
+        run.set_tags({"lightclip.model": config.model.arch, "lightclip.concept_weight": config.concept_weight})
+        _write_json(Path(args.metrics), metrics)
+        run.log_artifact(Path(args.metrics))
+        run.log_artifact(Path(args.out), artifact_path="teacher")
+    print(f"teacher ({config.model.arch}, concept weight {config.concept_weight}): {summarise(metrics)}")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
     from lightclip.tracking import pipeline_run
@@ -242,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--figure", default="reports/kg_sample.png", help="picture of a graph sample (default: reports/kg_sample.png)")
     kg.set_defaults(handler=cmd_build_kg)
 
+    pretrain = commands.add_parser("pretrain", help="train the FashionKLIP teacher: CLIP + concept alignment (params: pretrain)")
+    pretrain.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
+    pretrain.add_argument("--kg", default="data/kg", help="build_kg output (default: data/kg)")
+    pretrain.add_argument("--out", default="models/teacher", help="teacher weights + config (default: models/teacher)")
+    pretrain.add_argument("--metrics", default="metrics/pretrain.json", help="metrics JSON (default: metrics/pretrain.json)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the interrupted run with the same config and inputs")
+    pretrain.add_argument("--run-name", default="pretrain", help="MLflow run name (default: pretrain)")
+    pretrain.set_defaults(handler=cmd_pretrain)
+
     pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
     pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
@@ -262,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightclip.kg.concepts import KGError
 
     known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, KGError, FileNotFoundError)
+    if args.command == "pretrain":
+        from lightclip.models.zoo import ModelError
+        from lightclip.training import TrainingDiverged
+
+        known += (ModelError, TrainingDiverged)
     try:
         from lightclip.validation import ValidationFailed
 

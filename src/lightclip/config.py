@@ -114,6 +114,62 @@ class KGConfig(StrictModel):
         return self.model_dump(include={"min_count", "max_modifiers", "max_run", "min_brand_types", "max_brand_units", "min_modifier_heads", "min_modifier_brands", "learn_modifiers"})
 
 
+class ModelConfig(StrictModel):
+    """Which model: an architecture (ours, ``lc-*``, or any open_clip built-in) and its weights.
+
+    ``pretrained``: None = random init (the embedded default: no network); a local checkpoint
+    file or a directory written by lightclip; or an open_clip tag (downloads: off by default).
+    The architecture is checked against open_clip when the model is built
+    (``lightclip.models.ModelSpec``), so that loading params never imports torch.
+    """
+
+    arch: str = "lc-vit-t"
+    pretrained: str | None = None
+
+
+class TrainConfig(StrictModel):
+    """How to train (shared by every trainer)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)  # open_clip's ViT defaults
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
+    grad_clip_norm: float = Field(0.0, ge=0, description="max global grad norm; 0 = no clipping")
+    seed: int = 0
+    early_stop_patience: int = Field(0, ge=0, description="epochs without a better val/mean_recall; 0 = off")
+    amp: Literal["none", "bf16"] = "none"
+    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class ConceptLossConfig(StrictModel):
+    """FashionKLIP concept alignment (the weight itself is ``concept_weight``; 0 = off)."""
+
+    prompt: str = "a photo of {}"
+    max_slots: int = Field(5, ge=1, description="concept slots per pair (the reference: 5)")
+    prototypes_per_concept: int = Field(10, ge=1, description="prototype images per concept (the reference: 10)")
+    top_k: int = Field(5, ge=1, description="prototypes kept per slot, by similarity to the pair's image")
+    prototype_weight: float = Field(1.0, ge=0)
+    image_weight: float = Field(1.0, ge=0)
+    adaptive: bool = Field(False, description="the reference's (1-a)*clip + a*concept, a = weight*clip/concept")
+    refresh_every_epochs: int = Field(1, ge=0, description="re-pick prototypes with the current teacher every N epochs; 0 = never")
+
+
+class PretrainConfig(StrictModel):
+    """The ``pretrain`` stage: the FashionKLIP teacher (CLIP + concept-level alignment)."""
+
+    model: ModelConfig = ModelConfig(arch="lc-vit-t")
+    train: TrainConfig = TrainConfig()
+    #: Weight of the concept term; 0 = plain CLIP training (the ablation's baseline).
+    concept_weight: float = Field(0.2, ge=0.0)
+    concept: ConceptLossConfig = ConceptLossConfig()
+    hflip: bool = True
+
+
 class TrackingConfig(StrictModel):
     """Where runs go: one MLflow experiment per pipeline."""
 
@@ -127,6 +183,7 @@ class Params(StrictModel):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
     build_kg: KGConfig = KGConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

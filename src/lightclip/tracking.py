@@ -114,6 +114,11 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def mlflow_metric_name(name: str) -> str:
+    """MLflow allows ``[A-Za-z0-9_-. :/]`` only: our ``test/i2t_R@1`` is logged as ``test/i2t_R_at_1``."""
+    return name.replace("@", "_at_")
+
+
 def _activate(target: TrackingTarget) -> str:
     """Point MLflow at ``target`` and return the experiment id (created on first use)."""
     import mlflow
@@ -142,9 +147,10 @@ class StageRun:
         return self._run.info.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric values; names are made MLflow-safe (``R@1`` -> ``R_at_1``), others skipped."""
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             mlflow.log_metrics(clean, step=step)
 

@@ -30,10 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from lightclip.config import StrictModel
+from lightclip.config import ConceptLossConfig, TrainConfig
 from lightclip.evaluation import retrieval_metrics, title_groups
 from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise
 from lightclip.losses import clip_loss, combine_with_concept, concept_alignment_loss
@@ -50,25 +49,6 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 # ----------------------------------------------------------------------------------------------
 # Configuration, protocol, results
 # ----------------------------------------------------------------------------------------------
-
-
-class TrainConfig(StrictModel):
-    """How to train (shared by every trainer)."""
-
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)  # open_clip's ViT defaults
-    eps: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
-    grad_clip_norm: float = Field(0.0, ge=0, description="max global grad norm; 0 = no clipping")
-    seed: int = 0
-    early_stop_patience: int = Field(0, ge=0, description="epochs without a better val/mean_recall; 0 = off")
-    amp: Literal["none", "bf16"] = "none"
-    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
-    log_every_n_steps: int = Field(10, ge=1)
 
 
 #: Config fields that change the trajectory: a resume with different values is refused.
@@ -340,6 +320,9 @@ def train(
                         window, window_steps, window_pairs, window_start = {}, 0, 0, time.perf_counter()
                     bar.update(1)
 
+                epoch_hook = getattr(task, "on_epoch_end", None)
+                if epoch_hook is not None:
+                    epoch_hook(epoch)
                 with torch.no_grad():
                     val = {k: float(v) for k, v in task.evaluate().items()}
                 metric = val.get(VAL_METRIC)
@@ -397,18 +380,6 @@ def train(
 # ----------------------------------------------------------------------------------------------
 # CLIP pre-training on a catalogue (optionally with FashionKLIP concepts)
 # ----------------------------------------------------------------------------------------------
-
-
-class ConceptLossConfig(StrictModel):
-    """FashionKLIP concept alignment (the weight itself is ``concept_weight``; 0 = off)."""
-
-    prompt: str = "a photo of {}"
-    max_slots: int = Field(5, ge=1, description="concept slots per pair (the reference: 5)")
-    prototypes_per_concept: int = Field(10, ge=1, description="prototype images per concept (the reference: 10)")
-    top_k: int = Field(5, ge=1, description="prototypes kept per slot, by similarity to the pair's image")
-    prototype_weight: float = Field(1.0, ge=0)
-    image_weight: float = Field(1.0, ge=0)
-    adaptive: bool = Field(False, description="the reference's (1-a)*clip + a*concept, a = weight*clip/concept")
 
 
 @dataclass(frozen=True)
@@ -531,6 +502,8 @@ class ClipPretrainTask:
         concepts: ConceptInputs | None = None,
         concept_weight: float = 0.0,
         concept_config: ConceptLossConfig = ConceptLossConfig(),
+        prototype_mmr_lambda: float = 0.7,
+        prototype_pool: int = 64,
         hflip: bool = True,
         eval_batch_size: int = 512,
     ) -> None:
@@ -548,6 +521,9 @@ class ClipPretrainTask:
         self.val_tokens = tokenizer(list(val.titles)) if val is not None else None
         self.concept_weight = float(concept_weight)
         self.concept_config = concept_config
+        self.prototype_mmr_lambda = prototype_mmr_lambda
+        self.prototype_pool = prototype_pool
+        self.prototype_refreshes = 0
         self.concepts = concepts if (concepts is not None and self.concept_weight > 0) else None
         self.bank: torch.Tensor | None = None
         self.bank_valid: torch.Tensor | None = None
@@ -647,6 +623,59 @@ class ClipPretrainTask:
             self.bank_valid[batch.indices] = True
         return out
 
+    def on_epoch_end(self, epoch: int) -> None:
+        every = self.concept_config.refresh_every_epochs
+        if self.concepts is not None and every and (epoch + 1) % every == 0:
+            self.refresh_prototypes()
+
+    def refresh_prototypes(self) -> None:
+        """Re-pick each concept's prototypes with the current model, as FashionKLIP does.
+
+        Query: the model's embedding of the concept prompt; pool: the latest embeddings of the
+        training images that name the concept (the memory bank); FAISS top-``prototype_pool``,
+        then MMR for diversity. Images not embedded yet in this run are not eligible.
+        """
+        from lightclip.kg.prototypes import select_prototypes
+
+        assert self.concepts is not None and self.bank is not None and self.bank_valid is not None
+        valid = self.bank_valid.numpy()
+        if not valid.any():
+            return
+        slots = self.concepts.item_concepts
+        members: list[list[int]] = [[] for _ in self.concepts.concepts]
+        for row, concept in zip(*np.nonzero(slots >= 0)):
+            if valid[row]:
+                members[slots[row, concept]].append(int(row))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                queries = torch.cat([
+                    encode_text(self.model, self.concept_tokens[start : start + self.eval_batch_size], normalize=True).float()
+                    for start in range(0, len(self.concept_tokens), self.eval_batch_size)
+                ])
+        finally:
+            self.model.train(was_training)
+        chosen = select_prototypes(
+            queries.numpy(),
+            self.bank.numpy(),
+            k=self.concepts.prototypes.shape[1],
+            mmr_lambda=self.prototype_mmr_lambda,
+            pool_size=self.prototype_pool,
+            candidates=[np.asarray(m, dtype=np.int64) for m in members],
+        )
+        for c, rows in enumerate(chosen):
+            if rows:  # keep the old prototypes of a concept none of whose images was seen yet
+                self.concepts.prototypes[c] = -1
+                self.concepts.prototypes[c, : len(rows)] = rows
+        self.prototype_refreshes += 1
+
+    def prototype_ids(self, item_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Concept -> current prototype item ids (for saving beside the teacher)."""
+        if self.concepts is None:
+            return {}
+        return {c: [str(item_ids[r]) for r in self.concepts.prototypes[i] if r >= 0] for i, c in enumerate(self.concepts.concepts)}
+
     def on_step_end(self) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, logit_scale_max())
@@ -679,6 +708,8 @@ class ClipPretrainTask:
         if self.bank is not None and self.bank_valid is not None:
             state["bank"] = self.bank.clone()
             state["bank_valid"] = self.bank_valid.clone()
+        if self.concepts is not None:
+            state["prototypes"] = torch.from_numpy(self.concepts.prototypes.copy())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -686,3 +717,5 @@ class ClipPretrainTask:
         if self.bank is not None and "bank" in state:
             self.bank.copy_(state["bank"])
             self.bank_valid.copy_(state["bank_valid"])
+        if self.concepts is not None and "prototypes" in state:
+            self.concepts.prototypes[...] = state["prototypes"].numpy()

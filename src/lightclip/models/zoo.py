@@ -36,7 +36,7 @@ from open_clip.transform import PreprocessCfg
 from pydantic import Field, field_validator
 from torch import nn
 
-from lightclip.config import StrictModel
+from lightclip.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_FORMAT = "lightclip-model/1"
@@ -88,13 +88,8 @@ def _as_int_size(size: Any) -> int:
     return int(size)
 
 
-class ModelSpec(StrictModel):
-    """Which model: an architecture name and where its weights come from."""
-
-    arch: str = Field(DEFAULT_ARCH, description="one of ours (lc-*) or any open_clip built-in name")
-    pretrained: str | None = Field(
-        None, description="None = random init; a local checkpoint/model directory; or an open_clip tag (network)"
-    )
+class ModelSpec(ModelConfig):
+    """A :class:`~lightclip.config.ModelConfig` whose architecture is known to open_clip."""
 
     @field_validator("arch")
     @classmethod
