@@ -57,13 +57,13 @@ def synthetic(n: int, size: int, seed: int = 0) -> tuple[ImageCache, list[str], 
     return ImageCache.from_array(images), titles, links
 
 
-def time_ours(task, optimizer, scheduler, params, epoch, batch, steps, amp="none") -> float:
+def time_ours(task, optimizer, scheduler, params, epoch, batch, steps, amp="none", grad_clip_norm=0.0) -> float:
     rng = np.random.default_rng(epoch)
     pairs, start = 0, time.perf_counter()
     for i, b in enumerate(task.train_batches(epoch, rng, batch)):
         if i == steps:
             break
-        train_step(task, b, optimizer, scheduler, params, amp=amp)
+        train_step(task, b, optimizer, scheduler, params, amp=amp, grad_clip_norm=grad_clip_norm)
         pairs += len(b)
     return pairs / (time.perf_counter() - start)
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="our step's gradient clipping (params.yaml default: 1.0; 0 = off)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = ModelSpec(arch=args.arch)
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     time_bare(bare_model, bare_opt, loss_fn, bare_images, bare_tokens, 2)
     ours, bare = [], []
     for r in range(args.rounds):
-        ours.append(time_ours(task, optimizer, scheduler, params, r + 1, args.batch, args.steps))
+        ours.append(time_ours(task, optimizer, scheduler, params, r + 1, args.batch, args.steps, grad_clip_norm=args.grad_clip))
         bare.append(time_bare(bare_model, bare_opt, loss_fn, bare_images, bare_tokens, args.steps))
     o, b = float(np.median(ours)), float(np.median(bare))
-    print(f"ours (concept off): {o:7.1f} pairs/s   rounds {[round(x) for x in ours]}")
+    print(f"ours (concept off, grad clip {args.grad_clip:g}): {o:7.1f} pairs/s   rounds {[round(x) for x in ours]}")
     print(f"bare open_clip    : {b:7.1f} pairs/s   rounds {[round(x) for x in bare]}")
     print(f"ratio ours/bare   : {o / b:.2f}  ({'OK' if o / b >= 0.9 else 'TOO SLOW'}: must be >= 0.9)")
 
