@@ -196,6 +196,195 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
+    """``NAME=DIR`` pairs (``--model``) as a mapping; None when none were given."""
+    if not specs:
+        return None
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"--model {spec!r}: expected NAME=DIR, e.g. teacher=models/teacher")
+        models[name] = path
+    return models
+
+
+def cmd_teacher_embed(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.teacher_cache import run_teacher_embed
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    project = _project(args)
+    catalogue = Catalogue.load(args.input)
+    run_params = {"teacher_embed": params.section("teacher_embed"), "in": str(args.input), "teacher": str(args.teacher)}
+    with stage_run("teacher_embed", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
+        metrics = run_teacher_embed(catalogue, Path(args.teacher), Path(args.out), params.teacher_embed, cache_dir=project / ".cache" / "images", progress=not args.quiet)
+        run.log_metrics(metrics)
+        _write_json(Path(args.metrics), metrics)
+        run.log_artifact(Path(args.metrics))
+    print(f"teacher embeddings cached in {args.out}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.distill import run_distill
+    from lightclip.pretrain import summarise
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    config = params.distill
+    project = _project(args)
+    catalogue = Catalogue.load(args.input)
+    run_params = {"distill": params.section("distill"), "in": str(args.input), "teacher": str(args.teacher)}
+    with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=args.run_name) as run:
+        metrics = run_distill(
+            catalogue,
+            Path(args.teacher),
+            Path(args.teacher_embeddings),
+            config,
+            Path(args.out),
+            cache_dir=project / ".cache" / "images",
+            checkpoint_root=project / ".cache" / "checkpoints" / "distill",
+            resume=args.resume,
+            log_metrics=lambda values, step: run.log_metrics(values, step=step),
+            progress=not args.quiet,
+        )
+        run.log_metrics(metrics)
+        edges = ",".join(f"{e.edge}/{e.loss}" for e in config.edges)
+        run.set_tags({"lightclip.model": config.student.arch, "lightclip.distill_edges": edges})
+        _write_json(Path(args.metrics), metrics)
+        run.log_artifact(Path(args.metrics))
+        run.log_artifact(Path(args.out), artifact_path="student")
+    print(f"student ({config.student.arch}, edges {edges}): {summarise(metrics)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lightclip.config import EvaluateConfig
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.evaluation import run_evaluate, summarise
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    config = params.evaluate
+    models = _named_models(args.model)
+    if models is not None:
+        config = EvaluateConfig.model_validate({**config.model_dump(), "models": models})
+    project = _project(args)
+    catalogue = Catalogue.load(args.input)
+    run_params = {"evaluate": config.model_dump(mode="json"), "in": str(args.input)}
+    with stage_run("evaluate", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
+        results, figures = run_evaluate(
+            catalogue,
+            config,
+            project_dir=project,
+            cache_dir=project / ".cache" / "images",
+            metrics_path=Path(args.metrics),
+            plots_dir=Path(args.plots),
+            figures_dir=Path(args.figures),
+            progress=not args.quiet,
+        )
+        for r in results:
+            run.log_metrics({f"{r.name}/{k}": v for k, v in r.metrics.items()})
+            run.log_metrics({f"{r.name}/timing/{k}": v for k, v in r.timings.items()})
+        run.set_tags({"lightclip.models": ",".join(config.models), "lightclip.split": config.split})
+        run.log_artifact(Path(args.metrics))
+        run.log_artifact(Path(args.plots), artifact_path="plots")
+        for figure in figures:
+            run.log_artifact(figure, artifact_path="figures")
+    for r in results:
+        print(summarise(r, config.split))
+    print(f"metrics: {args.metrics}; plot data: {args.plots}; figures: {args.figures}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from lightclip.config import IndexConfig
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.index import build_catalogue_index
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    updates = {k: v for k, v in (("model", args.model), ("kind", args.kind)) if v is not None}
+    config = IndexConfig.model_validate({**params.index.model_dump(), **updates}) if updates else params.index
+    project = _project(args)
+    catalogue = Catalogue.load(args.input)
+    run_params = {"index": config.model_dump(mode="json"), "in": str(args.input)}
+    with stage_run("index", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
+        model_dir = Path(config.model) if Path(config.model).is_absolute() else project / config.model
+        index, metrics = build_catalogue_index(catalogue, model_dir, config, cache_dir=project / ".cache" / "images", progress=not args.quiet)
+        index.meta["model"]["dir"] = config.model  # as given: relative to the project, so the index is portable
+        out = index.save(Path(args.out))
+        metrics["index/file_mb"] = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        _write_json(Path(args.metrics), metrics)
+        run.log_metrics(metrics)
+        run.set_tags({"lightclip.index_kind": config.kind, "lightclip.model_dir": config.model})
+        run.log_artifact(Path(args.metrics))
+    recall = metrics.get("index/recall@10_vs_flat")
+    print(
+        f"{config.kind} index of {metrics['index/count']} items x {metrics['index/dim']} dims ({config.model}) in {out}: "
+        f"build {metrics['index/build_seconds']:.3f}s, query p50 {metrics.get('index/query_ms_p50', float('nan')):.3f} ms"
+        + (f", recall@10 vs flat {recall:.3f}" if recall is not None else "")
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from lightclip.index import Searcher, format_result
+
+    if (args.query is None) == (args.image is None):
+        raise CliError("give either a text query or --image PATH")
+    if args.k < 1:
+        raise CliError("--k must be at least 1")
+    searcher = Searcher(Path(args.index), Path(args.model) if args.model else None, project_dir=_project(args))
+    result = searcher.text(args.query, args.k) if args.query is not None else searcher.image(Path(args.image), args.k)
+    if result.truncated:
+        print(
+            f"lightclip search: warning: the query is {result.tokens} tokens but the model reads {result.context_length} "
+            f"(start and end included): only its first {result.context_length - 2} tokens were used",
+            file=sys.stderr,
+        )
+    if args.json:
+        payload = {
+            "query": result.query,
+            "truncated": result.truncated,
+            "hits": [{"rank": h.rank, "id": h.id, "title": h.title, "score": h.score, **h.attributes} for h in result.hits],
+        }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        print(format_result(result, searcher))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lightclip.bench import flat_metrics, run_bench
+    from lightclip.config import BenchConfig
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    updates: dict = {}
+    if args.index_sizes is not None:
+        updates["index_sizes"] = args.index_sizes
+    models = _named_models(args.model)
+    if models is not None:
+        updates["models"] = models
+    if args.threads is not None:
+        updates["num_threads"] = args.threads
+    config = BenchConfig.model_validate({**params.bench.model_dump(), **updates}) if updates else params.bench
+    project = _project(args)
+    run_params = {"bench": config.model_dump(mode="json"), "index": params.index.model_dump(mode="json")}
+    with stage_run("bench", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
+        report = run_bench(config, params.evaluate, params.index, project_dir=project, index_scaling=not args.no_index_scaling)
+        _write_json(Path(args.out), report)
+        run.log_metrics(flat_metrics(report))
+        run.set_tags({f"lightclip.machine.{k}": v for k, v in report["machine"].items()})
+        run.log_artifact(Path(args.out))
+    print(f"speed report: {args.out}")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
     from lightclip.tracking import pipeline_run
@@ -283,6 +472,56 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--run-name", default="pretrain", help="MLflow run name (default: pretrain)")
     pretrain.set_defaults(handler=cmd_pretrain)
 
+    temb = commands.add_parser("teacher-embed", help="embed train (and more) splits once with the frozen teacher (params: teacher_embed)")
+    temb.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
+    temb.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
+    temb.add_argument("--out", default="data/teacher_emb", help="embedding cache dir (default: data/teacher_emb)")
+    temb.add_argument("--metrics", default="metrics/teacher_embed.json", help="metrics JSON (default: metrics/teacher_embed.json)")
+    temb.set_defaults(handler=cmd_teacher_embed)
+
+    distill = commands.add_parser("distill", help="distil the teacher into a student over the knowledge interaction graph (params: distill)")
+    distill.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
+    distill.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
+    distill.add_argument("--teacher-embeddings", default="data/teacher_emb", help="teacher_embed output (default: data/teacher_emb)")
+    distill.add_argument("--out", default="models/student", help="student weights + config (default: models/student)")
+    distill.add_argument("--metrics", default="metrics/distill.json", help="metrics JSON (default: metrics/distill.json)")
+    distill.add_argument("--resume", action="store_true", help="continue the interrupted run with the same config and inputs")
+    distill.add_argument("--run-name", default="distill", help="MLflow run name (default: distill)")
+    distill.set_defaults(handler=cmd_distill)
+
+    evaluate = commands.add_parser("evaluate", help="retrieval metrics of each model on the test split (params: evaluate)")
+    evaluate.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
+    evaluate.add_argument("--metrics", default="metrics/eval.json", help="metrics per model, JSON (default: metrics/eval.json)")
+    evaluate.add_argument("--plots", default="metrics/plots/eval", help="DVC plot data directory (default: metrics/plots/eval)")
+    evaluate.add_argument("--figures", default="reports/eval", help="PNG figures directory (default: reports/eval)")
+    evaluate.add_argument("--model", action="append", metavar="NAME=DIR", help="evaluate this model instead of evaluate.models (repeatable)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    index = commands.add_parser("index", help="build the FAISS index of the catalogue's image embeddings (params: index)")
+    index.add_argument("--in", dest="input", default="data/split", help="catalogue to index (default: data/split)")
+    index.add_argument("--out", default="models/index", help="index directory (default: models/index)")
+    index.add_argument("--metrics", default="metrics/index.json", help="index facts, JSON (default: metrics/index.json)")
+    index.add_argument("--model", help="model directory (default: index.model)")
+    index.add_argument("--kind", choices=["flat", "ivf", "hnsw"], help="override index.kind")
+    index.set_defaults(handler=cmd_index)
+
+    search = commands.add_parser("search", help="search the catalogue index by text or by image")
+    search.add_argument("query", nargs="?", help="the text to search for, e.g. \"red floral midi dress\"")
+    search.add_argument("--image", help="search by this image file instead of a text")
+    search.add_argument("--k", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--index", default="models/index", help="index directory (default: models/index)")
+    search.add_argument("--model", help="model directory (default: the one the index was built with)")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.set_defaults(handler=cmd_search)
+
+    bench = commands.add_parser("bench", help="speed, size and memory of each model and of the index kinds -> metrics/speed.json (params: bench)")
+    bench.add_argument("--out", default="metrics/speed.json", help="report JSON (default: metrics/speed.json)")
+    bench.add_argument("--model", action="append", metavar="NAME=DIR", help="benchmark this model instead of bench.models (repeatable)")
+    bench.add_argument("--index-sizes", type=int, nargs="+", metavar="N", help="override bench.index_sizes, e.g. 10000 100000")
+    bench.add_argument("--no-index-scaling", action="store_true", help="skip the index kinds x sizes table")
+    bench.add_argument("--threads", type=int, help="override bench.num_threads (torch and FAISS threads)")
+    bench.set_defaults(handler=cmd_bench)
+
     pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
     pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
@@ -303,17 +542,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightclip.kg.concepts import KGError
 
     known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, KGError, FileNotFoundError)
-    if args.command == "pretrain":
+    if args.command in ("pretrain", "teacher-embed", "distill"):
         from lightclip.models.zoo import ModelError
+        from lightclip.teacher_cache import StaleTeacherEmbeddings
         from lightclip.training import TrainingDiverged
 
-        known += (ModelError, TrainingDiverged)
+        known += (ModelError, TrainingDiverged, StaleTeacherEmbeddings)
     try:
         from lightclip.validation import ValidationFailed
 
         known += (ValidationFailed,)
     except ImportError:
         pass
+    if args.command in ("evaluate", "index", "search", "bench"):
+        from lightclip.evaluation import EvaluationError
+        from lightclip.imagecache import ImageCacheError
+        from lightclip.index import CatalogueIndexError
+        from lightclip.models.zoo import ModelError
+
+        known += (EvaluationError, CatalogueIndexError, ModelError, ImageCacheError)
     try:
         return args.handler(args)
     except known as exc:

@@ -170,10 +170,320 @@ class PretrainConfig(StrictModel):
     hflip: bool = True
 
 
+# -- CocaCLIP/ConaCLIP distillation ------------------------------------------------------------
+# The names live here (not in losses.py) so that loading params never imports torch;
+# ``lightclip.losses`` re-exports them and documents the semantics of every (edge, loss).
+
+#: The concrete edges of the fully-connected knowledge interaction graph (student node first).
+DISTILL_EDGES: tuple[str, ...] = (
+    "intra_ts_image",  # S_I - T_I
+    "intra_ts_text",  # S_T - T_T
+    "inter_ts_image",  # S_I - T_T
+    "inter_ts_text",  # S_T - T_I
+    "intra_ss_image",  # S_I - S_I (batch relations, supervised by T_I's)
+    "intra_ss_text",  # S_T - S_T (batch relations, supervised by T_T's)
+    "inter_ss",  # S_I - S_T (the student's own CLIP loss)
+)
+#: Shorthands for both modalities of an interaction type (each expands to two edges, two terms).
+DISTILL_EDGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "intra_ts": ("intra_ts_image", "intra_ts_text"),
+    "inter_ts": ("inter_ts_image", "inter_ts_text"),
+    "intra_ss": ("intra_ss_image", "intra_ss_text"),
+}
+DISTILL_LOSSES: tuple[str, ...] = ("infonce", "fd", "sd")
+#: Which losses each edge supports (see ``lightclip.losses`` for why the others are errors).
+DISTILL_VALID_LOSSES: dict[str, tuple[str, ...]] = {
+    "intra_ts_image": ("infonce", "fd", "sd"),
+    "intra_ts_text": ("infonce", "fd", "sd"),
+    "inter_ts_image": ("infonce", "fd", "sd"),
+    "inter_ts_text": ("infonce", "fd", "sd"),
+    "intra_ss_image": ("fd", "sd"),
+    "intra_ss_text": ("fd", "sd"),
+    "inter_ss": ("infonce",),
+}
+_INVALID_REASONS: dict[tuple[str, str], str] = {
+    ("intra_ss", "infonce"): "IntraSS compares a student tower with itself over the batch, so there is no positive pair to contrast",
+    ("inter_ss", "fd"): "InterSS is the student's own image-text edge and has no teacher target; its only loss is the CLIP contrastive loss",
+    ("inter_ss", "sd"): "InterSS is the student's own image-text edge and has no teacher target; its only loss is the CLIP contrastive loss",
+}
+#: Edges whose terms need teacher embeddings.
+DISTILL_TEACHER_EDGES: tuple[str, ...] = tuple(e for e in DISTILL_EDGES if e != "inter_ss")
+#: Edges that compare student and teacher embeddings directly (need equal widths or a projection).
+DISTILL_PROJECTED_EDGES: tuple[str, ...] = ("intra_ts_image", "intra_ts_text", "inter_ts_image", "inter_ts_text")
+
+
+def expand_edge(edge: str) -> tuple[str, ...]:
+    """The concrete edges of an edge name or group; unknown names are an error listing the valid ones."""
+    if edge in DISTILL_EDGE_GROUPS:
+        return DISTILL_EDGE_GROUPS[edge]
+    if edge in DISTILL_EDGES:
+        return (edge,)
+    raise ValueError(f"unknown distillation edge {edge!r}; valid edges: {', '.join(DISTILL_EDGES)} (groups: {', '.join(DISTILL_EDGE_GROUPS)})")
+
+
+def check_edge_loss(edge: str, loss: str) -> None:
+    """Raise ``ValueError`` unless ``loss`` is a known loss that every edge of ``edge`` supports."""
+    concrete = expand_edge(edge)
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; valid losses: {', '.join(DISTILL_LOSSES)}")
+    for name in concrete:
+        valid = DISTILL_VALID_LOSSES[name]
+        if loss not in valid:
+            family = name.rsplit("_", 1)[0] if name != "inter_ss" else name
+            reason = _INVALID_REASONS.get((family, loss), "not supported")
+            raise ValueError(f"edge {edge!r} cannot use loss {loss!r}: {reason}; valid losses for {name}: {', '.join(valid)}")
+
+
+def _strict_number(value: Any, what: str) -> Any:
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+class EdgeLossConfig(StrictModel):
+    """One supervised edge of the distillation graph: ``{edge, loss, weight, temperature}``.
+
+    ``edge``: a concrete edge (:data:`DISTILL_EDGES`) or a group (``intra_ts``, ``inter_ts``,
+    ``intra_ss``) that stands for both modalities, each weighted by ``weight``.
+    ``temperature``: ``null`` = the student's learned logit scale (1/tau, as CLIP; detached for
+    ``sd``); a number = that fixed tau. Not used by ``fd`` (setting it there is an error).
+    """
+
+    edge: str
+    loss: str
+    weight: float = Field(1.0, ge=0.0)
+    temperature: float | None = Field(None, gt=0.0)
+
+    @field_validator("edge")
+    @classmethod
+    def _known_edge(cls, value: str) -> str:
+        expand_edge(value)
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in DISTILL_LOSSES:
+            raise ValueError(f"unknown distillation loss {value!r}; valid losses: {', '.join(DISTILL_LOSSES)}")
+        return value
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_is_number(cls, value: Any) -> Any:
+        return _strict_number(value, "weight")
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature_is_number(cls, value: Any) -> Any:
+        return _strict_number(value, "temperature")
+
+    @model_validator(mode="after")
+    def _valid_combination(self) -> "EdgeLossConfig":
+        check_edge_loss(self.edge, self.loss)
+        if self.loss == "fd" and self.temperature is not None:
+            raise ValueError(f"edge {self.edge!r}: loss 'fd' has no temperature (got {self.temperature}); remove it")
+        return self
+
+    @property
+    def edges(self) -> tuple[str, ...]:
+        """The concrete edges this entry supervises."""
+        return expand_edge(self.edge)
+
+
+def default_distill_edges() -> list[EdgeLossConfig]:
+    """The default full graph: every interaction type supervised (see README / ``lightclip.losses``).
+
+    InterSS ``infonce`` (the student's CLIP loss), IntraTS ``infonce`` + ``fd`` (match the
+    teacher's embedding of the same input, contrastively and by distance), InterTS ``infonce``
+    (the student's image against the teacher's texts and vice versa), IntraSS ``sd`` (the
+    student's in-batch similarity structure follows the teacher's), all with weight 1.
+    """
+    return [
+        EdgeLossConfig(edge="inter_ss", loss="infonce"),
+        EdgeLossConfig(edge="intra_ts", loss="infonce"),
+        EdgeLossConfig(edge="intra_ts", loss="fd"),
+        EdgeLossConfig(edge="inter_ts", loss="infonce"),
+        EdgeLossConfig(edge="intra_ss", loss="sd"),
+    ]
+
+
+#: The no-distillation baseline: the student's own CLIP loss only.
+BASELINE_DISTILL_EDGES: tuple[dict[str, Any], ...] = ({"edge": "inter_ss", "loss": "infonce", "weight": 1.0},)
+
+
+class TeacherEmbedConfig(StrictModel):
+    """The ``teacher_embed`` stage: the frozen teacher's embeddings of catalogue splits, computed once."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"])
+    batch_size: int = Field(256, ge=1)
+    #: Also store the embeddings of the horizontally flipped images (``distill.hflip`` with the cache).
+    hflip: bool = True
+    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+
+    @field_validator("splits")
+    @classmethod
+    def _unique_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one split")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate splits in {value}")
+        return value
+
+
+class DistillConfig(StrictModel):
+    """The ``distill`` stage: CocaCLIP/ConaCLIP distillation of the teacher into a small student.
+
+    ``edges``: the supervised edges of the graph (default: :func:`default_distill_edges`; the
+    baseline without distillation is ``[{edge: inter_ss, loss: infonce, weight: 1}]``).
+    ``projection``: learned linear maps from the student's embedding width to the teacher's
+    (only when they differ, only for the teacher-student edges); ``false`` with different widths
+    is an error. ``teacher_online``: run the frozen teacher on every batch (on the same
+    augmented images) instead of reading the ``teacher_embed`` cache.
+    """
+
+    student: ModelConfig = ModelConfig(arch="lc-vit-xt")
+    train: TrainConfig = TrainConfig()
+    edges: list[EdgeLossConfig] = Field(default_factory=default_distill_edges)
+    projection: bool = True
+    teacher_online: bool = False
+    hflip: bool = True
+
+    @model_validator(mode="after")
+    def _edges_are_a_graph(self) -> "DistillConfig":
+        if not self.edges:
+            raise ValueError("edges: at least one edge (the baseline is [{edge: inter_ss, loss: infonce, weight: 1}])")
+        seen: dict[tuple[str, str], str] = {}
+        for entry in self.edges:
+            for edge in entry.edges:
+                key = (edge, entry.loss)
+                if key in seen:
+                    raise ValueError(f"edges: {edge}/{entry.loss} is listed twice (by {seen[key]!r} and {entry.edge!r})")
+                seen[key] = entry.edge
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(edge in DISTILL_TEACHER_EDGES for entry in self.edges for edge in entry.edges)
+
+
 class TrackingConfig(StrictModel):
     """Where runs go: one MLflow experiment per pipeline."""
 
     experiment: str = "lightclip"
+
+
+# -- evaluation, the catalogue index and the speed benchmark ---------------------------------
+
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _check_model_names(models: dict[str, str] | None) -> dict[str, str] | None:
+    import re
+
+    for name in models or {}:
+        if not re.match(_MODEL_NAME, name):
+            raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it names files and metrics)")
+    return models
+
+
+def _check_ks(value: list[int]) -> list[int]:
+    if not value or any(k < 1 for k in value):
+        raise ValueError("must be a non-empty list of positive integers")
+    return sorted(set(value))
+
+
+class EvaluateConfig(StrictModel):
+    """The ``evaluate`` stage: retrieval metrics of each model on one split (see ``lightclip.evaluation``)."""
+
+    #: name -> saved model directory; every one is evaluated, a missing one is an error.
+    models: dict[str, str] = Field(default_factory=lambda: {"teacher": "models/teacher"})
+    split: Literal["train", "val", "test"] = "test"
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="R@k and t2i P@k")
+    curve_ks: list[int] = Field(default_factory=lambda: [1, 2, 3, 5, 10, 20, 50], description="the recall@k plot's points")
+    #: Which other items' titles count as positives besides the item's own: identical titles,
+    #: byte-identical decoded images.
+    positives: list[Literal["title", "image"]] = Field(default_factory=lambda: ["title", "image"])
+    #: Attribute groups for text->image precision@k (skipped when the catalogue lacks them).
+    attributes: list[list[str]] = Field(default_factory=lambda: [["articleType"], ["articleType", "baseColour"]])
+    batch_size: int = Field(256, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one model directory, e.g. {teacher: models/teacher}")
+        return _check_model_names(value)
+
+    @field_validator("ks", "curve_ks")
+    @classmethod
+    def _ks(cls, value: list[int]) -> list[int]:
+        return _check_ks(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            unknown = sorted(set(group) - set(ATTRIBUTE_COLUMNS))
+            if not group or unknown:
+                raise ValueError(f"attribute group {group}: unknown column(s) {unknown}; allowed: {list(ATTRIBUTE_COLUMNS)}")
+        return value
+
+
+class IvfConfig(StrictModel):
+    nlist: int | None = Field(None, ge=1, description="inverted lists; null = about 4 sqrt(N), >= 39 points per list")
+    nprobe: int = Field(32, ge=1, description="lists visited per query")
+    train_points_per_list: int = Field(64, ge=1, description="k-means training sample = this x nlist (at most N)")
+
+
+class HnswConfig(StrictModel):
+    m: int = Field(32, ge=2, le=256, description="graph degree")
+    ef_construction: int = Field(80, ge=1)
+    ef_search: int = Field(64, ge=1)
+
+
+class IndexConfig(StrictModel):
+    """The ``index`` stage: a FAISS index over the catalogue's image embeddings (see ``lightclip.index``)."""
+
+    model: str = "models/teacher"
+    split: Literal["train", "val", "test"] | None = None  # null = every item
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    ivf: IvfConfig = IvfConfig()
+    hnsw: HnswConfig = HnswConfig()
+    batch_size: int = Field(256, ge=1)
+    eval_queries: int = Field(500, ge=0, description="titles used as queries for recall@10 vs flat and query latency")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+
+
+class BenchConfig(StrictModel):
+    """``lightclip bench``: encode latency/throughput, index scaling, size and memory per model."""
+
+    models: dict[str, str] | None = None  # null = evaluate.models
+    teacher: str = "teacher"  # the model the others are compared with (ratios)
+    warmup: int = Field(10, ge=1)
+    runs: int = Field(100, ge=100, description="timed batch-1 calls per measurement")
+    batch_size: int = Field(64, ge=1, description="throughput batch")
+    throughput_batches: int = Field(5, ge=1)
+    gallery_size: int = Field(10000, ge=10, description="gallery of the evaluate-overhead check")
+    index_sizes: list[int] = Field(default_factory=lambda: [10000, 100000, 1000000])
+    index_kinds: list[Literal["flat", "ivf", "hnsw"]] = Field(default_factory=lambda: ["flat", "ivf", "hnsw"])
+    index_queries: int = Field(200, ge=1)
+    hnsw_max_build_seconds: float = Field(600.0, gt=0, description="skip an HNSW size whose estimated build exceeds this")
+    num_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_model_names(value)
+
+    @field_validator("index_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        return _check_ks(value)
 
 
 class Params(StrictModel):
@@ -184,6 +494,11 @@ class Params(StrictModel):
     split: SplitConfig = SplitConfig()
     build_kg: KGConfig = KGConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    teacher_embed: TeacherEmbedConfig = TeacherEmbedConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    index: IndexConfig = IndexConfig()
+    bench: BenchConfig = BenchConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

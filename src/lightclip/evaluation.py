@@ -1,28 +1,60 @@
-"""Retrieval evaluation (minimal for now: recall@k in both directions).
+"""Retrieval evaluation: recall@k, ranks and attribute precision, in both directions.
 
-Semantics (as in ``open_clip_train``'s ``get_clip_metrics``, plus duplicate titles):
+Semantics (as in CLIP_benchmark's ``zeroshot_retrieval``, with our names):
 
-* ``i2t_R@k``: image -> text. For image ``i`` the texts are ranked by cosine similarity; it is a
-  hit when a *positive* text is among the first ``k``. ``t2i_R@k`` is the same from the texts.
-* By default item ``i``'s only positive is text ``i``. With ``image_to_text_positives`` (one
-  group id per item), items with equal group ids are mutual positives: products with the
-  identical title count as hits (see :func:`title_groups`).
-* Ties are broken deterministically: at equal similarity the lower index ranks first.
-* ``mean_recall`` is the mean of the six recalls. All values are percentages.
+* ``i2t_R@k`` (image -> text): for each image query, the texts are ranked by cosine
+  similarity; the query is a hit at ``k`` when **any** of its positive texts is among the first
+  ``k``. ``t2i_R@k`` (text -> image) is the same from the texts. Beware: CLIP_benchmark calls
+  the text -> image number ``image_retrieval_recall@k``; here the prefix is always the query
+  side first (``i2t``: image queries, ``t2i``: text queries).
+* Positives are a many-to-many relation (:class:`Positives`): several titles per image and
+  several images per title. ``retrieval_metrics(..., groups)`` keeps the simple form: items
+  with equal group ids are mutual positives (identical titles, see :func:`title_groups`).
+* The **rank** of a query is the 1-based position of its best-ranked positive.
+  ``*_median_rank`` is the median over the queries (numpy's: the mean of the two middle
+  values for an even count) and ``*_mean_rank`` the mean; lower is better.
+* **Ties** are broken deterministically: keys are ordered by similarity, descending, and at
+  exactly equal similarity by key index, ascending (the order of a stable sort). So a positive
+  that ties with a negative of lower index ranks after it. Similarities are computed once per
+  (query, key) pair in float32, and the best positive's similarity is read from that same
+  matrix, so a query is always compared with itself consistently.
+* ``mean_recall`` is the mean of the six recalls (i2t and t2i R@1, R@5, R@10): the number the
+  papers report (as ``rsum / 6``). All recalls and precisions are percentages.
+* ``t2i_P@k_<attrs>`` (e-commerce relevance): for each text query, the fraction of the first
+  ``k`` retrieved images whose product has the same value of every attribute in ``<attrs>``
+  (``articleType``, or ``articleType`` and ``baseColour`` joined by ``_``) as the query's
+  product, averaged over the queries whose product has those attributes. A retrieved product
+  without the attribute counts as a miss. The top ``k`` follows the same tie rule.
 
-Similarities are computed in chunks of rows, so 10k x 10k needs only ``chunk x N`` floats.
+Similarities are computed in chunks of query rows, so a 10k x 10k evaluation needs only
+``chunk x N`` floats at a time; the metrics cost a few percent of embedding the gallery.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from typing import Any, Sequence
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from lightclip.config import EvaluateConfig
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.imagecache import ImageCache
+
 KS: tuple[int, ...] = (1, 5, 10)
+DIRECTIONS: tuple[str, ...] = ("i2t", "t2i")
 _WHITESPACE = re.compile(r"\s+")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run (no items, a missing model, inconsistent inputs); the message says why."""
 
 
 def title_groups(titles: Sequence[Any]) -> np.ndarray:
@@ -35,21 +67,308 @@ def title_groups(titles: Sequence[Any]) -> np.ndarray:
     return groups
 
 
-def _ranks_of_best_positive(queries: torch.Tensor, keys: torch.Tensor, q_groups: torch.Tensor, k_groups: torch.Tensor, chunk: int) -> torch.Tensor:
-    """For each query, the 0-based rank of its best-ranked positive key (sim desc, index asc)."""
-    n_keys = keys.shape[0]
-    key_index = torch.arange(n_keys)
-    ranks = torch.empty(queries.shape[0], dtype=torch.long)
-    for start in range(0, queries.shape[0], chunk):
-        sims = queries[start : start + chunk] @ keys.T  # c x N
-        positive = q_groups[start : start + chunk, None] == k_groups[None, :]
-        best = torch.where(positive, sims, torch.full_like(sims, -torch.inf)).max(dim=1).values
-        at_best = positive & (sims == best[:, None])
-        first = at_best.to(torch.uint8).argmax(dim=1)  # lowest index among the best positives
-        above = (sims > best[:, None]).sum(dim=1)
-        tied_before = ((sims == best[:, None]) & (key_index[None, :] < first[:, None])).sum(dim=1)
-        ranks[start : start + chunk] = above + tied_before
-    return ranks
+# ----------------------------------------------------------------------------------------------
+# Positives: which texts describe which images
+# ----------------------------------------------------------------------------------------------
+
+
+def _csr(n_rows: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(ptr, rows + 1, 1)
+    return np.cumsum(ptr), cols
+
+
+@dataclass(frozen=True)
+class Positives:
+    """A many-to-many image-text relation, stored both ways as CSR (sorted, no duplicates).
+
+    ``image_ptr``/``image_texts``: the positive texts of image ``i`` are
+    ``image_texts[image_ptr[i]:image_ptr[i + 1]]``; ``text_ptr``/``text_images`` likewise.
+    Every image and every text must have at least one positive (a query without any cannot be
+    scored: an error, not a silent miss).
+    """
+
+    n_images: int
+    n_texts: int
+    image_ptr: np.ndarray
+    image_texts: np.ndarray
+    text_ptr: np.ndarray
+    text_images: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, n_images: int, n_texts: int, image_index: Sequence[int] | np.ndarray, text_index: Sequence[int] | np.ndarray) -> "Positives":
+        """From (image, text) index pairs; duplicates are merged."""
+        images = np.asarray(image_index, dtype=np.int64).ravel()
+        texts = np.asarray(text_index, dtype=np.int64).ravel()
+        if images.shape != texts.shape:
+            raise EvaluationError(f"positives: {images.size} image indices but {texts.size} text indices")
+        if images.size and (images.min() < 0 or images.max() >= n_images or texts.min() < 0 or texts.max() >= n_texts):
+            raise EvaluationError(f"positives: an index is out of range ({n_images} images, {n_texts} texts)")
+        if images.size:
+            key = np.unique(images * max(n_texts, 1) + texts)
+            images, texts = key // max(n_texts, 1), key % max(n_texts, 1)
+        image_ptr, image_texts = _csr(n_images, images, texts)
+        text_ptr, text_images = _csr(n_texts, texts, images)
+        positives = cls(int(n_images), int(n_texts), image_ptr, image_texts, text_ptr, text_images)
+        positives.check()
+        return positives
+
+    @classmethod
+    def identity(cls, n: int) -> "Positives":
+        """Item ``i``'s image and text are each other's only positive."""
+        return cls.from_pairs(n, n, np.arange(n), np.arange(n))
+
+    @classmethod
+    def from_groups(cls, image_groups: Sequence[int] | np.ndarray | torch.Tensor, text_groups: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> "Positives":
+        """Image ``i`` and text ``j`` are positives when ``image_groups[i] == text_groups[j]``."""
+        ig = np.asarray(image_groups, dtype=np.int64).ravel()
+        tg = ig if text_groups is None else np.asarray(text_groups, dtype=np.int64).ravel()
+        t_order = np.argsort(tg, kind="stable")
+        t_sorted = tg[t_order]
+        lo = np.searchsorted(t_sorted, ig, side="left")
+        hi = np.searchsorted(t_sorted, ig, side="right")
+        counts = hi - lo
+        images = np.repeat(np.arange(ig.size), counts)
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        texts = t_order[np.repeat(lo, counts) + offsets]
+        return cls.from_pairs(ig.size, tg.size, images, texts)
+
+    @classmethod
+    def from_text_image_index(cls, text_image_index: Sequence[int] | np.ndarray, n_images: int) -> "Positives":
+        """CLIP_benchmark's layout: text ``j`` is a caption of image ``text_image_index[j]`` (several per image)."""
+        texts_of = np.asarray(text_image_index, dtype=np.int64).ravel()
+        return cls.from_pairs(n_images, texts_of.size, texts_of, np.arange(texts_of.size))
+
+    def union(self, *others: "Positives") -> "Positives":
+        """Positive in any of the relations (all over the same images and texts)."""
+        images, texts = [self.pairs()[0]], [self.pairs()[1]]
+        for other in others:
+            if (other.n_images, other.n_texts) != (self.n_images, self.n_texts):
+                raise EvaluationError("positives: cannot combine relations over different images/texts")
+            i, t = other.pairs()
+            images.append(i)
+            texts.append(t)
+        return Positives.from_pairs(self.n_images, self.n_texts, np.concatenate(images), np.concatenate(texts))
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (image, text) positive pairs, sorted by image then text."""
+        return np.repeat(np.arange(self.n_images), np.diff(self.image_ptr)), self.image_texts.copy()
+
+    def check(self) -> None:
+        no_text = np.flatnonzero(np.diff(self.image_ptr) == 0)
+        no_image = np.flatnonzero(np.diff(self.text_ptr) == 0)
+        if no_text.size or no_image.size:
+            parts = []
+            if no_text.size:
+                parts.append(f"{no_text.size} image(s) without a positive text, e.g. {no_text[:5].tolist()}")
+            if no_image.size:
+                parts.append(f"{no_image.size} text(s) without a positive image, e.g. {no_image[:5].tolist()}")
+            raise EvaluationError("positives: every query needs at least one positive; " + "; ".join(parts))
+
+    def csr(self, direction: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(ptr, keys)`` of the positives of each query in ``direction`` (``i2t`` or ``t2i``)."""
+        if direction == "i2t":
+            return self.image_ptr, self.image_texts
+        if direction == "t2i":
+            return self.text_ptr, self.text_images
+        raise ValueError(f"unknown direction {direction!r}; allowed: {list(DIRECTIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks and top-k under the deterministic tie rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _stable_topk(sims: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the first ``k`` keys per row, ordered by (similarity desc, index asc)."""
+    n = sims.shape[1]
+    k = min(k, n)
+    values, index = sims.topk(k, dim=1, largest=True, sorted=True)
+    # Canonical order inside the k: by index, then stably by value (desc).
+    by_index = index.sort(dim=1).indices
+    index, values = index.gather(1, by_index), values.gather(1, by_index)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    index = index.gather(1, order)
+    # A tie at the k-th value may leave out a key of lower index: recompute those rows exactly.
+    boundary = values.gather(1, order)[:, -1:].numpy()
+    crowded = np.flatnonzero(np.count_nonzero(sims.numpy() >= boundary, axis=1) > k)
+    for row in crowded.tolist():
+        index[row] = torch.sort(sims[row], descending=True, stable=True).indices[:k]
+    return index
+
+
+def retrieval_ranks(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    ptr: np.ndarray,
+    positive_keys: np.ndarray,
+    *,
+    chunk: int = 1024,
+    topk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """0-based rank of each query's best-ranked positive key, and optionally its top-``k`` keys.
+
+    ``queries`` (Q x D) and ``keys`` (N x D) are compared by dot product (normalise them first
+    for cosine). Query ``q``'s positives are ``positive_keys[ptr[q]:ptr[q + 1]]``. The rank
+    counts the keys ranked before that positive: higher similarity, or equal similarity and a
+    lower index. Returns ``(ranks, top)`` with ``top`` Q x k (or None when ``topk == 0``).
+    """
+    n_queries, n_keys = queries.shape[0], keys.shape[0]
+    ptr = np.asarray(ptr, dtype=np.int64)
+    positive_keys = np.asarray(positive_keys, dtype=np.int64)
+    ranks = np.empty(n_queries, dtype=np.int64)
+    top = torch.empty((n_queries, min(topk, n_keys)), dtype=torch.long) if topk > 0 else None
+    keys_t = keys.T.contiguous()
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        sims_t = queries[start:stop] @ keys_t  # c x N, each similarity computed once
+        sims = sims_t.numpy()
+        counts = np.diff(ptr[start : stop + 1])
+        if (counts == 0).any():
+            raise EvaluationError(f"query {start + int(np.flatnonzero(counts == 0)[0])} has no positive")
+        rows = np.repeat(np.arange(stop - start), counts)
+        cols = positive_keys[ptr[start] : ptr[stop]]
+        values = sims[rows, cols]  # the positives' similarities, read from the same matrix
+        best = np.full(stop - start, -np.inf, dtype=sims.dtype)
+        np.maximum.at(best, rows, values)
+        at_best = values == best[rows]
+        first = np.full(stop - start, n_keys, dtype=np.int64)
+        np.minimum.at(first, rows[at_best], cols[at_best])
+        threshold = best[:, None]
+        rank = np.count_nonzero(sims > threshold, axis=1)
+        tied = np.flatnonzero(np.count_nonzero(sims == threshold, axis=1) > 1)
+        for row in tied.tolist():  # an exact tie at the best positive's similarity: lower index first
+            rank[row] += int(np.count_nonzero(sims[row, : first[row]] == best[row]))
+        ranks[start:stop] = rank
+        if top is not None:
+            top[start:stop] = _stable_topk(sims_t, topk)
+    return torch.from_numpy(ranks), top
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def recall_at_k(ranks: torch.Tensor | np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Percent of queries whose best positive has 0-based rank < k."""
+    r = torch.as_tensor(ranks)
+    return {int(k): float((r < k).to(torch.float64).mean().item() * 100.0) for k in ks}
+
+
+def _as_matrix(emb: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(emb) if not isinstance(emb, torch.Tensor) else emb).detach().to("cpu", torch.float32)
+    if t.ndim != 2:
+        raise EvaluationError(f"{what}: expected an N x D matrix, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise EvaluationError(f"{what}: contains NaN or inf")
+    return t
+
+
+def _label_codes(values: Sequence[Any]) -> np.ndarray:
+    """Integer code per value; missing (None/NaN/empty) -> -1."""
+    codes = np.full(len(values), -1, dtype=np.int64)
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(values):
+        if not _missing(v):
+            codes[i] = seen.setdefault(v, len(seen))
+    return codes
+
+
+def _missing(value: Any) -> bool:
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        return True
+    return type(value).__name__ == "NAType"  # pandas.NA
+
+
+def _joint_codes(columns: Sequence[Sequence[Any]]) -> np.ndarray:
+    """Codes of value tuples; missing when any value is missing."""
+    codes = [_label_codes(c) for c in columns]
+    missing = np.any([c < 0 for c in codes], axis=0)
+    joint = _label_codes([tuple(int(c[i]) for c in codes) for i in range(len(codes[0]))])
+    joint[missing] = -1
+    return joint
+
+
+def attribute_precision(top: torch.Tensor, query_labels: np.ndarray, key_labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Mean over labelled queries of the percent of the first k retrieved keys with the query's label."""
+    q = np.asarray(query_labels)
+    valid = q >= 0
+    if not valid.any():
+        return {}
+    retrieved = np.asarray(key_labels)[top.numpy()]  # Q x K
+    same = retrieved == q[:, None]
+    return {int(k): float(same[valid, :k].mean(axis=1).mean() * 100.0) for k in ks if k <= same.shape[1]}
+
+
+def evaluate_retrieval(
+    image_emb: torch.Tensor | np.ndarray,
+    text_emb: torch.Tensor | np.ndarray,
+    positives: Positives | None = None,
+    *,
+    ks: Sequence[int] = KS,
+    precision_ks: Sequence[int] = KS,
+    attributes: Mapping[str, Sequence[Sequence[Any]]] | None = None,
+    curve_ks: Sequence[int] = (),
+    chunk: int = 1024,
+) -> dict[str, Any]:
+    """Every retrieval metric of one model on one split (see the module docstring).
+
+    ``positives`` defaults to item ``i``'s image and text only. ``attributes`` maps a metric
+    suffix (``"articleType"``, ``"articleType_baseColour"``) to one column of values per
+    attribute, per item (images and texts are the same items then), e.g.
+    ``{"articleType": [types]}``. Returns ``{"metrics": {...}, "recall_curve": {"i2t": {k: %},
+    "t2i": {...}}}``; metric names: ``i2t_R@k``, ``t2i_R@k``, ``mean_recall``,
+    ``{i2t,t2i}_{median,mean}_rank``, ``t2i_P@k_<suffix>``.
+    """
+    images = torch.nn.functional.normalize(_as_matrix(image_emb, "image embeddings"), dim=-1)
+    texts = torch.nn.functional.normalize(_as_matrix(text_emb, "text embeddings"), dim=-1)
+    if images.shape[0] == 0 or texts.shape[0] == 0:
+        raise EvaluationError("no items to evaluate (empty image or text set)")
+    if images.shape[1] != texts.shape[1]:
+        raise EvaluationError(f"image embeddings are {images.shape[1]}-d but text embeddings {texts.shape[1]}-d")
+    if positives is None:
+        if images.shape[0] != texts.shape[0]:
+            raise EvaluationError(f"{images.shape[0]} images but {texts.shape[0]} texts: pass the positives")
+        positives = Positives.identity(images.shape[0])
+    if (positives.n_images, positives.n_texts) != (images.shape[0], texts.shape[0]):
+        raise EvaluationError(
+            f"positives are over {positives.n_images} images x {positives.n_texts} texts, embeddings {images.shape[0]} x {texts.shape[0]}"
+        )
+    attribute_codes: dict[str, np.ndarray] = {}
+    for name, columns in (attributes or {}).items():
+        if images.shape[0] != texts.shape[0]:
+            raise EvaluationError("attribute precision needs one image and one text per item")
+        columns = [list(c) for c in columns]
+        if any(len(c) != images.shape[0] for c in columns):
+            raise EvaluationError(f"attribute {name!r}: expected {images.shape[0]} values per column")
+        codes = _joint_codes(columns)
+        if (codes >= 0).any():
+            attribute_codes[name] = codes
+    max_p = max(precision_ks) if (attribute_codes and precision_ks) else 0
+    all_ks = sorted({int(k) for k in (*ks, *curve_ks)})
+
+    metrics: dict[str, float] = {}
+    curves: dict[str, dict[int, float]] = {}
+    with torch.no_grad():
+        for direction, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
+            ptr, cols = positives.csr(direction)
+            ranks, top = retrieval_ranks(queries, keys, ptr, cols, chunk=chunk, topk=max_p if direction == "t2i" else 0)
+            recalls = recall_at_k(ranks, all_ks)
+            for k in ks:
+                metrics[f"{direction}_R@{k}"] = recalls[int(k)]
+            curves[direction] = {k: recalls[k] for k in all_ks}
+            one_based = ranks.numpy() + 1
+            metrics[f"{direction}_median_rank"] = float(np.median(one_based))
+            metrics[f"{direction}_mean_rank"] = float(one_based.mean())
+            if top is not None:
+                for name, codes in attribute_codes.items():
+                    for k, value in attribute_precision(top, codes, codes, precision_ks).items():
+                        metrics[f"t2i_P@{k}_{name}"] = value
+    metrics["mean_recall"] = float(np.mean([metrics[f"{d}_R@{k}"] for d in DIRECTIONS for k in ks]))
+    return {"metrics": metrics, "recall_curve": curves}
 
 
 def retrieval_metrics(
@@ -60,32 +379,339 @@ def retrieval_metrics(
     ks: Sequence[int] = KS,
     chunk: int = 1024,
 ) -> dict[str, float]:
-    """Recall@k (percent) image->text and text->image, and their mean.
+    """Recall@k (percent) image->text and text->image, and their mean (used during training).
 
     ``image_to_text_positives``: a group id per item (items with equal ids are mutual
     positives); ``None`` = item ``i``'s positive is text ``i`` only. Embeddings are
-    L2-normalised here (cosine similarity).
+    L2-normalised here (cosine similarity). See :func:`evaluate_retrieval` for everything else.
     """
-    images = torch.as_tensor(image_emb, dtype=torch.float32)
-    texts = torch.as_tensor(text_emb, dtype=torch.float32)
-    if images.ndim != 2 or texts.shape != images.shape:
+    images = _as_matrix(image_emb, "image embeddings")
+    texts = _as_matrix(text_emb, "text embeddings")
+    if texts.shape != images.shape:
         raise ValueError(f"expected two N x D embedding matrices of equal shape, got {tuple(images.shape)} and {tuple(texts.shape)}")
     n = images.shape[0]
     if n == 0:
-        raise ValueError("no items to evaluate")
-    images = torch.nn.functional.normalize(images, dim=-1)
-    texts = torch.nn.functional.normalize(texts, dim=-1)
+        raise EvaluationError("no items to evaluate")
     if image_to_text_positives is None:
-        groups = torch.arange(n)
+        positives = Positives.identity(n)
     else:
-        groups = torch.as_tensor(np.asarray(image_to_text_positives), dtype=torch.long)
+        groups = np.asarray(image_to_text_positives)
         if groups.shape != (n,):
             raise ValueError(f"image_to_text_positives: expected {n} group ids, got shape {tuple(groups.shape)}")
-    metrics: dict[str, float] = {}
+        positives = Positives.from_groups(groups)
+    result = evaluate_retrieval(images, texts, positives, ks=ks, chunk=chunk)["metrics"]
+    keys = [f"{d}_R@{k}" for d in DIRECTIONS for k in ks] + ["mean_recall"]
+    return {k: result[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# Texts: tokenisation with truncation made visible
+# ----------------------------------------------------------------------------------------------
+
+
+def tokenize_checked(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """Tokenise ``texts``; return the tokens and a bool mask of the texts that were truncated.
+
+    Truncation (documented, not an error): a text longer than the model's context keeps its
+    first ``context_length - 2`` BPE tokens between start and end of text (open_clip's rule).
+    A row is truncated when its tokens fill the context and the text encodes to more; a
+    tokenizer without ``encode`` marks every full row as truncated (conservative).
+    """
+    tokens = tokenizer(list(texts))
+    full = np.flatnonzero((tokens[:, -1] != 0).numpy())
+    truncated = np.zeros(len(texts), dtype=bool)
+    encode = getattr(tokenizer, "encode", None)
+    for i in full:
+        truncated[i] = True if encode is None else len(encode(texts[i])) + 2 > tokens.shape[1]
+    return tokens, truncated
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate stage: embed a catalogue split with each model, score it, write the outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Embeddings:
+    """Normalised embeddings of one split with one model, and what embedding them cost."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    image_seconds: float
+    text_seconds: float
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def embed_images(model: torch.nn.Module, cache: "ImageCache", batch_size: int = 256) -> torch.Tensor:
+    """Normalised image embeddings of every row of an image cache (eval mode, no grad)."""
+    from lightclip.imagecache import normalise
+    from lightclip.models.zoo import preprocess_config
+
+    pre = preprocess_config(model)
+    if int(pre["size"]) != cache.image_size:
+        raise EvaluationError(f"images are cached at {cache.image_size}px but the model expects {pre['size']}px")
+    out = []
     with torch.no_grad():
-        for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
-            ranks = _ranks_of_best_positive(queries, keys, groups, groups, chunk)
-            for k in ks:
-                metrics[f"{name}_R@{k}"] = float((ranks < k).to(torch.float64).mean().item() * 100.0)
-    metrics["mean_recall"] = float(np.mean([metrics[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
-    return metrics
+        for start in range(0, len(cache), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(cache)))
+            batch = normalise(cache.batch(rows), pre["mean"], pre["std"])
+            out.append(model.encode_image(batch, normalize=True).float())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+def embed_texts(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings of tokenised texts (eval mode, no grad)."""
+    from lightclip.models.zoo import encode_text
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            out.append(encode_text(model, tokens[start : start + batch_size], normalize=True).float())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+def embed_pairs(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], cache: "ImageCache", titles: Sequence[str], batch_size: int = 256) -> Embeddings:
+    """Embed images and titles (tokenisation included in the text time)."""
+    model.eval()
+    t0 = time.perf_counter()
+    images = embed_images(model, cache, batch_size)
+    t1 = time.perf_counter()
+    tokens, truncated = tokenize_checked(tokenizer, list(titles))
+    texts = embed_texts(model, tokens, batch_size)
+    t2 = time.perf_counter()
+    return Embeddings(images=images, texts=texts, image_seconds=t1 - t0, text_seconds=t2 - t1, truncated=truncated)
+
+
+def image_content_groups(cache: "ImageCache") -> np.ndarray:
+    """A group id per row: rows with byte-identical decoded images (what the model sees) share one."""
+    seen: dict[bytes, int] = {}
+    groups = np.empty(len(cache), dtype=np.int64)
+    for i in range(len(cache)):
+        digest = hashlib.blake2b(np.ascontiguousarray(cache.images[i]).tobytes(), digest_size=16).digest()
+        groups[i] = seen.setdefault(digest, len(seen))
+    return groups
+
+
+def catalogue_positives(titles: Sequence[str], cache: "ImageCache | None", rules: Sequence[str]) -> Positives:
+    """Item-level positives: item ``i``'s own text, plus the texts of items sharing a rule's group.
+
+    ``title``: identical titles (after case and whitespace folding) are interchangeable, so
+    every image of that title is a positive of the title and vice versa. ``image``: items whose
+    decoded images are byte-identical give the model identical inputs, so each one's title is
+    a positive of the other's image (otherwise the metric would score a forced tie by index).
+    """
+    n = len(titles)
+    relations = [Positives.identity(n)]
+    for rule in rules:
+        if rule == "title":
+            relations.append(Positives.from_groups(title_groups(titles)))
+        elif rule == "image":
+            if cache is None:
+                raise EvaluationError("positives rule 'image' needs the decoded images")
+            relations.append(Positives.from_groups(image_content_groups(cache)))
+        else:
+            raise EvaluationError(f"unknown positives rule {rule!r}; allowed: title, image")
+    return relations[0].union(*relations[1:]) if len(relations) > 1 else relations[0]
+
+
+@dataclass
+class ModelEvaluation:
+    """One model's result on one split."""
+
+    name: str
+    model_dir: str
+    metrics: dict[str, float]
+    recall_curve: dict[str, dict[int, float]]
+    timings: dict[str, float]
+
+
+def check_model_dirs(models: Mapping[str, str | Path], project_dir: Path | None = None) -> dict[str, Path]:
+    """Resolve the model directories of ``evaluate.models``; a missing one is an error, never skipped."""
+    from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE
+
+    if not models:
+        raise EvaluationError("evaluate.models is empty: name at least one model directory (e.g. {teacher: models/teacher})")
+    resolved: dict[str, Path] = {}
+    problems = []
+    for name, directory in models.items():
+        path = Path(directory)
+        if project_dir is not None and not path.is_absolute():
+            path = Path(project_dir) / path
+        if not path.is_dir():
+            problems.append(f"{name}: {directory} does not exist")
+        elif not (path / INFO_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            problems.append(f"{name}: {directory} is not a saved lightclip model (needs {INFO_FILE} and {WEIGHTS_FILE})")
+        resolved[name] = path
+    if problems:
+        raise EvaluationError("evaluate.models: " + "; ".join(problems))
+    return resolved
+
+
+def evaluate_model(
+    name: str,
+    model_dir: Path | str,
+    catalogue: "Catalogue",
+    config: "EvaluateConfig",
+    *,
+    cache_dir: Path | str,
+    progress: bool = False,
+) -> ModelEvaluation:
+    """Embed ``config.split`` of ``catalogue`` with the model in ``model_dir`` and score it."""
+    from lightclip.imagecache import build_image_cache
+    from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
+
+    items = catalogue.split(config.split)
+    if len(items) == 0:
+        raise EvaluationError(f"{catalogue.table_path}: split {config.split!r} has no items to evaluate")
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    size = int(preprocess_config(model)["size"])
+    cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress)
+    titles = [str(t) for t in items["title"]]
+    emb = embed_pairs(model, tokenizer, cache, titles, config.batch_size)
+
+    t0 = time.perf_counter()
+    positives = catalogue_positives(titles, cache, config.positives)
+    attributes = {}
+    for group in config.attributes:
+        if all(col in items.columns and items[col].notna().any() for col in group):
+            attributes["_".join(group)] = [list(items[col]) for col in group]
+    result = evaluate_retrieval(
+        emb.images, emb.texts, positives, ks=config.ks, precision_ks=config.ks, attributes=attributes, curve_ks=config.curve_ks
+    )
+    metric_seconds = time.perf_counter() - t0
+    n = len(items)
+    embed_seconds = emb.image_seconds + emb.text_seconds
+    prefix = f"{config.split}/"
+    metrics = {prefix + k: v for k, v in result["metrics"].items()}
+    metrics[prefix + "n_items"] = n
+    metrics[prefix + "titles_truncated"] = int(emb.truncated.sum())
+    metrics[prefix + "positive_pairs"] = int(positives.image_texts.size)
+    timings = {
+        "encode_ms_per_item": 1000.0 * embed_seconds / n,
+        "image_encode_ms_per_item": 1000.0 * emb.image_seconds / n,
+        "text_encode_ms_per_item": 1000.0 * emb.text_seconds / n,
+        "embed_seconds": embed_seconds,
+        "metric_seconds": metric_seconds,
+        "metric_share_of_embed": metric_seconds / embed_seconds if embed_seconds > 0 else float("nan"),
+    }
+    return ModelEvaluation(name=name, model_dir=str(model_dir), metrics=metrics, recall_curve=result["recall_curve"], timings=timings)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_outputs(results: Sequence[ModelEvaluation], split: str, *, metrics_path: Path, plots_dir: Path, figures_dir: Path | None) -> list[Path]:
+    """``metrics_path`` (DVC metrics), the DVC plot data under ``plots_dir`` and PNGs under ``figures_dir``.
+
+    Plot data: ``recall_at_k/<model>.csv`` (columns ``k``, ``i2t_recall``, ``t2i_recall``: one
+    recall@k curve pair per model) and ``recall_vs_latency.csv`` (one row per model:
+    ``model``, ``encode_ms_per_item``, ``mean_recall``, ``i2t_R@1``, ``t2i_R@1``). Returns the PNGs.
+    """
+    import shutil
+
+    payload = {r.name: {**r.metrics, **{f"timing/{k}": v for k, v in r.timings.items()}, "model_dir": r.model_dir} for r in results}
+    _write_json(Path(metrics_path), payload)
+    plots_dir = Path(plots_dir)
+    curve_dir = plots_dir / "recall_at_k"
+    shutil.rmtree(curve_dir, ignore_errors=True)
+    curve_dir.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        ks = sorted(r.recall_curve["i2t"])
+        lines = ["k,i2t_recall,t2i_recall"] + [f"{k},{r.recall_curve['i2t'][k]:.4f},{r.recall_curve['t2i'][k]:.4f}" for k in ks]
+        (curve_dir / f"{r.name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = ["model,encode_ms_per_item,mean_recall,i2t_R@1,t2i_R@1"]
+    for r in results:
+        m = r.metrics
+        rows.append(f"{r.name},{r.timings['encode_ms_per_item']:.4f},{m[f'{split}/mean_recall']:.4f},{m[f'{split}/i2t_R@1']:.4f},{m[f'{split}/t2i_R@1']:.4f}")
+    (plots_dir / "recall_vs_latency.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return write_figures(results, split, Path(figures_dir)) if figures_dir is not None else []
+
+
+def write_figures(results: Sequence[ModelEvaluation], split: str, figures_dir: Path) -> list[Path]:
+    """Matplotlib PNGs of the same two plots (for MLflow and the reports folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    paths = [figures_dir / "recall_at_k.png", figures_dir / "recall_vs_latency.png"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, direction, label in zip(axes, DIRECTIONS, ("image -> text", "text -> image")):
+        for r in results:
+            ks = sorted(r.recall_curve[direction])
+            ax.plot(ks, [r.recall_curve[direction][k] for k in ks], marker="o", label=r.name)
+        ax.set_xscale("log")
+        ax.set_xlabel("k")
+        ax.set_title(f"{label} recall@k ({split})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall@k (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for r in results:
+        x, y = r.timings["encode_ms_per_item"], r.metrics[f"{split}/mean_recall"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("encode latency (ms per image + title)")
+    ax.set_ylabel(f"mean recall, {split} (%)")
+    ax.set_title("recall vs encode latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_evaluate(
+    catalogue: "Catalogue",
+    config: "EvaluateConfig",
+    *,
+    project_dir: Path,
+    cache_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    figures_dir: Path | None,
+    progress: bool = False,
+) -> tuple[list[ModelEvaluation], list[Path]]:
+    """The ``evaluate`` stage: every model of ``config.models``, outputs written; returns results and PNGs."""
+    model_dirs = check_model_dirs(config.models, project_dir)
+    if len(catalogue.split(config.split)) == 0:
+        raise EvaluationError(f"{catalogue.table_path}: split {config.split!r} has no items to evaluate")
+    previous = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        results = [
+            evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=cache_dir, progress=progress) for name in config.models
+        ]
+    finally:
+        torch.set_num_threads(previous)
+    for r in results:  # record the paths as given in params (portable), not resolved
+        r.model_dir = str(config.models[r.name])
+    figures = write_outputs(results, config.split, metrics_path=metrics_path, plots_dir=plots_dir, figures_dir=figures_dir)
+    return results, figures
+
+
+def summarise(result: ModelEvaluation, split: str) -> str:
+    m, t = result.metrics, result.timings
+    parts = [
+        f"{result.name}: mean recall {m[f'{split}/mean_recall']:.2f}",
+        "i2t R@1/5/10 " + "/".join(f"{m[f'{split}/i2t_R@{k}']:.1f}" for k in KS if f"{split}/i2t_R@{k}" in m),
+        "t2i R@1/5/10 " + "/".join(f"{m[f'{split}/t2i_R@{k}']:.1f}" for k in KS if f"{split}/t2i_R@{k}" in m),
+        f"median rank i2t {m[f'{split}/i2t_median_rank']:g} t2i {m[f'{split}/t2i_median_rank']:g}",
+    ]
+    for key in (f"{split}/t2i_P@10_articleType", f"{split}/t2i_P@10_articleType_baseColour"):
+        if key in m:
+            parts.append(f"{key.split('/', 1)[1]} {m[key]:.1f}")
+    parts.append(
+        f"{int(m[f'{split}/n_items'])} items, embed {t['embed_seconds']:.2f}s ({t['encode_ms_per_item']:.2f} ms/item), "
+        f"metrics {t['metric_seconds']:.3f}s ({100 * t['metric_share_of_embed']:.1f}% of embedding)"
+    )
+    return "; ".join(parts)

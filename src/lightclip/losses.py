@@ -219,3 +219,240 @@ def combine_with_concept(clip: Tensor, concept: Tensor, *, weight: float, adapti
 
 def loss_terms_to_float(terms: Mapping[str, Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ==============================================================================================
+# CocaCLIP / ConaCLIP: distillation over the fully-connected knowledge interaction graph
+# ==============================================================================================
+#
+# Wang et al., "ConaCLIP: Exploring Distillation of Fully-Connected Knowledge Interaction Graph
+# for Lightweight Text-Image Retrieval" (ACL 2023 Industry, arXiv 2305.17652).
+#
+# The semantics of every (edge, loss) are in the docstring of :func:`distillation_losses`.
+
+from typing import Callable, Sequence  # noqa: E402
+
+from lightclip.config import (  # noqa: E402, F401  (defined torch-free there so params load without torch; re-exported here)
+    DISTILL_EDGE_GROUPS,
+    DISTILL_EDGES,
+    DISTILL_LOSSES,
+    DISTILL_PROJECTED_EDGES,
+    DISTILL_TEACHER_EDGES,
+    DISTILL_VALID_LOSSES,
+    EdgeLossConfig,
+    check_edge_loss,
+    expand_edge,
+)
+
+#: The frozen spec of one supervised edge (the config model: validated on construction).
+EdgeLoss = EdgeLossConfig
+
+#: Per concrete edge: (student modality, partner node), partner in T_I/T_T/S_I/S_T terms.
+_EDGE_NODES: dict[str, tuple[str, str]] = {
+    "intra_ts_image": ("image", "teacher_image"),
+    "intra_ts_text": ("text", "teacher_text"),
+    "inter_ts_image": ("image", "teacher_text"),
+    "inter_ts_text": ("text", "teacher_image"),
+    "intra_ss_image": ("image", "teacher_image"),
+    "intra_ss_text": ("text", "teacher_text"),
+    "inter_ss": ("image", "text"),
+}
+
+
+def as_edge_losses(edges: Sequence[EdgeLossConfig | Mapping[str, object] | tuple]) -> list[EdgeLossConfig]:
+    """Edge specs from config models, dicts or ``(edge, loss[, weight[, temperature]])`` tuples."""
+    out: list[EdgeLossConfig] = []
+    for entry in edges:
+        if isinstance(entry, EdgeLossConfig):
+            out.append(entry)
+        elif isinstance(entry, Mapping):
+            out.append(EdgeLossConfig(**entry))
+        else:
+            names = ("edge", "loss", "weight", "temperature")
+            out.append(EdgeLossConfig(**dict(zip(names, entry))))
+    return out
+
+
+def _kl_rows(teacher_logits: Tensor, student_logits: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Mean over rows of KL(softmax(teacher row) || softmax(student row)); ``exclude`` entries left out."""
+    if exclude is not None:
+        teacher_logits = teacher_logits.masked_fill(exclude, float("-inf"))
+        student_logits = student_logits.masked_fill(exclude, float("-inf"))
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    log_q = F.log_softmax(student_logits, dim=-1)
+    diff = log_p - log_q
+    if exclude is not None:
+        diff = diff.masked_fill(exclude, 0.0)  # -inf - -inf: no NaN in the value nor the gradient
+    return (log_p.exp() * diff).sum(dim=-1).mean()
+
+
+def _scale_for(entry: EdgeLossConfig, logit_scale: Tensor | float) -> Tensor | float:
+    if entry.temperature is not None:
+        return 1.0 / entry.temperature
+    if entry.loss == "sd" and isinstance(logit_scale, Tensor):
+        return logit_scale.detach()
+    return logit_scale
+
+
+def graph_term(
+    edge: str,
+    loss: str,
+    student: Tensor,
+    partner: Tensor,
+    *,
+    teacher_self: Tensor | None = None,
+    scale: Tensor | float = 1.0,
+) -> Tensor:
+    """One (concrete edge, loss) term; see the table above.
+
+    ``student``: the student node's embeddings (projected for TS edges); ``partner``: the other
+    node's (teacher for TS/SS edges, the student's other tower for ``inter_ss``);
+    ``teacher_self``: the teacher's embedding of the student node's modality (``sd`` on TS edges).
+    """
+    check_edge_loss(edge, loss)
+    if edge == "inter_ss" or loss == "infonce":
+        return clip_loss(student, partner, scale)  # type: ignore[return-value]
+    if edge.startswith("intra_ss"):
+        n = student.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=student.device)
+        if n < 2:
+            return student.sum() * 0.0
+        student_rel = student @ student.T
+        teacher_rel = partner @ partner.T
+        if loss == "fd":
+            return (student_rel - teacher_rel).pow(2)[~eye].mean()
+        return _kl_rows(scale * teacher_rel, scale * student_rel, exclude=eye)
+    # teacher-student edges
+    if loss == "fd":
+        return (student - partner).pow(2).sum(dim=-1).mean()
+    if teacher_self is None:
+        raise ValueError(f"{edge}/sd needs the teacher's own embeddings of the student node's modality")
+    rows = _kl_rows(scale * teacher_self @ partner.T, scale * student @ partner.T)
+    cols = _kl_rows(scale * partner @ teacher_self.T, scale * partner @ student.T)
+    return (rows + cols) / 2
+
+
+def distillation_losses(
+    student_img: Tensor,
+    student_txt: Tensor,
+    teacher_img: Tensor | None,
+    teacher_txt: Tensor | None,
+    edges: Sequence[EdgeLossConfig | Mapping[str, object] | tuple],
+    logit_scale: Tensor | float,
+    projections: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+) -> dict[str, Tensor]:
+    """The ConaCLIP graph loss of a batch: ``{"loss": weighted sum, "<edge>/<loss>": term, ...}``.
+
+    Inputs: ``student_img``/``student_txt`` ``B x Ds``, ``teacher_img``/``teacher_txt`` ``B x Dt``
+    (row i = pair i; all L2-normalised here, teacher tensors detached, so gradients reach only
+    the student, the projections and the logit scale; the teacher may be ``None`` when only
+    ``inter_ss`` is supervised). ``edges``: :class:`EdgeLoss` specs (or dicts/tuples).
+    ``logit_scale``: the student's learned CLIP scale (1/tau), used where an entry's
+    ``temperature`` is ``None`` (detached for ``sd``); a temperature tau gives scale ``k = 1/tau``.
+    ``projections``: ``{"image": f, "text": g}`` mapping the student's embeddings to the
+    teacher's width, used by the teacher-student edges only (then re-normalised); without one the
+    widths must be equal (else a ``ValueError`` asking for ``distill.projection: true``).
+
+    Notation: ``s_I, s_T, t_I, t_T`` the normalised embeddings; ``P(s)`` the projected student;
+    ``CE(L)``: cross-entropy of each row of logits ``L`` with the diagonal as target (pair i is
+    the positive of pair i, the other B-1 pairs of the batch are negatives); ``KL(A || B)``: the
+    mean over rows r of ``KL(softmax(A_r) || softmax(B_r))``, the teacher's distribution first.
+
+    Edges (student node - partner node) and their losses:
+
+    * IntraTS ``intra_ts_image`` (S_I - T_I), ``intra_ts_text`` (S_T - T_T); with (s, t) =
+      (s_I, t_I) or (s_T, t_T):
+
+      - ``infonce``: ``[CE(k P(s) t^T) + CE(k t P(s)^T)] / 2``: the student's embedding of
+        pair i must pick the teacher's embedding of pair i among the batch, and vice versa.
+      - ``fd``: ``mean_i |P(s)_i - t_i|^2`` (squared L2 distance of unit vectors = 2 - 2 cos).
+      - ``sd``: ``[KL(k t t^T || k P(s) t^T) + KL(k t t^T || k t P(s)^T)] / 2``: the student,
+        queried against the teacher's keys, ranks the batch as the teacher does.
+
+    * InterTS ``inter_ts_image`` (S_I - T_T), ``inter_ts_text`` (S_T - T_I); with (s, t_a, t_b) =
+      (s_I, t_I, t_T) or (s_T, t_T, t_I):
+
+      - ``infonce``: ``[CE(k P(s) t_b^T) + CE(k t_b P(s)^T)] / 2``: the student's image
+        against the teacher's titles (image -> text and text -> image), and for
+        ``inter_ts_text`` the student's titles against the teacher's images.
+      - ``fd``: ``mean_i |P(s)_i - t_b,i|^2``: the student's image embedding onto the teacher's
+        embedding of the pair's title (0 when they coincide, whatever the teacher's image).
+      - ``sd``: ``[KL(k t_a t_b^T || k P(s) t_b^T) + KL(k t_b t_a^T || k t_b P(s)^T)] / 2``:
+        the student's cross-modal similarity rows (and columns) reproduce the teacher's own
+        image-text (text-image) ones: CLIP-style soft-label distillation.
+
+    * IntraSS ``intra_ss_image`` (S_I - S_I), ``intra_ss_text`` (S_T - S_T): relations among the
+      B samples inside one student tower, supervised by the teacher's relations of the same
+      modality; no projection (the B x B relation matrices do not depend on the width). With
+      (s, t) = (s_I, t_I) or (s_T, t_T) and the diagonal (self-similarity, always 1) left out:
+
+      - ``fd``: ``mean_{i != j} (s_i . s_j - t_i . t_j)^2`` (a relation distance).
+      - ``sd``: ``KL(k t t^T || k s s^T)`` row-wise.
+      - ``infonce``: an error (a tower against itself has no positive pair to contrast).
+
+    * InterSS ``inter_ss`` (S_I - S_T): the student's own CLIP loss,
+      ``infonce`` = ``[CE(k s_I s_T^T) + CE(k s_T s_I^T)] / 2`` = :func:`clip_loss`; ``fd`` and
+      ``sd`` are errors (there is no teacher target on this edge).
+
+    So with a perfectly aligned teacher (``t_I = t_T``) and a student equal to it, every ``fd``
+    and ``sd`` term is 0. The groups ``intra_ts``, ``inter_ts``, ``intra_ss`` stand for both
+    concrete edges, each a term weighted by the entry's weight. Terms are returned unweighted;
+    ``loss = sum(weight x term)``. A (concrete edge, loss) listed twice, an unknown edge or
+    loss, or an invalid combination is a ``ValueError`` listing the valid ones.
+    """
+    specs = as_edge_losses(edges)
+    if not specs:
+        raise ValueError(f"no edges to supervise; valid edges: {', '.join(DISTILL_EDGES)}")
+    concrete = [(edge, spec) for spec in specs for edge in expand_edge(spec.edge)]
+    seen: set[tuple[str, str]] = set()
+    for edge, spec in concrete:
+        if (edge, spec.loss) in seen:
+            raise ValueError(f"{edge}/{spec.loss} is listed twice")
+        seen.add((edge, spec.loss))
+    needs_teacher = any(edge in DISTILL_TEACHER_EDGES for edge, _ in concrete)
+    if needs_teacher and (teacher_img is None or teacher_txt is None):
+        missing = sorted({f"{e}/{s.loss}" for e, s in concrete if e in DISTILL_TEACHER_EDGES})
+        raise ValueError(f"teacher embeddings are needed by {', '.join(missing)}")
+
+    nodes: dict[str, Tensor] = {
+        "image": F.normalize(student_img.float(), dim=-1),
+        "text": F.normalize(student_txt.float(), dim=-1),
+    }
+    if needs_teacher:
+        assert teacher_img is not None and teacher_txt is not None
+        nodes["teacher_image"] = F.normalize(teacher_img.detach().float(), dim=-1)
+        nodes["teacher_text"] = F.normalize(teacher_txt.detach().float(), dim=-1)
+    projected: dict[str, Tensor] = {}
+
+    def project(modality: str, edge: str) -> Tensor:
+        if modality not in projected:
+            student = nodes[modality]
+            teacher_width = nodes["teacher_" + modality].shape[-1]
+            fn = (projections or {}).get(modality)
+            if fn is None:
+                if student.shape[-1] != teacher_width:
+                    raise ValueError(
+                        f"{edge}: the student's {modality} embeddings are {student.shape[-1]}-d but the teacher's are "
+                        f"{teacher_width}-d; a learned projection is needed (distill.projection: true)"
+                    )
+                projected[modality] = student
+            else:
+                out = fn(student).float()
+                if out.shape[-1] != teacher_width:
+                    raise ValueError(f"{edge}: the {modality} projection gives {out.shape[-1]}-d embeddings, the teacher's are {teacher_width}-d")
+                projected[modality] = F.normalize(out, dim=-1)
+        return projected[modality]
+
+    terms: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    for edge, spec in concrete:
+        modality, partner_name = _EDGE_NODES[edge]
+        student = project(modality, edge) if edge in DISTILL_PROJECTED_EDGES else nodes[modality]
+        teacher_self = nodes.get("teacher_" + modality) if spec.loss == "sd" and edge in DISTILL_PROJECTED_EDGES else None
+        value = graph_term(edge, spec.loss, student, nodes[partner_name], teacher_self=teacher_self, scale=_scale_for(spec, logit_scale))
+        terms[f"{edge}/{spec.loss}"] = value
+        weighted = spec.weight * value
+        total = weighted if total is None else total + weighted
+    assert total is not None
+    return {"loss": total, **terms}
+

@@ -122,6 +122,7 @@ def run_pretrain(
     )
     checkpoint_dir = Path(checkpoint_root) / checkpoint_key(config, catalogue, kg_dir)
     result = train(task, config.train, checkpoint_dir=checkpoint_dir, resume=resume, log_metrics=log_metrics, progress=progress)
+    refreshes = task.prototype_refreshes  # of the whole run (the best checkpoint may be earlier)
     if (checkpoint_dir / BEST).is_file():
         load_task_checkpoint(task, checkpoint_dir / BEST)
 
@@ -133,7 +134,7 @@ def run_pretrain(
         "train_seconds": result.seconds,
         "train_pairs_per_s": result.pairs_per_s,
         "val/best_mean_recall": result.best_metric if result.best_metric is not None else float("nan"),
-        "prototype_refreshes": task.prototype_refreshes,
+        "prototype_refreshes": refreshes,
     }
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
     test_items = catalogue.split("test")

@@ -282,7 +282,9 @@ def train(
             best_metric, best_epoch = state["best_metric"], state["best_epoch"]
             bad_epochs, stopped_early = int(state["bad_epochs"]), bool(state["stopped_early"])
             history = list(state["history"])
+            resumed_seconds, resumed_pairs = float(state.get("train_seconds", 0.0)), int(state.get("pairs_seen", 0))
         else:
+            resumed_seconds, resumed_pairs = 0.0, 0
             for stale in (last_path, best_path):
                 stale.unlink(missing_ok=True)
             random.seed(config.seed)
@@ -349,6 +351,9 @@ def train(
                     "stopped_early": stopped_early,
                     "history": history,
                     "config": config.model_dump(mode="json"),
+                    # cumulative over resumes, so a resumed run reports the whole run's cost
+                    "train_seconds": resumed_seconds + time.perf_counter() - started,
+                    "pairs_seen": resumed_pairs + pairs_seen,
                 }
                 save_checkpoint(last_path, payload)
                 if improved or (metric is None and epoch + 1 == config.epochs):
@@ -361,7 +366,8 @@ def train(
                 bar.set_description(f"train (epoch {epoch + 1}/{config.epochs}, val mean recall {shown})", refresh=False)
         finally:
             bar.close()
-        seconds = time.perf_counter() - started
+        seconds = resumed_seconds + time.perf_counter() - started
+        pairs_seen += resumed_pairs
         return TrainResult(
             steps=step,
             epochs_completed=len(history),
@@ -710,6 +716,7 @@ class ClipPretrainTask:
             state["bank_valid"] = self.bank_valid.clone()
         if self.concepts is not None:
             state["prototypes"] = torch.from_numpy(self.concepts.prototypes.copy())
+            state["prototype_refreshes"] = self.prototype_refreshes
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -719,3 +726,4 @@ class ClipPretrainTask:
             self.bank_valid.copy_(state["bank_valid"])
         if self.concepts is not None and "prototypes" in state:
             self.concepts.prototypes[...] = state["prototypes"].numpy()
+            self.prototype_refreshes = int(state.get("prototype_refreshes", 0))
