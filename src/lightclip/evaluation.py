@@ -645,6 +645,9 @@ def write_figures(results: Sequence[ModelEvaluation], split: str, figures_dir: P
             ks = sorted(r.recall_curve[direction])
             ax.plot(ks, [r.recall_curve[direction][k] for k in ks], marker="o", label=r.name)
         ax.set_xscale("log")
+        ticks = sorted(results[0].recall_curve[direction]) if results else []
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("k")
         ax.set_title(f"{label} recall@k ({split})")
         ax.grid(alpha=0.3)

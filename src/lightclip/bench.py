@@ -1,0 +1,443 @@
+"""``lightclip bench``: how fast, how big, how hungry each model is; a benchmark, not a test.
+
+Per model (``bench.models``, default ``evaluate.models``):
+
+* ``image_ms_p50/p95``, ``text_ms_p50/p95``: encode latency at batch 1, over ``bench.runs``
+  (>= 100) timed calls after ``bench.warmup`` untimed ones; images are random tensors at the
+  model's input size (speed does not depend on pixels), the text is a typical catalogue title
+  (tokenised beforehand; ``lightclip.models.encode_text``, the path search uses).
+* ``image_per_s``, ``text_per_s``: throughput at batch ``bench.batch_size`` (64), the median
+  of ``bench.throughput_batches`` timed batches.
+* ``index_build_s``, ``query_ms_p50/p95``: the ``index.kind`` index over a synthetic gallery
+  of ``bench.gallery_size`` vectors at the model's width, and batch-1 search latency;
+  ``search_text_ms_p50/p95``: a whole text query (tokenise, encode, search).
+* ``params_total``, ``params_non_embedding``, ``file_mb`` (``model.safetensors``),
+  ``peak_rss_mb`` (the process's peak resident memory while benchmarking this model: the peak
+  is reset before each model where Linux allows it, else it is the process peak so far).
+* ``eval_overhead/*``: the evaluate stage's metric time on a gallery of ``bench.gallery_size``
+  items vs the time to embed that gallery (images and titles, tokenisation included, at
+  ``evaluate.batch_size``, measured on two batches each and scaled linearly); the metrics must
+  cost under 10% of the embedding.
+
+Ratios (``ratios/<student>/...``) are teacher / student: ``x`` > 1 means the student is that
+many times faster, smaller or lighter. ``index_scaling`` rows: build time, batch-1 query
+latency and recall@10 against exact search for each index kind at 10k, 100k and 1M synthetic
+vectors (clustered, L2-normalised: 1,024 Gaussian clusters, so neighbours are meaningful);
+an HNSW size whose build is estimated (from the previous size, ``N log N``) to take longer than
+``bench.hnsw_max_build_seconds`` is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
+
+SAMPLE_TITLE = "Maple Row Men Pink & Teal Striped Slim Fit V-Neck Long Sleeve T-shirt"
+EVAL_OVERHEAD_LIMIT = 0.10
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> np.ndarray:
+    """Seconds per call of ``fn`` over ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples[i] = time.perf_counter() - t0
+    return samples
+
+
+def p50_p95_ms(samples: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    s = np.asarray(samples, dtype=np.float64) * 1000.0
+    return float(np.percentile(s, 50)), float(np.percentile(s, 95))
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (VmHWM, else getrusage)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine_info() -> dict[str, Any]:
+    import faiss
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "python": platform.python_version(),
+        "load_average_1min": load,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic vectors for index timing
+# ----------------------------------------------------------------------------------------------
+
+
+def clustered_vectors(n: int, dim: int, *, seed: int, n_clusters: int = 1024, spread: float = 0.75, centre_seed: int = 12345) -> np.ndarray:
+    """``n`` L2-normalised float32 vectors around ``n_clusters`` shared random centres."""
+    centres = np.random.default_rng(centre_seed).standard_normal((n_clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(start + 100_000, n)
+        block = rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(spread / math.sqrt(dim))
+        block += centres[rng.integers(0, n_clusters, stop - start)]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:stop] = block
+    return out
+
+
+def _index_config(base: "IndexConfig", kind: str) -> "IndexConfig":
+    return base.model_copy(update={"kind": kind})
+
+
+def bench_index_scaling(
+    dim: int,
+    config: "BenchConfig",
+    index_config: "IndexConfig",
+    *,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Build time, batch-1 query latency and recall@10 vs exact, per index kind and size."""
+    from lightclip.index import build_faiss_index, recall_against, search_faiss
+
+    rows: list[dict[str, Any]] = []
+    hnsw_prev: tuple[int, float] | None = None
+    queries = clustered_vectors(config.index_queries, dim, seed=config.seed + 1)
+    for n in config.index_sizes:
+        base = clustered_vectors(n, dim, seed=config.seed)
+        exact, _ = build_faiss_index(base, _index_config(index_config, "flat"), normalise=False)
+        _, reference = search_faiss(exact, queries, 10)
+        del exact
+        for kind in config.index_kinds:
+            row: dict[str, Any] = {"n": n, "kind": kind, "dim": dim}
+            if kind == "hnsw" and hnsw_prev is not None:
+                n0, t0 = hnsw_prev
+                estimate = t0 * (n / n0) * (math.log(n) / math.log(n0))
+                row["build_s_estimate"] = estimate
+                if estimate > config.hnsw_max_build_seconds:
+                    row["skipped"] = f"estimated build {estimate:.0f}s > {config.hnsw_max_build_seconds:.0f}s"
+                    log(f"  index {kind:<4} n={n:>9,}: skipped ({row['skipped']})")
+                    rows.append(row)
+                    continue
+            index, info = build_faiss_index(base, _index_config(index_config, kind), normalise=False)
+            row["build_s"] = info["build_seconds"]
+            row.update({k: v for k, v in info.items() if k in ("nlist", "nprobe", "m", "ef_construction", "ef_search")})
+            if kind == "hnsw":
+                hnsw_prev = (n, info["build_seconds"])
+            single = iter(range(10**9))
+            lat = time_calls(lambda: search_faiss(index, queries[next(single) % len(queries)][None, :], 10), warmup=3, runs=len(queries))
+            row["query_ms_p50"], row["query_ms_p95"] = p50_p95_ms(lat)
+            _, got = search_faiss(index, queries, 10)
+            row["recall@10_vs_flat"] = recall_against(reference, got, 10)
+            log(
+                f"  index {kind:<4} n={n:>9,}: build {row['build_s']:7.2f}s, query p50 {row['query_ms_p50']:7.3f} ms "
+                f"p95 {row['query_ms_p95']:7.3f} ms, recall@10 vs flat {row['recall@10_vs_flat']:.3f}"
+            )
+            rows.append(row)
+            del index
+            gc.collect()
+        del base
+        gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Per model
+# ----------------------------------------------------------------------------------------------
+
+
+def eval_overhead(
+    model: Any,
+    tokenizer: Callable[..., Any],
+    image_size: int,
+    dim: int,
+    gallery: int,
+    evaluate_config: "EvaluateConfig",
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The evaluate stage's metric time on ``gallery`` items vs the time to embed them."""
+    import torch
+
+    from lightclip.evaluation import Positives, embed_texts, evaluate_retrieval, tokenize_checked
+    from lightclip.models.zoo import preprocess_config
+
+    pre = preprocess_config(model)
+    batch = evaluate_config.batch_size
+    n_batches = 2
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    titles = [f"{SAMPLE_TITLE} {i}" for i in range(batch)]
+    with torch.no_grad():
+        model.encode_image(images[:2], normalize=True)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            model.encode_image(images, normalize=True)
+        image_s_per_item = (time.perf_counter() - t0) / (n_batches * batch)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            tokens, _ = tokenize_checked(tokenizer, titles)
+            embed_texts(model, tokens, batch)
+        text_s_per_item = (time.perf_counter() - t0) / (n_batches * batch)
+    embed_s = gallery * (image_s_per_item + text_s_per_item)
+
+    rng = np.random.default_rng(seed)
+    img = clustered_vectors(gallery, dim, seed=seed)
+    txt = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.8 / math.sqrt(dim))
+    groups = np.arange(gallery)
+    groups[::50] = groups[1::50]  # some identical titles
+    attributes = {"articleType": [rng.integers(0, 25, gallery).tolist()], "articleType_baseColour": [rng.integers(0, 25, gallery).tolist(), rng.integers(0, 16, gallery).tolist()]}
+    t0 = time.perf_counter()
+    positives = Positives.identity(gallery).union(Positives.from_groups(groups))
+    evaluate_retrieval(img, txt, positives, ks=evaluate_config.ks, precision_ks=evaluate_config.ks, attributes=attributes, curve_ks=evaluate_config.curve_ks)
+    metrics_s = time.perf_counter() - t0
+    del pre
+    return {
+        "gallery": gallery,
+        "embed_s": embed_s,
+        "metrics_s": metrics_s,
+        "share": metrics_s / embed_s,
+        "ok": bool(metrics_s / embed_s < EVAL_OVERHEAD_LIMIT),
+    }
+
+
+def bench_model(
+    name: str,
+    model_dir: Path,
+    config: "BenchConfig",
+    evaluate_config: "EvaluateConfig",
+    index_config: "IndexConfig",
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    import torch
+
+    from lightclip.index import build_faiss_index, search_faiss
+    from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
+
+    reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    load_s = time.perf_counter() - t0
+    pre = preprocess_config(model)
+    size = int(pre["size"])
+    params = count_parameters(model)
+    out: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "params_total": params["total"],
+        "params_non_embedding": params["non_embedding"],
+        "file_mb": (Path(model_dir) / WEIGHTS_FILE).stat().st_size / 2**20,
+        "load_s": load_s,
+        "image_size": size,
+    }
+    gen = torch.Generator().manual_seed(config.seed)
+    one_image = torch.randn(1, 3, size, size, generator=gen)
+    batch_images = torch.randn(config.batch_size, 3, size, size, generator=gen)
+    one_text = tokenizer([SAMPLE_TITLE])
+    batch_text = tokenizer([f"{SAMPLE_TITLE} {i}" for i in range(config.batch_size)])
+    with torch.no_grad():
+        dim = int(model.encode_image(one_image, normalize=True).shape[-1])
+        out["embed_dim"] = dim
+        lat = time_calls(lambda: model.encode_image(one_image, normalize=True), warmup=config.warmup, runs=config.runs)
+        out["image_ms_p50"], out["image_ms_p95"] = p50_p95_ms(lat)
+        lat = time_calls(lambda: encode_text(model, one_text, normalize=True), warmup=config.warmup, runs=config.runs)
+        out["text_ms_p50"], out["text_ms_p95"] = p50_p95_ms(lat)
+        per_batch = time_calls(lambda: model.encode_image(batch_images, normalize=True), warmup=1, runs=config.throughput_batches)
+        out["image_per_s"] = config.batch_size / float(np.median(per_batch))
+        per_batch = time_calls(lambda: encode_text(model, batch_text, normalize=True), warmup=1, runs=config.throughput_batches)
+        out["text_per_s"] = config.batch_size / float(np.median(per_batch))
+    log(
+        f"  {name}: image p50 {out['image_ms_p50']:.2f} ms p95 {out['image_ms_p95']:.2f} ms, text p50 {out['text_ms_p50']:.2f} ms "
+        f"p95 {out['text_ms_p95']:.2f} ms; batch {config.batch_size}: {out['image_per_s']:.0f} images/s, {out['text_per_s']:.0f} texts/s"
+    )
+
+    gallery = clustered_vectors(config.gallery_size, dim, seed=config.seed)
+    index, info = build_faiss_index(gallery, index_config, normalise=False)
+    out["index_kind"] = index_config.kind
+    out["index_items"] = config.gallery_size
+    out["index_build_s"] = info["build_seconds"]
+    queries = clustered_vectors(config.runs, dim, seed=config.seed + 1)
+    counter = iter(range(10**9))
+    lat = time_calls(lambda: search_faiss(index, queries[next(counter) % len(queries)][None, :], 10), warmup=config.warmup, runs=config.runs)
+    out["query_ms_p50"], out["query_ms_p95"] = p50_p95_ms(lat)
+
+    def text_search() -> None:
+        with torch.no_grad():
+            vector = encode_text(model, tokenizer([SAMPLE_TITLE]), normalize=True).float().numpy()
+        search_faiss(index, vector, 10)
+
+    lat = time_calls(text_search, warmup=config.warmup, runs=config.runs)
+    out["search_text_ms_p50"], out["search_text_ms_p95"] = p50_p95_ms(lat)
+    log(
+        f"  {name}: {index_config.kind} index of {config.gallery_size:,}: build {out['index_build_s']:.3f}s, query p50 "
+        f"{out['query_ms_p50']:.3f} ms p95 {out['query_ms_p95']:.3f} ms; text search end to end p50 {out['search_text_ms_p50']:.2f} ms"
+    )
+    del index, gallery
+
+    overhead = eval_overhead(model, tokenizer, size, dim, config.gallery_size, evaluate_config, seed=config.seed)
+    out.update({f"eval_overhead/{k}": v for k, v in overhead.items()})
+    verdict = "OK" if overhead["ok"] else f"TOO SLOW (limit {EVAL_OVERHEAD_LIMIT:.0%})"
+    log(
+        f"  {name}: evaluate on a {overhead['gallery']:,}-item gallery: metrics {overhead['metrics_s']:.2f}s vs embedding "
+        f"{overhead['embed_s']:.1f}s = {overhead['share']:.1%} of the embedding time: {verdict}"
+    )
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_reset"] = reset
+    log(f"  {name}: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M non-embedding), {out['file_mb']:.1f} MiB, peak RSS {out['peak_rss_mb']:.0f} MiB")
+    return out
+
+
+RATIO_KEYS: dict[str, tuple[str, bool]] = {
+    # name: (key, higher_is_better)
+    "image_latency_x": ("image_ms_p50", False),
+    "text_latency_x": ("text_ms_p50", False),
+    "image_throughput_x": ("image_per_s", True),
+    "text_throughput_x": ("text_per_s", True),
+    "params_x": ("params_total", False),
+    "params_non_embedding_x": ("params_non_embedding", False),
+    "file_size_x": ("file_mb", False),
+    "peak_rss_x": ("peak_rss_mb", False),
+}
+
+
+def model_ratios(models: Mapping[str, Mapping[str, Any]], teacher: str) -> dict[str, dict[str, float]]:
+    """Per student: how many times faster/smaller than the teacher (> 1 = the student wins)."""
+    if teacher not in models:
+        return {}
+    t = models[teacher]
+    ratios: dict[str, dict[str, float]] = {}
+    for name, s in models.items():
+        if name == teacher:
+            continue
+        ratios[name] = {
+            label: float(s[key] / t[key] if better else t[key] / s[key]) for label, (key, better) in RATIO_KEYS.items() if t.get(key) and s.get(key)
+        }
+    return ratios
+
+
+def run_bench(
+    config: "BenchConfig",
+    evaluate_config: "EvaluateConfig",
+    index_config: "IndexConfig",
+    *,
+    project_dir: Path,
+    index_scaling: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark every model (a missing model dir is an error) and the index kinds at scale."""
+    import torch
+
+    from lightclip.evaluation import check_model_dirs
+
+    models = config.models if config.models is not None else evaluate_config.models
+    model_dirs = check_model_dirs(models, project_dir)
+    import faiss
+
+    previous, previous_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+        faiss.omp_set_num_threads(config.num_threads)
+        index_config = index_config.model_copy(update={"threads": config.num_threads})
+    try:
+        machine = machine_info()
+        log(f"machine: {machine['cpu']}, {machine['cores_usable']} usable cores, torch {machine['torch_threads']} threads, load {machine['load_average_1min']:.2f}")
+        results = {}
+        for name in models:
+            results[name] = bench_model(name, model_dirs[name], config, evaluate_config, index_config, log=log)
+            results[name]["model_dir"] = str(models[name])
+            gc.collect()
+        ratios = model_ratios(results, config.teacher)
+        for name, r in ratios.items():
+            log(f"  {config.teacher} / {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+        scaling: list[dict[str, Any]] = []
+        if index_scaling and config.index_sizes:
+            dim = next(iter(results.values()))["embed_dim"]
+            log(f"index scaling at {dim} dims ({', '.join(config.index_kinds)}; {config.index_queries} queries):")
+            scaling = bench_index_scaling(dim, config, index_config, log=log)
+    finally:
+        torch.set_num_threads(previous)
+        faiss.omp_set_num_threads(previous_faiss)
+    return {
+        "machine": machine,
+        "models": results,
+        "ratios": ratios,
+        "index_scaling": scaling,
+        "config": {"bench": config.model_dump(mode="json"), "index": index_config.model_dump(mode="json")},
+    }
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric values of a bench report as flat MLflow metric names."""
+    out: dict[str, float] = {}
+    for name, values in report["models"].items():
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{name}/{k}"] = float(v)
+    for name, values in report["ratios"].items():
+        for k, v in values.items():
+            out[f"ratios/{name}/{k}"] = float(v)
+    for row in report["index_scaling"]:
+        for k in ("build_s", "query_ms_p50", "query_ms_p95", "recall@10_vs_flat"):
+            if k in row:
+                out[f"index_scaling/{row['kind']}/{row['n']}/{k}"] = float(row[k])
+    return out

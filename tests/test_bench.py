@@ -1,0 +1,91 @@
+"""``lightclip bench`` at tiny sizes writes metrics/speed.json with every field (a smoke test, not a benchmark)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lightclip.bench import clustered_vectors, model_ratios, p50_p95_ms
+from lightclip.tracking import PARENT_RUN_ENV
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+MODEL_FIELDS = (
+    "params_total", "params_non_embedding", "file_mb", "peak_rss_mb", "image_ms_p50", "image_ms_p95", "text_ms_p50", "text_ms_p95",
+    "image_per_s", "text_per_s", "index_build_s", "query_ms_p50", "query_ms_p95", "search_text_ms_p50", "search_text_ms_p95",
+    "eval_overhead/embed_s", "eval_overhead/metrics_s", "eval_overhead/share", "eval_overhead/ok",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_uri(tmp_path_factory) -> str:
+    """One MLflow store for the CLI tests of this session (creating one costs seconds)."""
+    path = tmp_path_factory.getbasetemp() / "lightclip-shared-mlflow"
+    path.mkdir(exist_ok=True)
+    return f"sqlite:///{path}/mlflow.db"
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: str) -> Path:
+    from lightclip.models.zoo import ModelSpec, arch_config, build_from_config, create_model, save_model
+
+    root = tmp_path / "proj"
+    (root / "models").mkdir(parents=True)
+    model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=0)
+    save_model(model, "lc-test-tiny", root / "models" / "teacher")
+    small = build_from_config({**arch_config("lc-test-tiny"), "embed_dim": 16})
+    save_model(small, "lc-test-tiny", root / "models" / "student")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["evaluate"]["models"] = {"teacher": "models/teacher", "student": "models/student"}
+    params["evaluate"]["batch_size"] = 16
+    params["bench"].update(
+        warmup=1, runs=100, batch_size=8, throughput_batches=1, gallery_size=300, index_sizes=[200, 400],
+        index_queries=10, hnsw_max_build_seconds=1e-9, num_threads=1,
+    )
+    params["evaluate"]["num_threads"] = 1
+    params["index"]["threads"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_mlflow_uri)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    return root
+
+
+def test_bench_at_tiny_sizes_writes_speed_json(project: Path, capsys: pytest.CaptureFixture[str]):
+    from lightclip.cli import main
+
+    assert main(["bench", "--out", "metrics/speed.json"]) == 0
+    out = capsys.readouterr().out
+    assert "of the embedding time" in out and "speed report: metrics/speed.json" in out
+    report = json.loads((project / "metrics" / "speed.json").read_text())
+    assert {"cores", "torch_threads", "cpu"} <= set(report["machine"])
+    assert set(report["models"]) == {"teacher", "student"}
+    for name, values in report["models"].items():
+        for field in MODEL_FIELDS:
+            assert field in values, (name, field)
+        assert values["image_ms_p95"] >= values["image_ms_p50"] > 0
+        assert values["eval_overhead/gallery"] == 300
+    assert report["models"]["student"]["embed_dim"] == 16
+    ratios = report["ratios"]["student"]
+    assert {"image_latency_x", "text_latency_x", "params_x", "file_size_x", "peak_rss_x"} <= set(ratios)
+    assert ratios["params_x"] > 1  # the 16-d student has fewer parameters
+    rows = {(r["n"], r["kind"]): r for r in report["index_scaling"]}
+    assert set(rows) == {(n, k) for n in (200, 400) for k in ("flat", "ivf", "hnsw")}
+    assert rows[(200, "flat")]["recall@10_vs_flat"] == 1.0
+    assert 0 <= rows[(400, "ivf")]["recall@10_vs_flat"] <= 1 and "query_ms_p95" in rows[(400, "ivf")]
+    assert "skipped" in rows[(400, "hnsw")] and "build_s" in rows[(200, "hnsw")]
+
+
+def test_bench_helpers():
+    x = clustered_vectors(50, 8, seed=0)
+    assert x.shape == (50, 8) and x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert np.array_equal(x, clustered_vectors(50, 8, seed=0))
+    assert p50_p95_ms([0.001] * 10) == pytest.approx((1.0, 1.0))
+    ratios = model_ratios({"teacher": {"image_ms_p50": 4.0, "params_total": 100}, "s": {"image_ms_p50": 1.0, "params_total": 25}}, "teacher")
+    assert ratios == {"s": {"image_latency_x": 4.0, "params_x": 4.0}}
+    assert model_ratios({"s": {"image_ms_p50": 1.0}}, "teacher") == {}

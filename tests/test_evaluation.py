@@ -1,0 +1,231 @@
+"""Retrieval metrics against an independent brute-force reference, a hand-made case, the evaluate stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightclip.config import EvaluateConfig, SplitConfig, SynthConfig
+from lightclip.data.catalogue import Catalogue
+from lightclip.data.split import assign_splits
+from lightclip.data.synth import generate_catalogue
+from lightclip.evaluation import (
+    EvaluationError,
+    Positives,
+    evaluate_retrieval,
+    retrieval_metrics,
+    run_evaluate,
+    title_groups,
+    tokenize_checked,
+)
+
+# -- an independent reference: float64, Python sorting, a dense positive mask ------------------
+
+
+def _reference(image_emb: np.ndarray, text_emb: np.ndarray, mask: np.ndarray, ks, labels=None, precision_ks=()):
+    """Rank = 1-based position of the first positive in the list sorted by (-cosine, index)."""
+    img = image_emb.astype(np.float64)
+    txt = text_emb.astype(np.float64)
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    sims = np.einsum("id,jd->ij", img, txt)
+    out = {}
+    for name, s, m in (("i2t", sims, mask), ("t2i", sims.T, mask.T)):
+        ranks, tops = [], []
+        for q in range(s.shape[0]):
+            order = sorted(range(s.shape[1]), key=lambda j: (-s[q, j], j))
+            ranks.append(next(pos for pos, j in enumerate(order) if m[q, j]) + 1)
+            tops.append(order)
+        ranks = np.array(ranks)
+        for k in ks:
+            out[f"{name}_R@{k}"] = 100.0 * np.mean(ranks <= k)
+        out[f"{name}_median_rank"] = float(np.median(ranks))
+        out[f"{name}_mean_rank"] = float(np.mean(ranks))
+        if name == "t2i" and labels:
+            for attr, lab in labels.items():
+                for k in precision_ks:
+                    values = [np.mean([lab[j] == lab[q] for j in tops[q][:k]]) for q in range(len(lab)) if lab[q] is not None]
+                    out[f"t2i_P@{k}_{attr}"] = 100.0 * np.mean(values)
+    out["mean_recall"] = np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks])
+    return out, sims
+
+
+def _assert_close(ours: dict, ref: dict):
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+def _random_case(seed: int):
+    """Images with 1-3 captions each, some captions shared by several images, exact duplicate vectors."""
+    rng = np.random.default_rng(seed)
+    n_images, dim = 40, 8
+    images = rng.standard_normal((n_images, dim)).astype(np.float32)
+    images[7] = images[3]  # exact ties between images
+    images[21] = 2.0 * images[3]  # same direction, exact tie after normalisation
+    images[30] = images[12]
+    text_of_image = np.repeat(np.arange(n_images), rng.integers(1, 4, n_images))
+    texts = images[text_of_image] + 0.9 * rng.standard_normal((text_of_image.size, dim)).astype(np.float32)
+    texts[5] = texts[2]  # exact ties between texts
+    texts[40] = texts[11]
+    mask = np.zeros((n_images, texts.shape[0]), dtype=bool)
+    mask[text_of_image, np.arange(texts.shape[0])] = True
+    for _ in range(10):  # several images per caption
+        mask[rng.integers(n_images), rng.integers(texts.shape[0])] = True
+    return images, texts, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_metrics_match_brute_force_reference(seed: int, chunk: int):
+    images, texts, mask = _random_case(seed)
+    labels_a = [None if i % 9 == 0 else f"type{i % 4}" for i in range(40)]
+    ref, sims = _reference(images, texts, mask, (1, 5, 10))
+    # the only exact ties are the duplicated vectors; every other gap is far above float32 rounding
+    for matrix in (sims, sims.T):
+        for row in matrix:
+            assert np.diff(np.unique(np.round(row, 12))).min() > 1e-6
+    image_index, text_index = np.nonzero(mask)
+    positives = Positives.from_pairs(images.shape[0], texts.shape[0], image_index, text_index)
+    result = evaluate_retrieval(torch.from_numpy(images), torch.from_numpy(texts), positives, chunk=chunk)
+    _assert_close(result["metrics"], ref)
+    assert set(result["metrics"]) == set(ref)
+
+    # attribute precision: one item per row (images and texts are the same items)
+    items_img, items_txt = images, texts[:40]
+    ref_p, _ = _reference(items_img, items_txt, np.eye(40, dtype=bool), (1, 5, 10), labels={"articleType": labels_a}, precision_ks=(1, 3, 5))
+    got = evaluate_retrieval(items_img, items_txt, Positives.identity(40), precision_ks=(1, 3, 5), attributes={"articleType": [labels_a]}, chunk=chunk)
+    _assert_close(got["metrics"], ref_p)
+
+
+def test_ties_at_the_topk_boundary_keep_lower_indices():
+    # every image is identical: all similarities tie, the top k must be the k lowest indices
+    images = np.ones((12, 4), dtype=np.float32)
+    texts = np.ones((12, 4), dtype=np.float32)
+    labels = ["a", "b"] * 6
+    m = evaluate_retrieval(images, texts, attributes={"t": [labels]}, precision_ks=(1, 3))["metrics"]
+    # top 3 of every query: items 0, 1, 2 -> labels a, b, a
+    assert m["t2i_P@1_t"] == pytest.approx(50.0)  # item 0 (a) for every query
+    assert m["t2i_P@3_t"] == pytest.approx(100 * (6 * (2 / 3) + 6 * (1 / 3)) / 12)
+    # ranks: query i's only positive is item i, preceded by the i lower-index ties
+    assert m["i2t_mean_rank"] == pytest.approx(np.mean(np.arange(1, 13)))
+    assert m["i2t_R@1"] == pytest.approx(100 / 12)
+
+
+def test_hand_made_case_with_several_captions_and_ties():
+    # I0=(1,0), I1=(0,1), I2=(1,0) (a duplicate of I0); T0 captions I0, T1 and T2 caption I1, T3 captions I2.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    positives = Positives.from_text_image_index([0, 1, 1, 2], n_images=3)
+    m = evaluate_retrieval(images, texts, positives)["metrics"]
+    # i2t: I0 -> T0 first (rank 1); I1 -> T2 (1.0) first; I2 -> T0 (1.0) then T3 (0.8): rank 2
+    assert m["i2t_R@1"] == pytest.approx(200 / 3) and m["i2t_R@5"] == 100.0
+    assert m["i2t_median_rank"] == 1.0 and m["i2t_mean_rank"] == pytest.approx(4 / 3)
+    # t2i: T0 ties I0/I2 (I0 first, its positive: rank 1); T3 ties I0/I2 at 0.8, I0 first -> I2 rank 2
+    assert m["t2i_R@1"] == 75.0 and m["t2i_R@10"] == 100.0
+    assert m["t2i_median_rank"] == 1.0 and m["t2i_mean_rank"] == 1.25
+    assert m["mean_recall"] == pytest.approx((200 / 3 + 100 + 100 + 75 + 100 + 100) / 6)
+
+
+def test_attribute_precision_hand_made():
+    images = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    # t2i top 2: T0 -> [0, 1]; T1 -> [3, 2]; T2 -> [2, 1]; T3 -> [1, 2]
+    types = ["A", "A", "B", None]
+    colours = ["Red", "Blue", "Red", "Red"]
+    m = evaluate_retrieval(
+        images, texts, precision_ks=(1, 2), attributes={"articleType": [types], "articleType_baseColour": [types, colours]}
+    )["metrics"]
+    # item 3 has no articleType: not a query; as a result it is a miss
+    assert m["t2i_P@1_articleType"] == pytest.approx(100 * 2 / 3)
+    assert m["t2i_P@2_articleType"] == pytest.approx(100 * (1 + 0 + 0.5) / 3)
+    assert m["t2i_P@1_articleType_baseColour"] == pytest.approx(100 * 2 / 3)
+    assert m["t2i_P@2_articleType_baseColour"] == pytest.approx(100 * (0.5 + 0 + 0.5) / 3)
+    no_labels = evaluate_retrieval(images, texts, attributes={"articleType": [[None] * 4]})["metrics"]
+    assert not any(k.startswith("t2i_P@") for k in no_labels)
+
+
+def test_retrieval_metrics_keeps_its_api_and_matches_evaluate_retrieval():
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    groups = title_groups([f"title {i % 50}" for i in range(64)])
+    simple = retrieval_metrics(images, texts, groups)
+    assert list(simple) == ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"]
+    full = evaluate_retrieval(images, texts, Positives.from_groups(groups))["metrics"]
+    assert all(simple[k] == full[k] for k in simple)
+
+
+def test_positives_constructors_and_errors():
+    a = Positives.from_groups([0, 0, 1])
+    assert a.pairs()[0].tolist() == [0, 0, 1, 1, 2] and a.pairs()[1].tolist() == [0, 1, 0, 1, 2]
+    b = Positives.from_text_image_index([0, 0, 1, 2], n_images=3)
+    assert b.csr("i2t")[1].tolist() == [0, 1, 2, 3]
+    assert Positives.identity(3).union(Positives.from_groups([5, 5, 6])).image_texts.size == 5
+    with pytest.raises(EvaluationError, match="without a positive"):
+        Positives.from_pairs(3, 3, [0, 1], [0, 1])
+    with pytest.raises(EvaluationError, match="no items"):
+        evaluate_retrieval(torch.zeros((0, 4)), torch.zeros((0, 4)))
+    with pytest.raises(EvaluationError, match="NaN"):
+        evaluate_retrieval(torch.full((2, 2), float("nan")), torch.ones((2, 2)))
+
+
+def test_long_titles_are_truncated_visibly():
+    from lightclip.models.zoo import tokenizer
+
+    tok = tokenizer("lc-test-tiny")  # context 32: 30 BPE tokens between start and end
+    exact = " ".join(["red"] * 30)
+    long = " ".join(["red"] * 31)
+    tokens, truncated = tokenize_checked(tok, ["blue shirt", exact, long])
+    assert truncated.tolist() == [False, False, True]
+    assert torch.equal(tokens[1], tokens[2])  # the tail past the context is dropped (open_clip's rule)
+
+
+# -- the stage on a tiny catalogue -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    from lightclip.models.zoo import ModelSpec, create_model, save_model
+
+    root = tmp_path_factory.mktemp("evaluate")
+    raw = generate_catalogue(root / "raw", SynthConfig(seed=1, n_items=48, image_size=32), progress=False)
+    assign_splits(raw, SplitConfig(seed=0, val=8, test=16)).save(root / "split")
+    model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=0)
+    save_model(model, "lc-test-tiny", root / "models" / "teacher")
+    return root
+
+
+def test_evaluate_stage_writes_metrics_plots_and_figures(workspace: Path, tmp_path: Path):
+    catalogue = Catalogue.load(workspace / "split")
+    config = EvaluateConfig(models={"teacher": "models/teacher", "twin": str(workspace / "models" / "teacher")})
+    results, figures = run_evaluate(
+        catalogue, config, project_dir=workspace, cache_dir=workspace / "cache",
+        metrics_path=tmp_path / "eval.json", plots_dir=tmp_path / "plots", figures_dir=tmp_path / "fig",
+    )
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert set(metrics) == {"teacher", "twin"}
+    m = metrics["teacher"]
+    for key in ("test/i2t_R@1", "test/t2i_R@10", "test/mean_recall", "test/i2t_median_rank", "test/t2i_mean_rank",
+                "test/t2i_P@10_articleType", "test/t2i_P@5_articleType_baseColour", "test/n_items", "timing/encode_ms_per_item"):
+        assert key in m, key
+    assert m["test/n_items"] == 16 and m["model_dir"] == "models/teacher"
+    assert metrics["twin"]["test/mean_recall"] == m["test/mean_recall"]  # same weights, same numbers
+    curve = (tmp_path / "plots" / "recall_at_k" / "teacher.csv").read_text().splitlines()
+    assert curve[0] == "k,i2t_recall,t2i_recall" and len(curve) == 1 + len(config.curve_ks)
+    assert (tmp_path / "plots" / "recall_vs_latency.csv").read_text().startswith("model,encode_ms_per_item,mean_recall")
+    assert all(f.is_file() and f.stat().st_size > 1000 for f in figures)
+    assert results[0].timings["metric_seconds"] < results[0].timings["embed_seconds"]
+
+
+def test_evaluate_bad_inputs_are_clear_errors(workspace: Path, tmp_path: Path):
+    catalogue = Catalogue.load(workspace / "split")
+    kwargs = dict(project_dir=workspace, cache_dir=workspace / "cache", metrics_path=tmp_path / "m.json", plots_dir=tmp_path / "p", figures_dir=None)
+    with pytest.raises(EvaluationError, match="student: models/students/s1 does not exist"):
+        run_evaluate(catalogue, EvaluateConfig(models={"teacher": "models/teacher", "student": "models/students/s1"}), **kwargs)
+    no_test = catalogue.with_items(catalogue.items.assign(split="train"))
+    with pytest.raises(EvaluationError, match="split 'test' has no items"):
+        run_evaluate(no_test, EvaluateConfig(models={"teacher": "models/teacher"}), **kwargs)
+    assert not (tmp_path / "m.json").exists()
