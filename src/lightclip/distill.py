@@ -373,15 +373,7 @@ def run_distill(
     if (checkpoint_dir / BEST).is_file():
         load_task_checkpoint(task, checkpoint_dir / BEST)
 
-    metrics: dict[str, Any] = {
-        "steps": result.steps,
-        "epochs_completed": result.epochs_completed,
-        "best_epoch": result.best_epoch or 0,
-        "stopped_early": int(result.stopped_early),
-        "train_seconds": result.seconds,
-        "train_pairs_per_s": result.pairs_per_s,
-        "val/best_mean_recall": result.best_metric if result.best_metric is not None else float("nan"),
-    }
+    metrics: dict[str, Any] = result.summary()
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
     metrics["params/projections"] = sum(p.numel() for p in task.projections.parameters())
     test_items = catalogue.split("test")

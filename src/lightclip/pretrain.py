@@ -126,16 +126,7 @@ def run_pretrain(
     if (checkpoint_dir / BEST).is_file():
         load_task_checkpoint(task, checkpoint_dir / BEST)
 
-    metrics: dict[str, Any] = {
-        "steps": result.steps,
-        "epochs_completed": result.epochs_completed,
-        "best_epoch": result.best_epoch or 0,
-        "stopped_early": int(result.stopped_early),
-        "train_seconds": result.seconds,
-        "train_pairs_per_s": result.pairs_per_s,
-        "val/best_mean_recall": result.best_metric if result.best_metric is not None else float("nan"),
-        "prototype_refreshes": refreshes,
-    }
+    metrics: dict[str, Any] = result.summary() | {"prototype_refreshes": refreshes}
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
     test_items = catalogue.split("test")
     if len(test_items):

@@ -106,6 +106,18 @@ class TrainResult:
     def best_checkpoint(self) -> Path:
         return self.checkpoint_dir / BEST
 
+    def summary(self) -> dict[str, float | int]:
+        """The run's numbers under the metric names every trainer reports (pretrain, distill)."""
+        return {
+            "steps": self.steps,
+            "epochs_completed": self.epochs_completed,
+            "best_epoch": self.best_epoch or 0,
+            "stopped_early": int(self.stopped_early),
+            "train_seconds": self.seconds,
+            "train_pairs_per_s": self.pairs_per_s,
+            "val/best_mean_recall": self.best_metric if self.best_metric is not None else float("nan"),
+        }
+
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer, schedule, step
