@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
-from lightclip.data import kaggle as kaggle_module
+from lightclip.data import _images as images_module
 from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.data.kaggle import import_kaggle, parse_styles_csv
 
@@ -115,7 +115,7 @@ def test_output_dir_rules_and_atomic_failure(kaggle_dir: Path, tmp_path: Path, m
     def broken_copy(jobs, **kwargs):
         raise CatalogueError("disk full")
 
-    monkeypatch.setattr(kaggle_module, "copy_images", broken_copy)
+    monkeypatch.setattr(images_module, "copy_images", broken_copy)  # used by finish_import
     with pytest.raises(CatalogueError, match="disk full"):
         import_kaggle(kaggle_dir, tmp_path / "out3", progress=False)
     with pytest.raises(CatalogueError, match="disk full"):

@@ -202,13 +202,8 @@ class DistillTask(ClipPretrainTask):
             yield f"projections.{name}", param
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[DistillBatch]:
-        n = len(self.train_set)
-        order = rng.permutation(n)
-        flips = rng.random(n) < 0.5 if self.hflip else np.zeros(n, dtype=bool)
-        size = min(batch_size, n)
-        for b in range(self.batches_per_epoch(batch_size)):
-            rows = order[b * size : (b + 1) * size]
-            flipped = torch.from_numpy(flips[rows])
+        for rows, flips in self.epoch_rows(rng, batch_size):
+            flipped = torch.from_numpy(flips)
             raw = self.train_set.images.batch(rows)
             if self.hflip:
                 raw = flip_images(raw, flipped)
@@ -307,7 +302,6 @@ def run_distill(
     """
     from pydantic import ValidationError
 
-    from lightclip.evaluation import retrieval_metrics
     from lightclip.imagecache import build_image_cache
     from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, load_model, load_tokenizer, read_model_info, save_model, tokenizer
     from lightclip.teacher_cache import load_teacher_embeddings, teacher_weights_sha256
@@ -376,12 +370,7 @@ def run_distill(
     metrics: dict[str, Any] = result.summary()
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
     metrics["params/projections"] = sum(p.numel() for p in task.projections.parameters())
-    test_items = catalogue.split("test")
-    if len(test_items):
-        test_pairs = PairSet.from_catalogue(catalogue, "test", spec.image_size, cache_dir, progress=progress)
-        with torch.no_grad():
-            image_emb, text_emb = task.embed(test_pairs, tok(list(test_pairs.titles)))
-        metrics.update({f"test/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, test_pairs.groups).items()})
+    metrics.update(task.test_metrics(catalogue, tok, spec.image_size, cache_dir, progress=progress))
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

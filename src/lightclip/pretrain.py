@@ -82,9 +82,7 @@ def run_pretrain(
     pairs/s and parameter counts. Checkpoints go to ``checkpoint_root/<key>`` so ``resume``
     continues exactly the run with the same config and inputs.
     """
-    import torch
 
-    from lightclip.evaluation import retrieval_metrics
     from lightclip.models.zoo import ModelSpec, count_parameters, create_model, save_model, tokenizer
     from lightclip.training import BEST, ClipPretrainTask, PairSet, load_task_checkpoint, train
 
@@ -128,12 +126,7 @@ def run_pretrain(
 
     metrics: dict[str, Any] = result.summary() | {"prototype_refreshes": refreshes}
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
-    test_items = catalogue.split("test")
-    if len(test_items):
-        test_pairs = PairSet.from_catalogue(catalogue, "test", spec.image_size, cache_dir, progress=progress)
-        with torch.no_grad():
-            image_emb, text_emb = task.embed(test_pairs, tok(list(test_pairs.titles)))
-        metrics.update({f"test/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, test_pairs.groups).items()})
+    metrics.update(task.test_metrics(catalogue, tok, spec.image_size, cache_dir, progress=progress))
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")

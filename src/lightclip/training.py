@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -566,16 +566,30 @@ class ClipPretrainTask:
     def batches_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train_set) // batch_size)
 
-    def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
+    def epoch_rows(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, flip flags) of each batch of an epoch: a pure function of ``rng`` (exact resume)."""
         n = len(self.train_set)
         order = rng.permutation(n)
         flips = rng.random(n) < 0.5 if self.hflip else np.zeros(n, dtype=bool)
         size = min(batch_size, n)
         for b in range(self.batches_per_epoch(batch_size)):
             rows = order[b * size : (b + 1) * size]
+            yield rows, flips[rows]
+
+    def test_metrics(self, catalogue: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], image_size: int, cache_dir: Path | str, *, progress: bool = True) -> dict[str, float]:
+        """``test/*`` retrieval metrics of the current model on the catalogue's test split ({} if empty)."""
+        if len(catalogue.split("test")) == 0:
+            return {}
+        pairs = PairSet.from_catalogue(catalogue, "test", image_size, cache_dir, progress=progress)
+        with torch.no_grad():
+            image_emb, text_emb = self.embed(pairs, tokenizer(list(pairs.titles)))
+        return {f"test/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
+        for rows, flips in self.epoch_rows(rng, batch_size):
             images = self.train_set.images.batch(rows)
             if self.hflip:
-                images = hflip(images, flips[rows])
+                images = hflip(images, flips)
             batch = ClipBatch(
                 indices=torch.from_numpy(rows),
                 images=normalise(images, self.mean, self.std),

@@ -14,7 +14,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -159,3 +159,17 @@ def staged_output(out_dir: Path, *, overwrite: bool = False, inputs: Iterable[Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def finish_import(staging: Path, out_dir: Path | str, records: list[dict], jobs: list[tuple[Path, Path]], report: Any, *, desc: str, progress: bool) -> Any:
+    """Copy the images, write the catalogue and ``import_report.json`` into ``staging``; the
+    returned catalogue is addressed at ``out_dir``, where :func:`staged_output` moves it."""
+    from lightclip.data.catalogue import Catalogue, new_catalogue
+
+    copy_images(jobs, progress=progress, desc=desc)
+    catalogue = new_catalogue(staging, records)
+    report.items_written = len(catalogue)
+    if not records:
+        report.notes.append("no items imported: every row was skipped (see skipped)")
+    report.write(staging / "import_report.json")
+    return Catalogue(root=Path(out_dir), items=catalogue.items)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from lightclip.config import ATTRIBUTE_COLUMNS
-from lightclip.data._images import NULL_MARKERS, NameAllocator, copy_images, format_ids, parse_year, staged_output
-from lightclip.data.catalogue import Catalogue, CatalogueError, ImportReport, SkippedRow, new_catalogue
+from lightclip.data._images import NULL_MARKERS, NameAllocator, finish_import, format_ids, parse_year, staged_output
+from lightclip.data.catalogue import Catalogue, CatalogueError, ImportReport, SkippedRow
 
 STYLES_FILE = "styles.csv"
 IMAGES_DIR = "images"
@@ -175,10 +175,5 @@ def import_kaggle(
             record.update({col: getattr(row, col) for col in ATTRIBUTE_COLUMNS})
             record["year"] = None if pd.isna(record["year"]) else int(record["year"])
             records.append(record)
-        copy_images(jobs, progress=progress, desc=f"importing {source_dir.name}")
-        catalogue = new_catalogue(staging, records)
-        report.items_written = len(catalogue)
-        if not records:
-            report.notes.append("no items imported: every row was skipped (see skipped)")
-        report.write(staging / "import_report.json")
-    return Catalogue(root=Path(out_dir), items=catalogue.items), report
+        catalogue = finish_import(staging, out_dir, records, jobs, report, desc=f"importing {source_dir.name}", progress=progress)
+    return catalogue, report

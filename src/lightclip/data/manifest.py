@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lightclip.config import ATTRIBUTE_COLUMNS
-from lightclip.data._images import IMAGE_EXTENSIONS, NameAllocator, copy_images, format_ids, image_extension, parse_year, staged_output
-from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, ImportReport, SkippedRow, new_catalogue
+from lightclip.data._images import IMAGE_EXTENSIONS, NameAllocator, finish_import, format_ids, image_extension, parse_year, staged_output
+from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, ImportReport, SkippedRow
 
 IMAGES_DIR = "images"
 #: Canonical field -> the names accepted for it, canonical name first.
@@ -212,10 +212,5 @@ def import_manifest(
             target = names.allocate(item["id"], ext)
             jobs.append((path, staging / IMAGES_DIR / target))
             records.append(item | {"image": f"{IMAGES_DIR}/{target}"})
-        copy_images(jobs, progress=progress, desc=f"importing {name}")
-        catalogue = new_catalogue(staging, records)
-        report.items_written = len(catalogue)
-        if not records:
-            report.notes.append("no items imported: every row was skipped (see skipped)")
-        report.write(staging / "import_report.json")
-    return Catalogue(root=Path(out_dir), items=catalogue.items), report
+        catalogue = finish_import(staging, out_dir, records, jobs, report, desc=f"importing {name}", progress=progress)
+    return catalogue, report
