@@ -23,6 +23,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
 
 .PHONY: help install venv data data-update test pipeline mlflow-ui clean
 
@@ -73,6 +74,17 @@ mlflow-ui: ## serve the project's MLflow store on 127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
 	  --default-artifact-root file://$(CURDIR)/mlflow/artifacts
+
+.PHONY: prefect-server serve retrain
+
+prefect-server: ## Prefect server (UI + API) on http://127.0.0.1:$(PREFECT_PORT), state in .prefect/
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: ## serve the deployment retrain/scheduled (cron: params.yaml orchestration) on that server
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python pipelines/deploy.py
+
+retrain: ## run the retraining flow once (Prefect; on the server of `make prefect-server` when it is up)
+	PREFECT_PORT=$(PREFECT_PORT) $(BIN)/python pipelines/retrain.py
 
 clean: ## remove pipeline outputs (not the venv, not data/raw, not the MLflow store)
 	rm -rf data/validated data/split reports .pytest_cache

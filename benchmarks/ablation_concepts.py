@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", help="override pretrain.model.arch")
     parser.add_argument("--name", default="synthetic", help="catalogue label for runs and the table")
     parser.add_argument("--out", default="metrics/ablation_concepts.json")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     args = parser.parse_args(argv)
 
     project = project_root()
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics = run_pretrain(
                         catalogue, Path(args.kg), config, params.build_kg, project / ".cache" / "ablation" / name,
                         cache_dir=project / ".cache" / "images", checkpoint_root=project / ".cache" / "checkpoints" / "ablation",
-                        log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
+                        resume=args.resume, log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
                     )
                     run.log_metrics(metrics)
                 print(f"{name}: {summarise(metrics)}", flush=True)

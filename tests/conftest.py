@@ -80,3 +80,16 @@ def tiny_catalogue(tmp_path: Path):
         return new_catalogue(root, records)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect against a temporary server and database for the whole session (started on first use).
+
+    Prefect's own test harness: one subprocess server (about 8 s to start here), shared by every
+    flow test, so that no test needs ``PREFECT_API_URL`` or writes into the user's Prefect home.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

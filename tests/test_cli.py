@@ -107,3 +107,18 @@ def test_webdataset_export_import_roundtrip_from_cli(project: Path, tiny_catalog
     back = pd.read_parquet(project / "back" / "catalogue.parquet")
     assert sorted(back["id"]) == [str(1000 + i) for i in range(5)]
     shutil.rmtree(project / "back")
+
+
+def test_ensemble_command_combines_saved_models(project: Path, capsys: pytest.CaptureFixture[str]):
+    from lightclip.models.zoo import ModelSpec, create_model, load_model, save_model
+
+    for seed in (0, 1):
+        model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=seed)
+        save_model(model, "lc-test-tiny", project / f"m{seed}")
+    assert main(["ensemble", "--member", "m0", "--member", "m1", "--out", "ens"]) == 0
+    assert type(load_model(project / "ens")).__name__ == "EnsembleCLIP"
+    assert main(["ensemble", "--member", "m0", "--out", "ens2"]) == 1
+    assert "at least 2 --member" in capsys.readouterr().err
+    assert main(["ensemble", "--member", "m0", "--member", "nowhere", "--out", "ens2"]) == 1
+    assert "--member nowhere: not a saved lightclip model" in capsys.readouterr().err
+    assert not (project / "ens2").exists()

@@ -54,3 +54,21 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("synth: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_distill_students_and_ablation_variants():
+    params = load_params(REPO_ROOT / "params.yaml")
+    ablation = params.distill_ablation
+    assert ablation.student in params.distill.students
+    assert {"no_distill", "intra_ts_fd", "sd_ts", "full"} <= set(ablation.variants)
+    config = ablation.config_for(params.distill, "intra_ts_fd", seed=7)
+    assert config.train.seed == 7 and config.student == params.distill.students[ablation.student]
+    assert {(e.edge, e.loss) for e in config.edges} == {("inter_ss", "infonce"), ("intra_ts", "fd")}
+    with pytest.raises(ConfigError, match=r"no variant 'nope'; variants: no_distill"):
+        ablation.config_for(params.distill, "nope", seed=0)
+    with pytest.raises(ConfigError, match=r"no student 'big'; students: xt, xxt"):
+        params.distill.for_student("big")
+    with pytest.raises(ConfigError, match=r"variants.bad"):
+        parse_params({"distill_ablation": {"variants": {"bad": [{"edge": "inter_ss", "loss": "fd"}]}}})
+    with pytest.raises(ConfigError, match=r"ensemble_members"):
+        parse_params({"pretrain": {"ensemble_members": 0}})

@@ -36,10 +36,16 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     params["pretrain"]["model"]["arch"] = "lc-test-tiny"
     params["pretrain"]["train"].update(epochs=1, batch_size=8, num_threads=1)
     params["teacher_embed"]["num_threads"] = 1
-    params["distill"]["student"]["arch"] = "lc-test-tiny"
+    params["distill"]["students"] = {"s": {"arch": "lc-test-tiny", "pretrained": None}}
     params["distill"]["train"].update(epochs=1, batch_size=8, num_threads=1)
+    params["distill_ablation"].update(student="s", seeds=[0])
+    params["evaluate"]["models"] = {"teacher": "models/teacher", "s": "models/students/s"}
+    params["evaluate"]["num_threads"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(REPO_ROOT / "src" / "lightclip", root / "src" / "lightclip", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "pipelines" / "ablation", root / "pipelines" / "ablation")
+    (root / "benchmarks").mkdir()
+    shutil.copy(REPO_ROOT / "benchmarks" / "ablation_table.py", root / "benchmarks" / "ablation_table.py")
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
@@ -60,14 +66,16 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
 
     assert main(["-q", "pipeline", "--name", "test-repro"]) == 0
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    stages = {"validate", "split", "build_kg", "pretrain", "teacher_embed", "distill"}
+    stages = {"validate", "split", "build_kg", "pretrain", "teacher_embed", "distill@s", "evaluate", "index"}
     assert stages <= set(lock["stages"])
     assert (root / "data" / "split" / "catalogue.parquet").is_file()
     assert (root / "data" / "kg" / "graph.json").is_file()
     assert (root / "models" / "teacher" / "model.safetensors").is_file()
-    assert (root / "models" / "student" / "model.safetensors").is_file()
+    assert yaml.safe_load((root / "models" / "teacher" / "model.json").read_text())["arch"] == "ensemble(lc-test-tiny x2)"
+    assert (root / "models" / "students" / "s" / "model.safetensors").is_file()
+    assert set(yaml.safe_load((root / "metrics" / "eval.json").read_text())) == {"teacher", "s"}
 
-    status = _run(["dvc", "status"], root)
+    status = _run(["dvc", "status", "dvc.yaml"], root)
     assert "up to date" in status
     assert (root / "data.dvc").read_text() == tracked
     again = _run(["dvc", "repro"], root)
@@ -79,8 +87,29 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
     runs = mlflow.search_runs(experiment_names=["lightclip"])
     parent = runs[runs["tags.lightclip.stage"] == "pipeline"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
-    assert stages <= set(children["tags.lightclip.stage"])
+    assert {s.split("@")[0] for s in stages} <= set(children["tags.lightclip.stage"])
     assert set(children["tags.lightclip.data_hash"]) == {yaml.safe_load(tracked)["outs"][0]["md5"]}
+
+    # The distillation ablation: a DVC matrix over the edge-set variants, one MLflow parent.
+    assert main(["-q", "pipeline", "--name", "test-ablation", "pipelines/ablation/dvc.yaml"]) == 0
+    table = yaml.safe_load((root / "metrics" / "ablation_distill_synthetic.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["no_distill", "intra_ts_fd", "sd_ts", "full"]
+    runs = mlflow.search_runs(experiment_names=["lightclip"])
+    parent = runs[runs["tags.mlflow.runName"] == "test-ablation"].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert set(children["tags.lightclip.variant"]) == {"no_distill", "intra_ts_fd", "sd_ts", "full"}
+    assert "Running stage" not in _run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root)
+
+    # Two experiments compare with dvc metrics diff / dvc plots diff (metrics and plot data in git).
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "baseline"], root)
+    _run(["dvc", "exp", "run", "dvc.yaml", "-S", "distill.train.lr=0.004", "-n", "lr4"], root)
+    diff = _run(["dvc", "metrics", "diff", "HEAD", "--json"], root)
+    changed = yaml.safe_load(diff)
+    assert "metrics/eval.json" in changed and any(k.startswith("s.") for k in changed["metrics/eval.json"])
+    assert not any(k.startswith("teacher.test/") for k in changed["metrics/eval.json"])  # the teacher did not change
+    _run(["dvc", "plots", "diff", "HEAD", "-o", str(root / "plots_diff")], root)
+    assert (root / "plots_diff" / "index.html").is_file()
 
 
 def test_remote_roundtrip_and_regeneration_match_data_dvc(dvc_project: Path):

@@ -27,6 +27,7 @@ EXPECTED_M = {
     "lc-teacher-vit-s": ((20.6, 21.0), (7.9, 8.3)),
     "lc-vit-t": ((7.3, 7.5), (1.0, 1.1)),
     "lc-vit-xt": ((3.4, 3.7), (0.3, 0.45)),
+    "lc-vit-xxt": ((3.2, 3.5), (0.15, 0.2)),
     "lc-resnet18": ((17.5, 18.5), (11.4, 11.9)),
     "lc-test-tiny": ((1.5, 1.7), (0.02, 0.05)),
 }
@@ -140,3 +141,46 @@ def test_unknown_arch_and_pretrained_are_clear_errors(no_network):
 def test_builtin_open_clip_names_are_accepted():
     spec = ModelSpec(arch="RN50")
     assert spec.image_size == 224 and spec.embed_dim == 1024
+
+
+def _tiny(seed: int):
+    model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=seed)
+    return model.eval()
+
+
+def test_ensemble_is_unit_norm_mean_cosine_and_round_trips(tmp_path):
+    from lightclip.models import make_ensemble
+    from lightclip.models.ensemble import EnsembleCLIP
+
+    members = [_tiny(0), _tiny(1)]
+    for i, m in enumerate(members):
+        save_model(m, "lc-test-tiny", tmp_path / f"m{i}")
+    ensemble = make_ensemble([tmp_path / "m0", tmp_path / "m1"])
+    size = ModelSpec(arch="lc-test-tiny").image_size
+    images = torch.randn(4, 3, size, size)
+    tokens = tokenizer("lc-test-tiny")(["red dress", "blue shirt", "black shoes", "white tee"])
+    with torch.no_grad():
+        img, txt = ensemble.encode_image(images), ensemble.encode_text(tokens)
+        assert img.shape[-1] == 2 * members[0].lightclip_config["embed_dim"]
+        assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+        member_cos = [m.encode_image(images, normalize=True) @ encode_text(m, tokens, normalize=True).T for m in members]
+        assert torch.allclose(img @ txt.T, (member_cos[0] + member_cos[1]) / 2, atol=1e-5)
+    save_model(ensemble, "ensemble", tmp_path / "ens")
+    info = read_model_info(tmp_path / "ens")
+    assert info["arch"] == "ensemble(lc-test-tiny x2)" and len(info["ensemble"]["members"]) == 2
+    reloaded = load_model(tmp_path / "ens")
+    assert isinstance(reloaded, EnsembleCLIP)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.encode_image(images), img, atol=1e-6)
+        assert torch.allclose(reloaded.encode_text(load_tokenizer(tmp_path / "ens")(["red dress"])), txt[:1], atol=1e-6)
+    assert count_parameters(reloaded)["total"] == 2 * count_parameters(members[0])["total"]
+
+
+def test_ensemble_members_must_share_preprocessing(tmp_path):
+    from lightclip.models.ensemble import EnsembleCLIP
+
+    other, _ = create_model(ModelSpec(arch="lc-vit-xt"), seed=0)
+    with pytest.raises(ModelError, match="preprocesses images differently"):
+        EnsembleCLIP([_tiny(0), other])
+    with pytest.raises(ModelError, match="at least 2 members"):
+        EnsembleCLIP([_tiny(0)])

@@ -119,3 +119,28 @@ def test_kill_mid_run_then_resume_ends_with_same_steps(workspace: Path, tmp_path
     resumed = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert json.loads((project / "m.json").read_text())["steps"] == 6 * (64 // 16)
+
+
+def test_ensemble_teacher_trains_members_and_reuses_member_zero(workspace: Path, tmp_path: Path):
+    """ensemble_members=2: two seeds trained, the ensemble saved and scored as one model;
+    member 0 is the single-model run with the same params (its checkpoint is reused)."""
+    catalogue = Catalogue.load(workspace / "split")
+    common = dict(cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False)
+    single = run_pretrain(catalogue, workspace / "kg", tiny_config(0.5), KGConfig(), tmp_path / "single", **common)
+    logged: list[dict] = []
+    config = tiny_config(0.5).model_copy(update={"ensemble_members": 2})
+    metrics = run_pretrain(
+        catalogue, workspace / "kg", config, KGConfig(), tmp_path / "teacher",
+        resume=True, log_metrics=lambda values, step: logged.append(values), **common,
+    )
+    assert metrics["ensemble_members"] == 2
+    assert metrics["member0/test/mean_recall"] == pytest.approx(single["test/mean_recall"])
+    assert metrics["steps"] == 2 * single["steps"]
+    assert {k.split("/")[0] for values in logged for k in values} == {"member1"}  # member 0 resumed complete
+    info = json.loads((tmp_path / "teacher" / "model.json").read_text())
+    assert info["arch"] == "ensemble(lc-test-tiny x2)"
+    assert info["embed_dim"] == 2 * json.loads((tmp_path / "single" / "model.json").read_text())["embed_dim"]
+    teacher = load_model(tmp_path / "teacher")
+    assert metrics["params/total"] == 2 * single["params/total"]
+    assert 0.0 <= metrics["test/mean_recall"] <= 100.0
+    assert type(teacher).__name__ == "EnsembleCLIP"

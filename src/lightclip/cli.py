@@ -196,6 +196,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Combine saved models into one ensemble model dir (e.g. teachers trained with other seeds)."""
+    from lightclip.models.zoo import make_ensemble, save_model
+
+    if len(args.member) < 2:
+        raise CliError(f"an ensemble needs at least 2 --member model dirs, got {len(args.member)}")
+    for member in args.member:
+        if not (Path(member) / "model.json").is_file():
+            raise CliError(f"--member {member}: not a saved lightclip model (no model.json)")
+    model = make_ensemble([Path(m) for m in args.member])
+    out = Path(args.out)
+    save_model(model, "ensemble", out, extra={"stage": "ensemble", "members": [str(m) for m in args.member]})
+    print(f"ensemble of {len(args.member)} models -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
+
+
 def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
     """``NAME=DIR`` pairs (``--model``) as a mapping; None when none were given."""
     if not specs:
@@ -234,11 +250,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from lightclip.tracking import stage_run
 
     params = _params(args)
-    config = params.distill
+    if args.variant is not None:
+        seed = args.seed if args.seed is not None else params.distill.train.seed
+        config = params.distill_ablation.config_for(params.distill, args.variant, seed)
+        student = params.distill_ablation.student
+    else:
+        student = args.student or next(iter(params.distill.students))
+        config = params.distill.for_student(student)
+        if args.seed is not None:
+            config = config.model_copy(update={"train": config.train.model_copy(update={"seed": args.seed})})
     project = _project(args)
     catalogue = Catalogue.load(args.input)
-    run_params = {"distill": params.section("distill"), "in": str(args.input), "teacher": str(args.teacher)}
-    with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=args.run_name) as run:
+    run_params = {"distill": config.model_dump(mode="json"), "in": str(args.input), "teacher": str(args.teacher), "student_name": student}
+    if args.variant is not None:
+        run_params["variant"] = args.variant
+    run_name = args.run_name or (f"distill-{args.variant}-seed{config.train.seed}" if args.variant else f"distill-{student}")
+    with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=run_name) as run:
         metrics = run_distill(
             catalogue,
             Path(args.teacher),
@@ -253,7 +280,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         )
         run.log_metrics(metrics)
         edges = ",".join(f"{e.edge}/{e.loss}" for e in config.edges)
-        run.set_tags({"lightclip.model": config.student.arch, "lightclip.distill_edges": edges})
+        run.set_tags({"lightclip.model": config.student.arch, "lightclip.student": student, "lightclip.distill_edges": edges, "lightclip.variant": args.variant or "pipeline"})
         _write_json(Path(args.metrics), metrics)
         run.log_artifact(Path(args.metrics))
         run.log_artifact(Path(args.out), artifact_path="student")
@@ -385,6 +412,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """The register stage: log and register every model, gate the students, stage the best."""
+    from lightclip.registry import run_register
+    from lightclip.tracking import stage_run
+
+    params = _params(args)
+    project = _project(args)
+    run_params = {"register": params.section("register"), "promote": params.section("promote"), "models": params.evaluate.models,
+                  "eval": str(args.eval), "in": str(args.input)}
+    with stage_run("register", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
+        report = run_register(params, project_dir=project, eval_path=Path(args.eval), catalogue_dir=Path(args.input), run=run,
+                              auto_promote=False if args.no_promote else None, log=(lambda _: None) if args.quiet else print)
+        _write_json(Path(args.out), report)
+        run.log_artifact(Path(args.out))
+    teacher = report["teacher"]
+    print(f"teacher: {teacher['registered_model']} v{teacher['version']}{' (reused)' if teacher['reused'] else ''}")
+    for name, student in report["students"].items():
+        staged = " -> @staging" if student["staged"] else ""
+        print(f"{name}: {student['registered_model']} v{student['version']}{' (reused)' if student['reused'] else ''}, gate {student['gate']}{staged}")
+        for reason in student["reasons"]:
+            print(f"    {reason}")
+    before, after = report["staging_before"], report["staging_after"]
+    print(f"@staging: {'v' + before if before else 'none'} -> {'v' + after if after else 'none'}; report: {args.out}")
+    return 0
+
+
+def _registry_and_name(args: argparse.Namespace):
+    from lightclip.registry import ModelRegistry
+
+    params = _params(args)
+    return params, ModelRegistry(_project(args)), args.name or params.register_.model_name
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    from lightclip.registry import format_versions
+
+    params, registry, _ = _registry_and_name(args)
+    names = [args.name] if args.name else [params.register_.model_name, params.register_.teacher_model_name]
+    for name in names:
+        if args.name is None and not registry.exists(name):
+            print(f"{name}: not registered yet (run `lightclip register`)\n")
+            continue
+        print(format_versions(registry, name) + "\n")
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    from lightclip.registry import format_version
+
+    _, registry, name = _registry_and_name(args)
+    print(format_version(registry, name, args.ref))
+    return 0
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> int:
+    params, registry, name = _registry_and_name(args)
+    move, result, candidate = registry.promote(name, to=args.to, config=params.promote, version=args.version, source=args.source, reason=args.reason or "")
+    print(f"{name} v{candidate.version}: gate for @{args.to}: {result.verdict}")
+    for reason in result.reasons:
+        print(f"    {reason}")
+    if not result.passed:
+        raise CliError(f"{name} v{candidate.version} fails the gate for @{args.to} (nothing moved): " + "; ".join(result.failures))
+    if move is None:
+        print(f"v{candidate.version} is already at @{args.to}; nothing moved")
+        return 0
+    print(f"@{args.to}: {'v' + move.from_version if move.from_version else 'none'} -> v{move.to_version} by {move.actor} at {move.at}; audit log: {registry.audit_path}")
+    return 0
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> int:
+    _, registry, name = _registry_and_name(args)
+    move = registry.rollback(name, args.alias.lstrip("@"), reason=args.reason or "")
+    print(f"{name} @{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.actor} at {move.at}); audit log: {registry.audit_path}")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
     from lightclip.tracking import pipeline_run
@@ -472,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--run-name", default="pretrain", help="MLflow run name (default: pretrain)")
     pretrain.set_defaults(handler=cmd_pretrain)
 
+    ensemble = commands.add_parser("ensemble", help="combine saved models into one ensemble model (mean cosine similarity)")
+    ensemble.add_argument("--member", action="append", required=True, metavar="DIR", help="a saved model dir (repeat, at least 2)")
+    ensemble.add_argument("--out", required=True, help="output model dir")
+    ensemble.set_defaults(handler=cmd_ensemble)
+
     temb = commands.add_parser("teacher-embed", help="embed train (and more) splits once with the frozen teacher (params: teacher_embed)")
     temb.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
     temb.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
@@ -483,10 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
     distill.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
     distill.add_argument("--teacher-embeddings", default="data/teacher_emb", help="teacher_embed output (default: data/teacher_emb)")
-    distill.add_argument("--out", default="models/student", help="student weights + config (default: models/student)")
-    distill.add_argument("--metrics", default="metrics/distill.json", help="metrics JSON (default: metrics/distill.json)")
+    distill.add_argument("--student", help="a name of distill.students (default: the first)")
+    distill.add_argument("--variant", help="train distill_ablation.student with this distill_ablation.variants edge set")
+    distill.add_argument("--seed", type=int, help="override the training seed")
+    distill.add_argument("--out", required=True, help="student weights + config (e.g. models/students/xt)")
+    distill.add_argument("--metrics", required=True, help="metrics JSON (e.g. metrics/distill/xt.json)")
     distill.add_argument("--resume", action="store_true", help="continue the interrupted run with the same config and inputs")
-    distill.add_argument("--run-name", default="distill", help="MLflow run name (default: distill)")
+    distill.add_argument("--run-name", help="MLflow run name (default: distill-<student> or distill-<variant>-seed<n>)")
     distill.set_defaults(handler=cmd_distill)
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics of each model on the test split (params: evaluate)")
@@ -522,6 +633,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="override bench.num_threads (torch and FAISS threads)")
     bench.set_defaults(handler=cmd_bench)
 
+    register = commands.add_parser("register", help="log and register every model in MLflow, gate the students, stage the best (params: register, promote)")
+    register.add_argument("--eval", default="metrics/eval.json", help="the evaluate stage's metrics (default: metrics/eval.json)")
+    register.add_argument("--in", dest="input", default="data/split", help="the evaluated catalogue, for the test-set fingerprint (default: data/split)")
+    register.add_argument("--out", default="metrics/register.json", help="versions, gate verdicts, aliases as JSON (default: metrics/register.json)")
+    register.add_argument("--no-promote", action="store_true", help="gate but move no alias (overrides promote.auto)")
+    register.set_defaults(handler=cmd_register)
+
+    registry = commands.add_parser("registry", help="list, show, promote and roll back registered models (aliases @staging, @production)")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="REGISTRY_COMMAND")
+    reg_list = registry_commands.add_parser("list", help="versions with aliases, gate verdict, mean recall and latency")
+    reg_list.add_argument("--name", help="registered model (default: register.model_name and register.teacher_model_name)")
+    reg_list.set_defaults(handler=cmd_registry_list)
+    reg_show = registry_commands.add_parser("show", help="one version: aliases, tags and model card")
+    reg_show.add_argument("ref", help="a version number or an alias (@staging, @production)")
+    reg_show.add_argument("--name", help="registered model (default: register.model_name)")
+    reg_show.set_defaults(handler=cmd_registry_show)
+    reg_promote = registry_commands.add_parser("promote", help="move an alias to a version that passes the gate (params: promote)")
+    reg_promote.add_argument("--to", required=True, choices=["staging", "production"], help="the alias to move")
+    reg_promote.add_argument("--version", help="the version to promote (default: the holder of --from)")
+    reg_promote.add_argument("--from", dest="source", default="staging", help="promote the version at this alias (default: staging)")
+    reg_promote.add_argument("--reason", help="why (recorded in the tags and the audit log)")
+    reg_promote.add_argument("--name", help="registered model (default: register.model_name)")
+    reg_promote.set_defaults(handler=cmd_registry_promote)
+    reg_rollback = registry_commands.add_parser("rollback", help="move an alias back to its previous holder")
+    reg_rollback.add_argument("--alias", required=True, help="the alias to roll back, e.g. production")
+    reg_rollback.add_argument("--reason", help="why (recorded in the tags and the audit log)")
+    reg_rollback.add_argument("--name", help="registered model (default: register.model_name)")
+    reg_rollback.set_defaults(handler=cmd_registry_rollback)
+
     pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
     pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
@@ -542,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightclip.kg.concepts import KGError
 
     known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, KGError, FileNotFoundError)
-    if args.command in ("pretrain", "teacher-embed", "distill"):
+    if args.command in ("pretrain", "teacher-embed", "distill", "ensemble"):
         from lightclip.models.zoo import ModelError
         from lightclip.teacher_cache import StaleTeacherEmbeddings
         from lightclip.training import TrainingDiverged
@@ -561,6 +701,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightclip.models.zoo import ModelError
 
         known += (EvaluationError, CatalogueIndexError, ModelError, ImageCacheError)
+    if args.command in ("register", "registry"):
+        from lightclip.evaluation import EvaluationError
+        from lightclip.imagecache import ImageCacheError
+        from lightclip.models.zoo import ModelError
+        from lightclip.registry import RegistryError
+        from lightclip.serving import ServingError
+
+        known += (RegistryError, EvaluationError, ModelError, ImageCacheError, ServingError)
     try:
         return args.handler(args)
     except known as exc:

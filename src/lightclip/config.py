@@ -168,6 +168,10 @@ class PretrainConfig(StrictModel):
     concept_weight: float = Field(0.2, ge=0.0)
     concept: ConceptLossConfig = ConceptLossConfig()
     hflip: bool = True
+    #: Members of the teacher: 1 = one model; n > 1 trains n models (seeds seed, seed+1, ...)
+    #: and ships their ensemble (mean cosine similarity), the teacher that beats a lone student
+    #: from scratch (see lightclip.models.ensemble).
+    ensemble_members: int = Field(1, ge=1, le=8)
 
 
 # -- CocaCLIP/ConaCLIP distillation ------------------------------------------------------------
@@ -343,6 +347,10 @@ class DistillConfig(StrictModel):
     augmented images) instead of reading the ``teacher_embed`` cache.
     """
 
+    #: The students of the pipeline, by name: each one is a DVC stage ``distill@<name>`` that
+    #: writes ``models/students/<name>``; the CLI's ``--student NAME`` sets ``student`` from it.
+    students: dict[str, ModelConfig] = Field(default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt")})
+    #: The student one run trains (library use; the CLI takes it from ``students``).
     student: ModelConfig = ModelConfig(arch="lc-vit-xt")
     train: TrainConfig = TrainConfig()
     edges: list[EdgeLossConfig] = Field(default_factory=default_distill_edges)
@@ -363,9 +371,44 @@ class DistillConfig(StrictModel):
                 seen[key] = entry.edge
         return self
 
+    def for_student(self, name: str) -> "DistillConfig":
+        """This config training the student called ``name`` in ``students``."""
+        if name not in self.students:
+            raise ConfigError(f"distill.students has no student {name!r}; students: {', '.join(self.students) or 'none'}")
+        return self.model_copy(update={"student": self.students[name]})
+
+
     @property
     def needs_teacher(self) -> bool:
         return any(edge in DISTILL_TEACHER_EDGES for entry in self.edges for edge in entry.edges)
+
+
+class DistillAblationConfig(StrictModel):
+    """The distillation ablation sweep (``pipelines/ablation/dvc.yaml``): edge sets x seeds.
+
+    Every variant trains ``distill.students[student]`` with ``distill.train``, changing only the
+    edges (and the seed), so the table isolates what each kind of supervision brings.
+    """
+
+    student: str = "xt"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    variants: dict[str, list[EdgeLossConfig]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _variants_are_graphs(self) -> "DistillAblationConfig":
+        for name, edges in self.variants.items():
+            try:
+                DistillConfig(edges=edges)
+            except ValidationError as exc:
+                raise ValueError(f"variants.{name}: {exc.errors()[0]['msg']}") from None
+        return self
+
+    def config_for(self, distill: DistillConfig, variant: str, seed: int) -> DistillConfig:
+        """``distill`` with this variant's edges, the ablation's student and ``seed``."""
+        if variant not in self.variants:
+            raise ConfigError(f"distill_ablation.variants has no variant {variant!r}; variants: {', '.join(self.variants) or 'none'}")
+        base = distill.for_student(self.student)
+        return base.model_copy(update={"edges": self.variants[variant], "train": base.train.model_copy(update={"seed": seed})})
 
 
 class TrackingConfig(StrictModel):
@@ -486,6 +529,108 @@ class BenchConfig(StrictModel):
         return _check_ks(value)
 
 
+# -- the model registry: register, gate, promote (see lightclip.registry) ----------------------
+
+_REGISTERED_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class RegisterConfig(StrictModel):
+    """The ``register`` stage: every model of ``evaluate.models`` logged and registered in MLflow.
+
+    The model named ``teacher`` goes to ``teacher_model_name``; every other one is a student and
+    a version of ``model_name``. The encode latency the gate reads is measured here, on the
+    registered weights: batch 1, one image + one title (tokenisation included), p50 of
+    ``latency_runs`` timed calls after ``latency_warmup``, on ``latency_threads`` torch threads.
+    """
+
+    model_name: str = "lightclip-student"
+    teacher_model_name: str = "lightclip-teacher"
+    teacher: str = "teacher"  # the name of the teacher in evaluate.models
+    latency_runs: int = Field(30, ge=5)
+    latency_warmup: int = Field(5, ge=0)
+    latency_threads: int | None = Field(1, ge=1, description="torch threads while timing; null = all cores")
+
+    @field_validator("model_name", "teacher_model_name")
+    @classmethod
+    def _registered_name(cls, value: str) -> str:
+        import re
+
+        if not re.match(_REGISTERED_NAME, value):
+            raise ValueError(f"registered model name {value!r}: use letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "RegisterConfig":
+        if self.model_name == self.teacher_model_name:
+            raise ValueError(f"model_name and teacher_model_name are both {self.model_name!r}; students and the teacher need their own names")
+        return self
+
+
+class PromoteConfig(StrictModel):
+    """The promotion gate: what a student needs to get the ``staging`` (and ``production``) alias.
+
+    A candidate passes when (1) its test mean recall >= ``min_teacher_fraction`` x the teacher's
+    on the same test set, (2) its encode latency p50 <= ``max_encode_ms`` and (3) its test mean
+    recall >= the current holder's of the target alias minus ``max_regression`` points, when
+    both were evaluated on the same test set (``require_same_test_set``: fail instead of skipping
+    the comparison when they were not). ``auto``: the register stage gives ``@staging`` to the
+    best passing student.
+    """
+
+    auto: bool = True
+    min_teacher_fraction: float = Field(0.9, ge=0.0, le=2.0)
+    max_encode_ms: float = Field(10.0, gt=0.0)
+    max_regression: float = Field(1.0, ge=0.0, description="points of test mean recall")
+    require_same_test_set: bool = False
+
+
+# -- Prefect orchestration: the scheduled retraining flow (see lightclip.orchestration) ----------
+
+_CRON_FIELD = r"^[0-9A-Za-z*/,?#LW-]+$"
+
+
+class OrchestrationConfig(StrictModel):
+    """The Prefect flow ``retrain`` (``pipelines/retrain.py``) and its deployment ``retrain/scheduled``.
+
+    ``cron``/``timezone``: when the deployment runs (5-field cron, checked in full by Prefect when
+    the deployment is served). ``retries``: how often a failed stage task is retried before the
+    flow fails; the first retry waits ``retry_delay_seconds``, and each next one twice as long
+    when ``exponential_backoff`` (transient causes: a busy machine, a lock, memory).
+    """
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    retries: int = Field(2, ge=0, le=10)
+    retry_delay_seconds: float = Field(60.0, ge=0.0)
+    exponential_backoff: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        import re
+
+        fields = value.split()
+        if len(fields) != 5 or not all(re.match(_CRON_FIELD, f) for f in fields):
+            raise ValueError(f"cron {value!r}: expected 5 fields 'minute hour day-of-month month day-of-week', e.g. '0 2 * * *'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA timezone {value!r}, e.g. UTC or Europe/Paris") from None
+        return value
+
+    def retry_delays(self) -> list[float]:
+        """Seconds to wait before each retry (Prefect's ``retry_delay_seconds`` as a list)."""
+        factor = 2.0 if self.exponential_backoff else 1.0
+        return [self.retry_delay_seconds * factor**attempt for attempt in range(self.retries)]
+
+
 class Params(StrictModel):
     """All of ``params.yaml``: one section per stage."""
 
@@ -496,9 +641,13 @@ class Params(StrictModel):
     pretrain: PretrainConfig = PretrainConfig()
     teacher_embed: TeacherEmbedConfig = TeacherEmbedConfig()
     distill: DistillConfig = DistillConfig()
+    distill_ablation: DistillAblationConfig = DistillAblationConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     index: IndexConfig = IndexConfig()
     bench: BenchConfig = BenchConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")  # `register` would shadow ABC.register
+    promote: PromoteConfig = PromoteConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -25,7 +25,8 @@ PROTOTYPES_FILE = "prototypes.json"
 
 def checkpoint_key(config: PretrainConfig, catalogue: Catalogue, kg_dir: Path | None) -> str:
     """Identify a training run by its config and inputs: ``--resume`` only continues the same run."""
-    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    # ensemble_members is left out: each member is a single-model run (see member_configs).
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"ensemble_members"}), sort_keys=True).encode())
     digest.update(file_sha256(catalogue.table_path).encode())
     if kg_dir is not None and (Path(kg_dir) / "item_concepts.json").is_file():
         digest.update(file_sha256(Path(kg_dir) / "item_concepts.json").encode())
@@ -63,39 +64,40 @@ def load_concept_inputs(kg_dir: Path, train_ids: list[str], config: PretrainConf
     )
 
 
-def run_pretrain(
+def member_configs(config: PretrainConfig) -> list[PretrainConfig]:
+    """One single-model config per ensemble member (seeds ``seed``, ``seed + 1``, ...).
+
+    Member 0 of an ensemble is the same run as the single-model teacher with the same params
+    (same checkpoint key), so going from 1 to n members retrains nothing that exists.
+    """
+    return [
+        config.model_copy(update={"ensemble_members": 1, "train": config.train.model_copy(update={"seed": config.train.seed + i})})
+        for i in range(config.ensemble_members)
+    ]
+
+
+def _train_member(
     catalogue: Catalogue,
     kg_dir: Path | None,
     config: PretrainConfig,
     kg_config: KGConfig,
-    out_dir: Path,
     *,
     cache_dir: Path,
     checkpoint_root: Path,
-    resume: bool = False,
-    log_metrics: Callable[[dict[str, float], int], None] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the teacher; write it (safetensors + config), its prototypes and history to ``out_dir``.
-
-    Returns the metrics: best val mean recall, test recall@k of the best checkpoint, steps,
-    pairs/s and parameter counts. Checkpoints go to ``checkpoint_root/<key>`` so ``resume``
-    continues exactly the run with the same config and inputs.
-    """
-
-    from lightclip.models.zoo import ModelSpec, count_parameters, create_model, save_model, tokenizer
-    from lightclip.training import BEST, ClipPretrainTask, PairSet, load_task_checkpoint, train
-
+    resume: bool,
+    log_metrics: Callable[[dict[str, float], int], None] | None,
+    progress: bool,
+) -> tuple[Any, Any, dict[str, Any], Any, list[str]]:
+    """Train one teacher model; returns (model, spec, metrics, task, train ids), best checkpoint loaded."""
     from pydantic import ValidationError
 
-    from lightclip.models.zoo import ModelError
+    from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, tokenizer
+    from lightclip.training import BEST, ClipPretrainTask, PairSet, load_task_checkpoint, train
 
     try:
         spec = ModelSpec(**config.model.model_dump())
     except ValidationError as exc:
         raise ModelError(f"pretrain.model: {exc.errors()[0]['msg']}") from None
-    if config.concept_weight > 0 and kg_dir is None:
-        raise KGError("pretrain: concept_weight > 0 needs the knowledge graph (--kg)")
     train_items = catalogue.split("train")
     if len(train_items) == 0:
         raise ValueError(f"{catalogue.table_path}: no items in split 'train'")
@@ -127,13 +129,90 @@ def run_pretrain(
     metrics: dict[str, Any] = result.summary() | {"prototype_refreshes": refreshes}
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
     metrics.update(task.test_metrics(catalogue, tok, spec.image_size, cache_dir, progress=progress))
+    metrics["_history"] = result.history
+    return model, spec, metrics, task, train_ids
+
+
+def _ensemble_metrics(members: list[dict[str, Any]], model: Any, catalogue: Catalogue, spec: Any, cache_dir: Path, progress: bool) -> dict[str, Any]:
+    """The ensemble's own val/test numbers, the members' beside them, and the summed training cost."""
+    from lightclip.models.zoo import count_parameters, tokenizer
+    from lightclip.training import split_metrics
+
+    tok = tokenizer(spec)
+    seconds = sum(m["train_seconds"] for m in members)
+    pairs = sum(m["train_seconds"] * m["train_pairs_per_s"] for m in members)
+    metrics: dict[str, Any] = {
+        "steps": sum(m["steps"] for m in members),
+        "epochs_completed": sum(m["epochs_completed"] for m in members),
+        "train_seconds": seconds,
+        "train_pairs_per_s": pairs / seconds if seconds > 0 else 0.0,
+        "ensemble_members": len(members),
+    }
+    val = split_metrics(model, tok, catalogue, "val", spec.image_size, cache_dir, progress=progress)
+    metrics["val/best_mean_recall"] = val.get("val/mean_recall", float("nan"))
+    metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
+    metrics.update(split_metrics(model, tok, catalogue, "test", spec.image_size, cache_dir, progress=progress))
+    for i, member in enumerate(members):
+        for key in ("test/mean_recall", "test/i2t_R@1", "test/t2i_R@1", "val/best_mean_recall", "train_seconds", "steps"):
+            if key in member:
+                metrics[f"member{i}/{key}"] = member[key]
+    return metrics
+
+
+def run_pretrain(
+    catalogue: Catalogue,
+    kg_dir: Path | None,
+    config: PretrainConfig,
+    kg_config: KGConfig,
+    out_dir: Path,
+    *,
+    cache_dir: Path,
+    checkpoint_root: Path,
+    resume: bool = False,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the teacher; write it (safetensors + config), its prototypes and history to ``out_dir``.
+
+    Returns the metrics: best val mean recall, test recall@k of the best checkpoint, steps,
+    pairs/s and parameter counts. Checkpoints go to ``checkpoint_root/<key>`` so ``resume``
+    continues exactly the run with the same config and inputs. With ``ensemble_members > 1``
+    the members are trained one after the other (each resumable) and the ensemble is saved;
+    its metrics are the ensemble's, with ``member<i>/...`` beside them.
+    """
+    from lightclip.models.ensemble import EnsembleCLIP
+    from lightclip.models.zoo import save_model
+
+    if config.concept_weight > 0 and kg_dir is None:
+        raise KGError("pretrain: concept_weight > 0 needs the knowledge graph (--kg)")
+    configs = member_configs(config)
+    trained = []
+    for i, member_config in enumerate(configs):
+        member_log = log_metrics
+        if log_metrics is not None and len(configs) > 1:
+            member_log = lambda values, step, i=i: log_metrics({f"member{i}/{k}": v for k, v in values.items()}, step)  # noqa: E731
+        trained.append(
+            _train_member(
+                catalogue, kg_dir, member_config, kg_config,
+                cache_dir=cache_dir, checkpoint_root=checkpoint_root, resume=resume, log_metrics=member_log, progress=progress,
+            )
+        )
+    histories = [t[2].pop("_history") for t in trained]
+    model, spec, metrics, task, train_ids = trained[0]
+    if len(trained) > 1:
+        model = EnsembleCLIP([t[0] for t in trained])
+        metrics = _ensemble_metrics([t[2] for t in trained], model, catalogue, spec, cache_dir, progress)
+        arch: Any = "ensemble"
+        history: Any = {f"member{i}": h for i, h in enumerate(histories)}
+    else:
+        arch, history = spec, histories[0]
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, spec, tmp, extra={"stage": "pretrain", "concept_weight": config.concept_weight})
-    (tmp / HISTORY_FILE).write_text(json.dumps(result.history, indent=1) + "\n", encoding="utf-8")
-    if concepts is not None:
+    save_model(model, arch, tmp, extra={"stage": "pretrain", "concept_weight": config.concept_weight, "ensemble_members": len(trained)})
+    (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+    if task.concepts is not None:
         (tmp / PROTOTYPES_FILE).write_text(json.dumps(task.prototype_ids(train_ids), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -578,12 +578,7 @@ class ClipPretrainTask:
 
     def test_metrics(self, catalogue: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], image_size: int, cache_dir: Path | str, *, progress: bool = True) -> dict[str, float]:
         """``test/*`` retrieval metrics of the current model on the catalogue's test split ({} if empty)."""
-        if len(catalogue.split("test")) == 0:
-            return {}
-        pairs = PairSet.from_catalogue(catalogue, "test", image_size, cache_dir, progress=progress)
-        with torch.no_grad():
-            image_emb, text_emb = self.embed(pairs, tokenizer(list(pairs.titles)))
-        return {f"test/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}
+        return split_metrics(self.model, tokenizer, catalogue, "test", image_size, cache_dir, batch_size=self.eval_batch_size, progress=progress)
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
         for rows, flips in self.epoch_rows(rng, batch_size):
@@ -714,19 +709,7 @@ class ClipPretrainTask:
 
     def embed(self, pairs: PairSet, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of a pair set (eval mode, no grad)."""
-        was_training = self.model.training
-        self.model.eval()
-        images, texts = [], []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(pairs), self.eval_batch_size):
-                    rows = np.arange(start, min(start + self.eval_batch_size, len(pairs)))
-                    batch = normalise(pairs.images.batch(rows), self.mean, self.std)
-                    images.append(self.model.encode_image(batch, normalize=True).float())
-                    texts.append(encode_text(self.model, tokens[rows], normalize=True).float())
-        finally:
-            self.model.train(was_training)
-        return torch.cat(images), torch.cat(texts)
+        return embed_pair_set(self.model, pairs, tokens, batch_size=self.eval_batch_size)
 
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None or self.val_tokens is None:
@@ -753,3 +736,43 @@ class ClipPretrainTask:
         if self.concepts is not None and "prototypes" in state:
             self.concepts.prototypes[...] = state["prototypes"].numpy()
             self.prototype_refreshes = int(state.get("prototype_refreshes", 0))
+
+
+def embed_pair_set(model: nn.Module, pairs: PairSet, tokens: torch.Tensor, *, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image and text embeddings of a pair set with any model (eval mode, no grad)."""
+    pre = preprocess_config(model)
+    was_training = model.training
+    model.eval()
+    images, texts = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                rows = np.arange(start, min(start + batch_size, len(pairs)))
+                batch = normalise(pairs.images.batch(rows), pre["mean"], pre["std"])
+                images.append(model.encode_image(batch, normalize=True).float())
+                texts.append(encode_text(model, tokens[rows], normalize=True).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(images), torch.cat(texts)
+
+
+def split_metrics(
+    model: nn.Module,
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    catalogue: Any,
+    split: str,
+    image_size: int,
+    cache_dir: Path | str,
+    *,
+    batch_size: int = 512,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``<split>/*`` retrieval metrics (R@1/5/10 both ways, mean) of any model; {} for an empty split.
+
+    The numbers the trainers log for val, so teachers, ensembles and students compare directly.
+    """
+    if len(catalogue.split(split)) == 0:
+        return {}
+    pairs = PairSet.from_catalogue(catalogue, split, image_size, cache_dir, progress=progress)
+    image_emb, text_emb = embed_pair_set(model, pairs, tokenizer(list(pairs.titles)), batch_size=batch_size)
+    return {f"{split}/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}

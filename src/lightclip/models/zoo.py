@@ -28,7 +28,7 @@ import os
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import open_clip
 import torch
@@ -188,6 +188,7 @@ def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module
         if seed is not None:
             torch.manual_seed(seed)
         model = build_from_config(config)
+    model.lightclip_arch = spec.arch
     if pretrained is not None:
         path = Path(pretrained).expanduser()
         if path.is_dir():
@@ -303,18 +304,28 @@ def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *
     """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle); returns it."""
     from safetensors.torch import save
 
+    from lightclip.models.ensemble import EnsembleCLIP, ensemble_arch_name
+
     arch = spec.arch if isinstance(spec, ModelSpec) else spec
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = getattr(model, "lightclip_config", None) or arch_config(arch)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     preprocess = preprocess_config(model)
+    if isinstance(model, EnsembleCLIP):
+        members = [{"arch": m.lightclip_arch, "open_clip_config": m.lightclip_config} for m in model.members]
+        arch = ensemble_arch_name([m["arch"] for m in members])
+        config = members[0]["open_clip_config"]
+        structure: dict[str, Any] = {"ensemble": {"members": members}, "embed_dim": sum(int(m["open_clip_config"]["embed_dim"]) for m in members)}
+        tokenizer_arch = members[0]["arch"]
+    else:
+        config = getattr(model, "lightclip_config", None) or arch_config(arch)
+        structure = {"open_clip_config": config, "embed_dim": int(config["embed_dim"])}
+        tokenizer_arch = arch
     info = {
         "format": MODEL_FORMAT,
         "arch": arch,
-        "open_clip_config": config,
-        "embed_dim": int(config["embed_dim"]),
-        "tokenizer": tokenizer_settings(arch, config),
+        **structure,
+        "tokenizer": tokenizer_settings(tokenizer_arch, config),
         "image": {
             "size": preprocess.get("size"),
             "mean": preprocess.get("mean"),
@@ -351,10 +362,32 @@ def load_model(directory: Path | str) -> nn.Module:
     info = read_model_info(directory)
     image = info.get("image", {})
     preprocess = {k: v for k, v in image.items() if v is not None}
-    model = build_from_config(info["open_clip_config"], preprocess)
+    if "ensemble" in info:
+        from lightclip.models.ensemble import EnsembleCLIP
+
+        members = []
+        for member in info["ensemble"]["members"]:
+            members.append(build_from_config(member["open_clip_config"], preprocess))
+            members[-1].lightclip_arch = member["arch"]
+        model: nn.Module = EnsembleCLIP(members)
+    else:
+        model = build_from_config(info["open_clip_config"], preprocess)
+        model.lightclip_arch = info["arch"]
     load_weights(model, _read_safetensors(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
     model.eval()
     return model
+
+
+def make_ensemble(member_dirs: Sequence[Path | str]) -> nn.Module:
+    """An :class:`~lightclip.models.ensemble.EnsembleCLIP` of saved models (see that module)."""
+    from lightclip.models.ensemble import EnsembleCLIP
+
+    members = [load_model(d) for d in member_dirs]
+    settings = [read_model_info(d).get("tokenizer") for d in member_dirs]
+    for directory, setting in zip(member_dirs[1:], settings[1:]):
+        if setting != settings[0]:
+            raise ModelError(f"{directory}: tokenizer {setting} differs from {member_dirs[0]}'s {settings[0]}; ensemble members must share it")
+    return EnsembleCLIP(members)
 
 
 def load_tokenizer(directory: Path | str) -> Callable[..., torch.Tensor]:
@@ -362,7 +395,8 @@ def load_tokenizer(directory: Path | str) -> Callable[..., torch.Tensor]:
     info = read_model_info(directory)
     settings = info.get("tokenizer", {})
     if settings.get("type", "SimpleTokenizer") != "SimpleTokenizer":
-        return open_clip.get_tokenizer(info["arch"], context_length=settings.get("context_length"))
+        arch = info["ensemble"]["members"][0]["arch"] if "ensemble" in info else info["arch"]
+        return open_clip.get_tokenizer(arch, context_length=settings.get("context_length"))
     return open_clip.SimpleTokenizer(context_length=int(settings.get("context_length", 77)))
 
 

@@ -1,0 +1,90 @@
+"""CocaCLIP distillation ablation on any catalogue: edge-set variants x seeds, one MLflow parent.
+
+The embedded default runs the same sweep as a DVC matrix (``pipelines/ablation/dvc.yaml``);
+this script is for catalogues outside the DVC project (the shared real catalogue), where the
+teacher and its ``teacher_embed`` cache were made with the CLI. Each (variant, seed) is an
+MLflow child run with the same metric names as the pipeline's distill runs; per-run metrics go
+to ``--runs-dir/<variant>-seed<n>.json`` and the table (``ablation_table.py``) to ``--out``.
+
+    lightclip teacher-embed --params P --in SPLIT --teacher TEACHER --out EMB --metrics /tmp/te.json
+    python benchmarks/ablation_distill.py --params P --catalogue SPLIT --teacher TEACHER \
+        --teacher-embeddings EMB --seeds 0 --name real --out metrics/ablation_distill_real.json
+
+Run one benchmark at a time: this machine has 2 cores and parallel runs halve each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ablation_table import distill_table
+
+from lightclip.config import load_params
+from lightclip.data.catalogue import Catalogue
+from lightclip.distill import run_distill
+from lightclip.env import configure_environment
+from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
+from lightclip.pretrain import summarise
+from lightclip.tracking import pipeline_run, project_root, stage_run
+from lightclip.training import split_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="distill / distill_ablation sections come from here")
+    parser.add_argument("--catalogue", required=True, help="split catalogue dir")
+    parser.add_argument("--teacher", required=True, help="teacher model dir")
+    parser.add_argument("--teacher-embeddings", required=True, help="teacher_embed output dir for this teacher and catalogue")
+    parser.add_argument("--variants", nargs="+", help="default: every distill_ablation.variants")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: distill_ablation.seeds")
+    parser.add_argument("--epochs", type=int, help="override distill.train.epochs")
+    parser.add_argument("--name", default="real", help="catalogue label for runs and the table")
+    parser.add_argument("--runs-dir", help="per-run metrics (default: metrics/ablation/<name>)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    project = project_root()
+    configure_environment(project)
+    params = load_params(args.params)
+    ablation = params.distill_ablation
+    variants = args.variants or list(ablation.variants)
+    seeds = args.seeds if args.seeds is not None else ablation.seeds
+    catalogue = Catalogue.load(args.catalogue)
+    runs_dir = Path(args.runs_dir or project / "metrics" / "ablation" / args.name)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with pipeline_run(f"ablation-distill-{args.name}", {"catalogue": args.catalogue, "teacher": args.teacher, "variants": variants, "seeds": seeds}, project_dir=project, experiment=params.tracking.experiment) as parent:
+        parent.set_tags({"lightclip.ablation": "distill", "lightclip.catalogue": args.name})
+        for variant in variants:
+            for seed in seeds:
+                config = ablation.config_for(params.distill, variant, seed)
+                if args.epochs:
+                    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": args.epochs})})
+                name = f"{variant}-seed{seed}"
+                run_params = {"distill": config.model_dump(mode="json"), "variant": variant, "catalogue": args.name}
+                with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=f"{args.name}-{name}") as run:
+                    run.set_tags({"lightclip.ablation": "distill", "lightclip.variant": variant, "lightclip.catalogue": args.name})
+                    metrics = run_distill(
+                        catalogue, Path(args.teacher), Path(args.teacher_embeddings), config, project / ".cache" / "ablation-distill" / args.name / name,
+                        cache_dir=project / ".cache" / "images", checkpoint_root=project / ".cache" / "checkpoints" / "ablation-distill",
+                        resume=True, log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
+                    )
+                    run.log_metrics(metrics)
+                (runs_dir / f"{name}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+                print(f"{args.name} {name}: {summarise(metrics)}", flush=True)
+                runs.append({"variant": variant, "seed": seed, **metrics})
+    model = load_model(args.teacher)
+    size = int(preprocess_config(model)["size"])
+    teacher = split_metrics(model, load_tokenizer(args.teacher), catalogue, "test", size, project / ".cache" / "images", progress=False)
+    result = distill_table(runs, args.name, teacher)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The distillation ablation table from per-run metrics files (``<variant>-seed<n>.json``).
+
+Used by ``pipelines/ablation/dvc.yaml`` (stage ``table``) and by ``ablation_distill.py``: mean ±
+std over seeds of the test recall of every edge-set variant, the paired gain over the student
+trained alone (same seed), the teacher's own numbers beside them, and the cost per epoch.
+
+    python benchmarks/ablation_table.py distill metrics/ablation/distill --teacher metrics/pretrain.json \
+        --out metrics/ablation_distill_synthetic.json --label synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+RUN_FILE = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)\.json$")
+BASELINE = "no_distill"
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def read_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every ``<variant>-seed<n>.json`` of ``directory`` as a row (variant, seed, metrics)."""
+    runs = []
+    for path in sorted(Path(directory).glob("*.json")):
+        match = RUN_FILE.match(path.name)
+        if match is None:
+            raise SystemExit(f"{path}: not a run file (<variant>-seed<n>.json)")
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        runs.append({"variant": match["variant"], "seed": int(match["seed"]), **metrics})
+    if not runs:
+        raise SystemExit(f"{directory}: no run files")
+    return runs
+
+
+def distill_table(runs: Sequence[Mapping[str, Any]], label: str, teacher: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Rows per variant and the Markdown table."""
+    found = list(dict.fromkeys(r["variant"] for r in runs))
+    # the student alone first, the full graph last, the single-kind variants between
+    variants = [v for v in found if v == BASELINE] + [v for v in found if v not in (BASELINE, "full")] + [v for v in found if v == "full"]
+    baseline = {r["seed"]: r["test/mean_recall"] for r in runs if r["variant"] == BASELINE}
+    rows = []
+    lines = [
+        "| catalogue | variant | seeds | test mean recall | gain vs no distillation (paired) | % of teacher | test i2t R@1 | test t2i R@1 | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    teacher_recall = teacher.get("test/mean_recall") if teacher else None
+    for variant in variants:
+        sel = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        recall = [r["test/mean_recall"] for r in sel]
+        gains = [r["test/mean_recall"] - baseline[r["seed"]] for r in sel if r["seed"] in baseline]
+        per_epoch = [r["train_seconds"] / max(1, r["epochs_completed"]) for r in sel]
+        row = {
+            "variant": variant,
+            "seeds": [r["seed"] for r in sel],
+            "test/mean_recall": statistics.mean(recall),
+            "test/mean_recall_std": statistics.stdev(recall) if len(recall) > 1 else 0.0,
+            "gain_vs_no_distill": statistics.mean(gains) if gains and variant != BASELINE else 0.0,
+            "seconds_per_epoch": statistics.mean(per_epoch),
+        }
+        if teacher_recall:
+            row["fraction_of_teacher"] = row["test/mean_recall"] / teacher_recall
+        rows.append(row)
+        gain = f"{mean_std(gains)}" if gains and variant != BASELINE else "–"
+        share = f"{100 * row['fraction_of_teacher']:.1f}%" if teacher_recall else "–"
+        lines.append(
+            f"| {label} | {variant} | {len(sel)} | {mean_std(recall)} | {gain} | {share} | "
+            f"{mean_std([r['test/i2t_R@1'] for r in sel])} | {mean_std([r['test/t2i_R@1'] for r in sel])} | {row['seconds_per_epoch']:.1f} |"
+        )
+    if teacher:
+        lines.append(
+            f"| {label} | teacher (for reference) | – | {teacher['test/mean_recall']:.1f} | – | 100% | "
+            f"{teacher['test/i2t_R@1']:.1f} | {teacher['test/t2i_R@1']:.1f} | – |"
+        )
+    return {"label": label, "rows": rows, "runs": list(runs), "table": "\n".join(lines), **({"teacher": dict(teacher)} if teacher else {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["distill"])
+    parser.add_argument("runs", help="directory of <variant>-seed<n>.json metrics files")
+    parser.add_argument("--teacher", help="the teacher's metrics JSON (its test numbers go beside the students')")
+    parser.add_argument("--label", default="synthetic")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    teacher = json.loads(Path(args.teacher).read_text(encoding="utf-8")) if args.teacher else None
+    result = distill_table(read_runs(Path(args.runs)), args.label, teacher)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""A saved lightclip model as an MLflow pyfunc, logged as "models from code" (no pickled objects).
+
+This file is both a library module (``lightclip.serving``: :class:`Embedder`, the engine, usable
+without MLflow) and the *code file* that ``lightclip register`` logs with every model: when
+MLflow executes it to load a model, the last lines call ``mlflow.models.set_model``. The weights
+travel as the artifact ``model`` (the saved model directory: ``model.safetensors`` +
+``model.json`` with the open_clip config, tokenizer settings and image mean/std) and the
+``lightclip`` package source travels as ``code_paths``, so a registered version loads in a
+fresh environment from its own files.
+
+Input (the signature): a pandas DataFrame with a ``text`` column (product titles) and/or an
+``image`` column (an encoded image file, PNG, JPEG, WebP ..., as a base64 string; in-process
+callers may pass the raw ``bytes`` instead). Every row holds exactly one of the two (the other
+is null), so one call can mix titles and images, over the REST API too. The image column is a
+base64 ``string`` rather than MLflow's ``binary`` type because MLflow's REST input conversion
+cannot decode a null in a binary column, which would forbid mixed requests.
+
+Output: a float32 array ``n x embed_dim``, row ``i`` the L2-normalised embedding of row ``i``.
+Titles and images share one space: the cosine similarity of a title and an image is the dot
+product of their rows. Images are preprocessed exactly as in evaluation (RGB, shortest side to
+the model's input size with bicubic filtering, centre crop, the model's mean/std); titles are
+tokenised by the model's own tokenizer and truncated to its context as in evaluation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+try:  # the engine works without MLflow; the pyfunc class needs it
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency of lightclip
+    PythonModel = object  # type: ignore[assignment,misc]
+
+TEXT_COLUMN = "text"
+IMAGE_COLUMN = "image"
+#: The name of the model directory among the logged model's artifacts.
+MODEL_ARTIFACT = "model"
+
+
+class ServingError(ValueError):
+    """Input the model cannot embed; the message names the row and the column."""
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(isinstance(value, float) and np.isnan(value))
+    except TypeError:
+        return False
+
+
+def image_bytes(value: Any, row: int) -> bytes:
+    """The encoded image of one ``image`` cell: bytes as given, or a base64 string decoded."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServingError(f"row {row}: column '{IMAGE_COLUMN}' is a string but not base64 (send encoded image bytes)") from None
+    raise ServingError(f"row {row}: column '{IMAGE_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
+
+
+class Embedder:
+    """One saved model, ready to embed titles and encoded images (what the pyfunc serves)."""
+
+    def __init__(self, model_dir: Path | str, batch_size: int = 64) -> None:
+        from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
+
+        self.model_dir = Path(model_dir)
+        self.model = load_model(self.model_dir)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.preprocess = preprocess_config(self.model)
+        self.batch_size = batch_size
+        self._dim: int | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.embed_texts(["a"]).shape[1])
+        return self._dim
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings of titles (the evaluation's tokenisation and encoder)."""
+        from lightclip.evaluation import embed_texts, tokenize_checked
+
+        tokens, _ = tokenize_checked(self.tokenizer, [str(t) for t in texts])
+        return embed_texts(self.model, tokens, self.batch_size).numpy().astype(np.float32, copy=False)
+
+    def decode(self, data: bytes, row: int = 0) -> np.ndarray:
+        """One encoded image as the uint8 ``3 x S x S`` array the model sees (as in the image cache)."""
+        from lightclip.imagecache import ImageCacheError, decode_image
+
+        try:
+            return decode_image(io.BytesIO(data), int(self.preprocess["size"]))  # type: ignore[arg-type]
+        except ImageCacheError as exc:
+            raise ServingError(f"row {row}: column '{IMAGE_COLUMN}': {str(exc).split(': ', 1)[-1]}") from None
+
+    def embed_uint8(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 embeddings of uint8 ``N x 3 x S x S`` images."""
+        import torch
+
+        from lightclip.imagecache import normalise
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
+                batch = normalise(batch, self.preprocess["mean"], self.preprocess["std"])
+                out.append(self.model.encode_image(batch, normalize=True).float().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
+        """L2-normalised float32 embeddings of encoded image files."""
+        return self.embed_uint8(np.stack([self.decode(data, i) for i, data in enumerate(images)]))
+
+    def embed_frame(self, frame: Any) -> np.ndarray:
+        """The pyfunc contract: one embedding per row, from its ``text`` or its ``image``."""
+        if isinstance(frame, dict):
+            frame = pd.DataFrame(frame)
+        if isinstance(frame, (list, tuple)) and all(isinstance(t, str) for t in frame):
+            frame = pd.DataFrame({TEXT_COLUMN: list(frame)})
+        if not isinstance(frame, pd.DataFrame):
+            raise ServingError(f"expected a DataFrame with columns '{TEXT_COLUMN}' and/or '{IMAGE_COLUMN}', got {type(frame).__name__}")
+        unknown = sorted(set(map(str, frame.columns)) - {TEXT_COLUMN, IMAGE_COLUMN})
+        if unknown or not len(frame.columns):
+            raise ServingError(f"unknown column(s) {unknown}; send '{TEXT_COLUMN}' (titles) and/or '{IMAGE_COLUMN}' (encoded image bytes)")
+        n = len(frame)
+        texts = frame[TEXT_COLUMN].tolist() if TEXT_COLUMN in frame.columns else [None] * n
+        images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in frame.columns else [None] * n
+        text_rows, image_rows, image_data = [], [], []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            has_text, has_image = not _missing(text), not _missing(image)
+            if has_text == has_image:
+                which = "both" if has_text else "neither"
+                raise ServingError(f"row {i}: has {which} of '{TEXT_COLUMN}' and '{IMAGE_COLUMN}'; give exactly one per row")
+            if has_text:
+                if not isinstance(text, str):
+                    raise ServingError(f"row {i}: column '{TEXT_COLUMN}' must be a string, got {type(text).__name__}")
+                text_rows.append(i)
+            else:
+                image_rows.append(i)
+                image_data.append(image_bytes(image, i))
+        out = np.zeros((n, self.embed_dim), dtype=np.float32)
+        if text_rows:
+            out[text_rows] = self.embed_texts([texts[i] for i in text_rows])
+        if image_rows:
+            out[image_rows] = self.embed_images(image_data)
+        return out
+
+
+class LightclipPyfunc(PythonModel):  # type: ignore[misc,valid-type]
+    """The pyfunc: loads the ``model`` artifact once, embeds DataFrames (see the module doc)."""
+
+    def load_context(self, context: Any) -> None:
+        self.embedder = Embedder(context.artifacts[MODEL_ARTIFACT])
+
+    # ``pd.DataFrame`` is a hint MLflow 3 accepts without inferring a second signature from it:
+    # the explicit signature logged with the model stays the contract.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        return self.embedder.embed_frame(model_input)
+
+
+if __name__ != "lightclip.serving":  # executed by MLflow as the logged model's code file
+    from mlflow.models import set_model
+
+    set_model(LightclipPyfunc())

@@ -1,0 +1,322 @@
+"""lightclip.orchestration: stage order, params overrides, the up-to-date rule, the report.
+
+No Prefect here (the flow itself: tests/test_retrain_flow.py); DVC runs on tiny fake pipelines
+whose stages are one-line Python scripts, so each check takes a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightclip import orchestration as orch
+from lightclip.config import ConfigError, OrchestrationConfig, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_DVC_YAML = """\
+stages:
+  prep:
+    cmd: python stage.py prep
+    deps: [stage.py]
+    params: [split.seed]
+    outs: [out/prep]
+  train:
+    foreach: [a, b]
+    do:
+      cmd: python stage.py train-${item}
+      deps: [out/prep]
+      outs: ["out/train-${item}"]
+  register:
+    cmd: python stage.py register
+    deps: [out/train-a, out/train-b]
+    metrics:
+      - metrics/register.json:
+          cache: false
+"""
+
+#: A stage: counts its attempts in attempts/<name>, fails while FAIL_<name> exists, writes its output.
+FAKE_STAGE = """\
+import json, pathlib, sys
+name = sys.argv[1]
+attempts = pathlib.Path("attempts")
+attempts.mkdir(exist_ok=True)
+with open(attempts / name, "a") as f:
+    f.write("x\\n")
+if pathlib.Path(f"FAIL_{name}").exists():
+    sys.exit(f"{name}: injected failure")
+if name == "register":
+    metrics = pathlib.Path("metrics")
+    metrics.mkdir(exist_ok=True)
+    version = str(len((attempts / name).read_text().splitlines()))
+    student = {"registered_model": "fake-student", "version": version, "role": "student", "gate": "pass", "reasons": ["fake gate"], "staged": True}
+    report = {"model_name": "fake-student", "students": {"a": student}, "staging_before": None, "staging_after": version, "aliases": {"staging": version}}
+    (metrics / "register.json").write_text(json.dumps(report))
+else:
+    import yaml
+
+    out = pathlib.Path("out")
+    out.mkdir(exist_ok=True)
+    seed = yaml.safe_load(pathlib.Path("params.yaml").read_text())["split"]["seed"]
+    (out / name).write_text(f"{name} {seed}")  # a new seed changes every output downstream
+"""
+
+FAKE_PARAMS = """\
+split:
+  seed: 0      # the fake prep stage depends on this
+orchestration:
+  cron: "0 3 * * *"   # daily: one run at most could come due while a test serves it (it would just run too)
+  timezone: UTC
+  retries: 2
+  retry_delay_seconds: 0.2
+  exponential_backoff: true
+tracking:
+  experiment: fake
+"""
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=orch.stage_env())
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def make_fake_project(root: Path) -> Path:
+    """A git + DVC project whose pipeline is prep -> train@a, train@b -> register (fast stages)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text(FAKE_DVC_YAML)
+    (root / "stage.py").write_text(FAKE_STAGE)
+    (root / "params.yaml").write_text(FAKE_PARAMS)
+    (root / ".gitignore").write_text("attempts/\nFAIL_*\nmlflow/\n.prefect/\n")
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "lightclip test"], root)
+    run(orch.dvc_command("init", "-q"), root)
+    run(orch.dvc_command("config", "core.analytics", "false"), root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "fake pipeline"], root)
+    return root
+
+
+@pytest.fixture
+def fake_project(tmp_path: Path) -> Path:
+    return make_fake_project(tmp_path / "fake")
+
+
+# -- stage order -------------------------------------------------------------------------------
+
+
+def test_groups_follow_dependencies_with_foreach_entries_in_one_task_and_register_last():
+    addresses = ["register", "validate", "distill@xt", "distill@xxt", "pretrain", "evaluate", "index"]
+    edges = [
+        ("pretrain", "validate"),
+        ("distill@xt", "pretrain"),
+        ("distill@xxt", "pretrain"),
+        ("evaluate", "distill@xt"),
+        ("evaluate", "distill@xxt"),
+        ("index", "pretrain"),
+    ]
+    groups = orch.order_groups(addresses, edges)
+    assert [g.name for g in groups] == ["validate", "pretrain", "distill", "evaluate", "index", "register"]
+    assert groups[2].targets == ("distill@xt", "distill@xxt")
+
+
+def test_a_stage_that_depends_on_register_is_an_error():
+    with pytest.raises(orch.OrchestrationError, match="last step"):
+        orch.order_groups(["register", "publish"], [("publish", "register")])
+
+
+def test_stage_groups_read_the_projects_dvc_yaml(fake_project: Path):
+    groups = orch.stage_groups(fake_project)
+    assert [(g.name, g.targets) for g in groups] == [("prep", ("prep",)), ("train", ("train@a", "train@b")), ("register", ("register",))]
+
+
+def test_stage_groups_of_this_repository_start_with_validate_and_cover_every_stage():
+    groups = orch.stage_groups(REPO_ROOT)
+    names = [g.name for g in groups]
+    top_level = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+    assert names[0] == "validate" and sorted(names) == sorted(top_level)
+    if "register" in names:
+        assert names[-1] == "register"
+
+
+# -- params overrides --------------------------------------------------------------------------
+
+
+def test_override_changes_only_the_value_and_keeps_comments(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    original = (REPO_ROOT / "params.yaml").read_text()
+    params.write_text(original)
+    changes = orch.apply_params_overrides(tmp_path, orch.normalise_overrides(["pretrain.train.lr=0.001", "index.split=test"]))
+    assert changes == {"pretrain.train.lr": (0.0005, 0.001), "index.split": (None, "test")}
+    new = params.read_text()
+    diff = [(a, b) for a, b in zip(original.splitlines(), new.splitlines()) if a != b]
+    assert len(diff) == 2 and len(original.splitlines()) == len(new.splitlines())
+    assert "# null = every item" in diff[1][1] and diff[1][1].split("#")[0].strip() == "split: test"
+    loaded = yaml.safe_load(new)
+    assert loaded["pretrain"]["train"]["lr"] == 0.001 and loaded["index"]["split"] == "test"
+
+
+def test_override_of_a_multiline_value_goes_through_dvc(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    orch.apply_params_overrides(tmp_path, orch.normalise_overrides({"validate.allowed_values.baseColour": "[Red, Blue]"}))
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["validate"]["allowed_values"]["baseColour"] == ["Red", "Blue"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("nope.key=1", "no such key"), ("split.val=-3", "split.val"), ("pretrain.train.amp=fp8", "amp")],
+)
+def test_a_bad_override_fails_and_leaves_params_unchanged(tmp_path: Path, override: str, message: str):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "params.yaml").read_text())
+    before = params.read_bytes()
+    with pytest.raises(orch.OrchestrationError, match=message):
+        orch.apply_params_overrides(tmp_path, orch.normalise_overrides([override]))
+    assert params.read_bytes() == before
+
+
+def test_override_values_are_read_as_yaml_like_dvc_exp_run_set_param():
+    assert orch.normalise_overrides(["a.b=0.001", "c=true", "d=null", "e=[1, 2]", "f=lc-vit-t", "g='1.0'"]) == {
+        "a.b": 0.001,
+        "c": True,
+        "d": None,
+        "e": [1, 2],
+        "f": "lc-vit-t",
+        "g": "1.0",
+    }
+    with pytest.raises(orch.OrchestrationError, match="key=value"):
+        orch.normalise_overrides(["no-equals-sign"])
+
+
+# -- the up-to-date rule -----------------------------------------------------------------------
+
+
+def test_status_is_up_to_date_only_when_every_stage_matches_dvc_lock(fake_project: Path):
+    env = orch.stage_env()
+    assert not orch.pipeline_status(fake_project, env).up_to_date  # never ran
+    for group in orch.stage_groups(fake_project):
+        outcome = orch.run_stage_group(fake_project, group, env=env, log=lambda line: None)
+        assert outcome.ran == list(group.targets)
+    status = orch.pipeline_status(fake_project, env)
+    assert status.up_to_date, status.changes
+    again = orch.run_stage_group(fake_project, orch.StageGroup("train", ("train@a", "train@b")), env=env, log=lambda line: None)
+    assert again.ran == [] and again.skipped == ["train@a", "train@b"]
+
+    (fake_project / "sweep").mkdir()  # another pipeline of the repository is not the flow's
+    (fake_project / "sweep" / "dvc.yaml").write_text("stages:\n  other:\n    cmd: python -c pass\n    outs: [o.txt]\n")
+    assert orch.pipeline_status(fake_project, env).up_to_date
+
+    orch.apply_params_overrides(fake_project, {"split.seed": 1})
+    status = orch.pipeline_status(fake_project, env)
+    assert not status.up_to_date and "split.seed" in status.summary() and "prep" in status.changes
+
+
+def test_a_failing_stage_raises_with_the_tail_of_its_output(fake_project: Path):
+    (fake_project / "FAIL_prep").touch()
+    with pytest.raises(orch.StageFailed, match="injected failure") as info:
+        orch.run_stage_group(fake_project, orch.StageGroup("prep", ("prep",)), env=orch.stage_env(), log=lambda line: None)
+    assert info.value.group == "prep" and info.value.returncode != 0
+
+
+def test_stage_env_puts_this_venv_first_and_telemetry_off(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = orch.stage_env({"LIGHTCLIP_PARENT_RUN_ID": "abc"})
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert env["DO_NOT_TRACK"] == "true" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert env["LIGHTCLIP_PARENT_RUN_ID"] == "abc"
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def test_a_given_catalogue_becomes_the_tracked_data(fake_project: Path, tiny_catalogue):
+    env = orch.stage_env()
+    source = tiny_catalogue(n=6, root=fake_project.parent / "incoming").root
+    first = orch.prepare_data(fake_project, source, env, lambda line: None)
+    assert (fake_project / "data" / "raw" / "catalogue.parquet").is_file()
+    assert first == yaml.safe_load((fake_project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert orch.prepare_data(fake_project, None, env, lambda line: None) == first  # tracked, unchanged
+
+    (fake_project / "data" / "raw" / "stray.txt").write_text("not tracked")
+    with pytest.raises(orch.OrchestrationError, match="differs from data.dvc"):
+        orch.prepare_data(fake_project, None, env, lambda line: None)
+
+
+def test_a_directory_that_is_not_a_catalogue_is_refused(fake_project: Path, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(orch.OrchestrationError, match="not a catalogue"):
+        orch.prepare_data(fake_project, tmp_path / "empty", orch.stage_env(), lambda line: None)
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def test_report_shows_metrics_gate_mlflow_run_and_model_version(tmp_path: Path):
+    (tmp_path / "metrics").mkdir()
+    eval_metrics = {"teacher": {"test/mean_recall": 78.94, "test/i2t_R@1": 47.7, "timing/embed_s": 3.0}, "xt": {"test/mean_recall": 77.9}}
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(eval_metrics))
+    register = {  # as lightclip.registry.run_register writes it
+        "model_name": "lightclip-student",
+        "teacher": {"registered_model": "lightclip-teacher", "version": "2", "role": "teacher", "reused": True},
+        "students": {
+            "xt": {"registered_model": "lightclip-student", "version": "3", "role": "student", "gate": "pass", "reasons": [], "staged": True},
+            "xxt": {"registered_model": "lightclip-student", "version": "4", "role": "student", "gate": "fail", "reasons": ["latency 12 ms > 10 ms"], "staged": False},
+        },
+        "staging_before": "1",
+        "staging_after": "3",
+        "aliases": {"staging": "3", "production": "1"},
+    }
+    (tmp_path / "metrics" / "register.json").write_text(json.dumps(register))
+    report = orch.RetrainReport(
+        status="retrained",
+        message="Retrained.",
+        project=str(tmp_path),
+        stages=["validate", "register"],
+        stages_run=["register"],
+        overrides={"pretrain.train.lr": 0.001},
+        mlflow_run_id="abc123",
+        mlflow_experiment="lightclip",
+        metrics=orch.report_metrics(tmp_path),
+        register=orch.read_register(tmp_path),
+    )
+    assert report.model_version == "lightclip-student v3 (xt), v4 (xxt)"
+    assert report.gate_verdict == "xt: pass; xxt: fail (latency 12 ms > 10 ms); @staging: v1 -> v3"
+    text = report.markdown()
+    assert "| metric | teacher | xt |" in text and "| test/mean_recall | 78.94 | 77.9 |" in text
+    assert "timing/" not in text and "`abc123`" in text and "`pretrain.train.lr=0.001`" in text
+    assert "| xxt | `lightclip-student` v4 | fail | latency 12 ms > 10 ms |  |" in text
+    assert "@production = v1, @staging = v3" in text and "**register**" in text
+
+
+def test_report_of_a_failed_run_names_the_stage():
+    report = orch.RetrainReport(status="failed", message="Failed: boom", project="/p", failed_stage="evaluate")
+    assert report.markdown().startswith("# Retraining: FAILED at stage `evaluate`")
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
+def test_orchestration_params_are_validated_and_give_the_retry_delays():
+    config = OrchestrationConfig(retries=3, retry_delay_seconds=10)
+    assert config.retry_delays() == [10, 20, 40]
+    assert OrchestrationConfig(retries=2, retry_delay_seconds=5, exponential_backoff=False).retry_delays() == [5, 5]
+    with pytest.raises(ConfigError, match="orchestration.cron"):
+        parse_params({"orchestration": {"cron": "every day"}})
+    with pytest.raises(ConfigError, match="orchestration.timezone"):
+        parse_params({"orchestration": {"timezone": "Mars/Olympus"}})
+    with pytest.raises(ConfigError, match="unknown key 'orchestration.retry'"):
+        parse_params({"orchestration": {"retry": 1}})
+
+
+def test_local_server_url_and_health_probe(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PREFECT_PORT", "4311")
+    assert orch.local_api_url() == "http://127.0.0.1:4311/api"
+    assert not orch.server_is_up("http://127.0.0.1:9/api", timeout=0.5)
+    monkeypatch.setenv("PREFECT_API_URL", "http://example.invalid/api")
+    assert orch.resolve_api_url() == "http://example.invalid/api"
