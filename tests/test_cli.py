@@ -37,7 +37,8 @@ def _runs(project: Path) -> pd.DataFrame:
 
 def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]):
     commands = [["data", "synth"], ["data", "import-kaggle"], ["data", "import-manifest"], ["data", "import-webdataset"],
-                ["data", "export-webdataset"], ["validate"], ["split"], ["pipeline"]]
+                ["data", "export-webdataset"], ["validate"], ["split"], ["build-kg"], ["pretrain"], ["ensemble"], ["teacher-embed"],
+                ["distill"], ["evaluate"], ["index"], ["search"], ["bench"], ["register"], ["registry", "promote"], ["pipeline"]]
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([*command, "--help"])
