@@ -2,7 +2,8 @@
 
 Used by ``pipelines/ablation/dvc.yaml`` (stage ``table``) and by ``ablation_distill.py``: mean ±
 std over seeds of the test recall of every edge-set variant, the paired gain over the student
-trained alone (same seed), the teacher's own numbers beside them, and the cost per epoch.
+trained alone (same seed), the teacher's own numbers beside them, and the cost per epoch (median
+over seeds).
 
     python benchmarks/ablation_table.py distill metrics/ablation/distill --teacher metrics/pretrain.json \
         --out metrics/ablation_distill_synthetic.json --label synthetic
@@ -65,7 +66,8 @@ def distill_table(runs: Sequence[Mapping[str, Any]], label: str, teacher: Mappin
             "test/mean_recall": statistics.mean(recall),
             "test/mean_recall_std": statistics.stdev(recall) if len(recall) > 1 else 0.0,
             "gain_vs_no_distill": statistics.mean(gains) if gains and variant != BASELINE else 0.0,
-            "seconds_per_epoch": statistics.mean(per_epoch),
+            # the median: robust to a seed whose run shared the cores with another job
+            "seconds_per_epoch": statistics.median(per_epoch),
         }
         if teacher_recall:
             row["fraction_of_teacher"] = row["test/mean_recall"] / teacher_recall
