@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ablation_table import distill_table
+from ablation_table import distill_table, write_table
 
 from lightclip.config import load_params
 from lightclip.data.catalogue import Catalogue
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.teacher)
     size = int(preprocess_config(model)["size"])
     teacher = split_metrics(model, load_tokenizer(args.teacher), catalogue, "test", size, project / ".cache" / "images", progress=False)
-    result = distill_table(runs, args.name, teacher)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(result["table"])
+    write_table(distill_table(runs, args.name, teacher), args.out)
     return 0
 
 

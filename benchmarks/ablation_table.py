@@ -86,6 +86,13 @@ def distill_table(runs: Sequence[Mapping[str, Any]], label: str, teacher: Mappin
     return {"label": label, "rows": rows, "runs": list(runs), "table": "\n".join(lines), **({"teacher": dict(teacher)} if teacher else {})}
 
 
+def write_table(result: Mapping[str, Any], out: Path | str) -> None:
+    """Write the table JSON and print the Markdown table."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(result["table"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["distill"])
@@ -95,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     teacher = json.loads(Path(args.teacher).read_text(encoding="utf-8")) if args.teacher else None
-    result = distill_table(read_runs(Path(args.runs)), args.label, teacher)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(result["table"])
+    write_table(distill_table(read_runs(Path(args.runs)), args.label, teacher), args.out)
     return 0
 
 
