@@ -198,7 +198,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Combine saved models into one ensemble model dir (e.g. teachers trained with other seeds)."""
-    from lightclip.models.zoo import make_ensemble, save_model
+    from lightclip.models.zoo import count_parameters, make_ensemble, save_model
 
     if len(args.member) < 2:
         raise CliError(f"an ensemble needs at least 2 --member model dirs, got {len(args.member)}")
@@ -208,7 +208,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     model = make_ensemble([Path(m) for m in args.member])
     out = Path(args.out)
     save_model(model, "ensemble", out, extra={"stage": "ensemble", "members": [str(m) for m in args.member]})
-    print(f"ensemble of {len(args.member)} models -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    print(f"ensemble of {len(args.member)} models -> {out} ({count_parameters(model)['total']:,} parameters)")
     return 0
 
 

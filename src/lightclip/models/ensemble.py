@@ -19,7 +19,7 @@ open_clip config), so loading it needs no extra files.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +52,6 @@ class EnsembleCLIP(nn.Module):
         self.preprocess_cfg = dict(pre[0])
         self.requires_grad_(False)
 
-    @property
-    def member_dims(self) -> list[int]:
-        return [int(getattr(m, "lightclip_config", {}).get("embed_dim", 0)) for m in self.members]
-
     def _combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([F.normalize(p.float(), dim=-1) for p in parts], dim=-1) / math.sqrt(len(parts))
 
@@ -68,19 +64,6 @@ class EnsembleCLIP(nn.Module):
         from lightclip.models.zoo import encode_text
 
         return self._combine([encode_text(m, text) for m in self.members])
-
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"logit_scale": self.logit_scale.exp()}
-        if image is not None:
-            out["image_features"] = self.encode_image(image)
-        if text is not None:
-            out["text_features"] = self.encode_text(text)
-        return out
-
-
-def ensemble_info(members_info: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``ensemble`` entry of ``model.json``: each member's architecture and open_clip config."""
-    return {"members": [{"arch": m["arch"], "open_clip_config": m["open_clip_config"]} for m in members_info]}
 
 
 def ensemble_arch_name(archs: Sequence[str]) -> str:
