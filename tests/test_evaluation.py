@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,11 +18,14 @@ from lightclip.evaluation import (
     EvaluationError,
     Positives,
     evaluate_retrieval,
+    image_content_groups,
     retrieval_metrics,
+    retrieval_ranks,
     run_evaluate,
     title_groups,
     tokenize_checked,
 )
+from lightclip.imagecache import ImageCache
 
 # -- an independent reference: float64, Python sorting, a dense positive mask ------------------
 
@@ -229,3 +233,41 @@ def test_evaluate_bad_inputs_are_clear_errors(workspace: Path, tmp_path: Path):
     with pytest.raises(EvaluationError, match="split 'test' has no items"):
         run_evaluate(no_test, EvaluateConfig(models={"teacher": "models/teacher"}), **kwargs)
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("n_keys", [1, 5, 8, 13, 17])
+def test_ranks_and_topk_for_any_gallery_width(n_keys: int):
+    # the comparison masks are padded to 8-byte words: counts must not depend on the width
+    rng = np.random.default_rng(n_keys)
+    queries = torch.from_numpy(rng.integers(-2, 3, (11, 3)).astype(np.float32))  # small integers: many exact ties
+    keys = torch.from_numpy(rng.integers(-2, 3, (n_keys, 3)).astype(np.float32))
+    positive = rng.integers(0, n_keys, 11)
+    ranks, top = retrieval_ranks(queries, keys, np.arange(12), positive, chunk=4, topk=3)
+    sims = (queries.double() @ keys.double().T).numpy()
+    for q in range(11):
+        order = sorted(range(n_keys), key=lambda j: (-sims[q, j], j))
+        assert int(ranks[q]) == order.index(int(positive[q]))
+        assert top[q].tolist() == order[:3]
+
+
+def test_image_content_groups_are_exact_byte_equality():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 3, 16, 16), dtype=np.uint8)
+    images[9] = images[2]
+    images[31] = images[2]
+    images[40] = images[2]
+    images[40, 2, 15, 15] ^= 1  # one byte off, outside the strided sample: not a duplicate
+    groups = image_content_groups(ImageCache.from_array(images))
+    assert groups[2] == groups[9] == groups[31]
+    assert groups[40] != groups[2]
+    assert len(set(groups.tolist())) == 48
+
+
+def test_attribute_labels_treat_blank_and_missing_alike():
+    labels = ["Dress", None, float("nan"), "  ", "Shirt", "Dress", pd.NA]
+    images = np.eye(7, dtype=np.float32)
+    m = evaluate_retrieval(images, images, attributes={"articleType": [labels]}, precision_ks=(1, 2))["metrics"]
+    # only the three labelled items count; each finds itself first (P@1 = 100), at P@2 the next
+    # key by index: Dress(0) -> item 1 (missing, a miss), Shirt(4) -> 0 (Dress), Dress(5) -> 0 (Dress)
+    assert m["t2i_P@1_articleType"] == pytest.approx(100.0)
+    assert m["t2i_P@2_articleType"] == pytest.approx(100 * (0.5 + 0.5 + 1.0) / 3)
