@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalogue", required=True, help="split catalogue dir")
     parser.add_argument("--teacher", required=True, help="teacher model dir")
     parser.add_argument("--teacher-embeddings", required=True, help="teacher_embed output dir for this teacher and catalogue")
+    parser.add_argument("--student", help="a name of distill_ablation.students (default: the first)")
     parser.add_argument("--variants", nargs="+", help="default: every distill_ablation.variants")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: distill_ablation.seeds")
     parser.add_argument("--epochs", type=int, help="override distill.train.epochs")
@@ -53,29 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or list(ablation.variants)
     seeds = args.seeds if args.seeds is not None else ablation.seeds
     catalogue = Catalogue.load(args.catalogue)
-    runs_dir = Path(args.runs_dir or project / "metrics" / "ablation" / args.name)
+    student = args.student or ablation.students[0]
+    runs_dir = Path(args.runs_dir or project / "metrics" / "ablation" / args.name) / student
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    with pipeline_run(f"ablation-distill-{args.name}", {"catalogue": args.catalogue, "teacher": args.teacher, "variants": variants, "seeds": seeds}, project_dir=project, experiment=params.tracking.experiment) as parent:
+    with pipeline_run(f"ablation-distill-{args.name}", {"catalogue": args.catalogue, "teacher": args.teacher, "student": student, "variants": variants, "seeds": seeds}, project_dir=project, experiment=params.tracking.experiment) as parent:
         parent.set_tags({"lightclip.ablation": "distill", "lightclip.catalogue": args.name})
         for variant in variants:
             for seed in seeds:
-                config = ablation.config_for(params.distill, variant, seed)
+                config = ablation.config_for(params.distill, variant, seed, student)
                 if args.epochs:
                     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": args.epochs})})
                 name = f"{variant}-seed{seed}"
-                run_params = {"distill": config.model_dump(mode="json"), "variant": variant, "catalogue": args.name}
-                with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=f"{args.name}-{name}") as run:
-                    run.set_tags({"lightclip.ablation": "distill", "lightclip.variant": variant, "lightclip.catalogue": args.name})
+                run_params = {"distill": config.model_dump(mode="json"), "student_name": student, "variant": variant, "catalogue": args.name}
+                with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=f"{args.name}-{student}-{name}") as run:
+                    run.set_tags({"lightclip.ablation": "distill", "lightclip.student": student, "lightclip.variant": variant, "lightclip.catalogue": args.name})
                     metrics = run_distill(
-                        catalogue, Path(args.teacher), Path(args.teacher_embeddings), config, project / ".cache" / "ablation-distill" / args.name / name,
+                        catalogue, Path(args.teacher), Path(args.teacher_embeddings), config, project / ".cache" / "ablation-distill" / args.name / f"{student}-{name}",
                         cache_dir=project / ".cache" / "images", checkpoint_root=project / ".cache" / "checkpoints" / "ablation-distill",
                         resume=True, log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
                     )
                     run.log_metrics(metrics)
                 (runs_dir / f"{name}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
                 print(f"{args.name} {name}: {summarise(metrics)}", flush=True)
-                runs.append({"variant": variant, "seed": seed, **metrics})
+                runs.append({"student": student, "variant": variant, "seed": seed, **metrics})
     model = load_model(args.teacher)
     size = int(preprocess_config(model)["size"])
     teacher = split_metrics(model, load_tokenizer(args.teacher), catalogue, "test", size, project / ".cache" / "images", progress=False)

@@ -59,13 +59,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_distill_students_and_ablation_variants():
     params = load_params(REPO_ROOT / "params.yaml")
     ablation = params.distill_ablation
-    assert ablation.student in params.distill.students
+    assert ablation.students == ["xt", "xxt"] and set(ablation.students) <= set(params.distill.students)
     assert {"no_distill", "intra_ts_fd", "sd_ts", "full"} <= set(ablation.variants)
     config = ablation.config_for(params.distill, "intra_ts_fd", seed=7)
-    assert config.train.seed == 7 and config.student == params.distill.students[ablation.student]
+    assert config.train.seed == 7 and config.student == params.distill.students["xt"]  # the first by default
+    assert ablation.config_for(params.distill, "full", seed=0, student="xxt").student == params.distill.students["xxt"]
     assert {(e.edge, e.loss) for e in config.edges} == {("inter_ss", "infonce"), ("intra_ts", "fd")}
     with pytest.raises(ConfigError, match=r"no variant 'nope'; variants: no_distill"):
         ablation.config_for(params.distill, "nope", seed=0)
+    with pytest.raises(ConfigError, match=r"distill_ablation.students has no student 'big'; students: xt, xxt"):
+        ablation.config_for(params.distill, "full", seed=0, student="big")
+    # the earlier one-student form still reads; both forms at once is an error
+    assert parse_params({"distill_ablation": {"student": "xxt"}}).distill_ablation.students == ["xxt"]
+    with pytest.raises(ConfigError, match="either student or students"):
+        parse_params({"distill_ablation": {"student": "xt", "students": ["xt"]}})
+    with pytest.raises(ConfigError, match="students"):
+        parse_params({"distill_ablation": {"students": []}})
     with pytest.raises(ConfigError, match=r"no student 'big'; students: xt, xxt"):
         params.distill.for_student("big")
     with pytest.raises(ConfigError, match=r"variants.bad"):

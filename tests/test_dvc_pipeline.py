@@ -38,7 +38,7 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     params["teacher_embed"]["num_threads"] = 1
     params["distill"]["students"] = {"s": {"arch": "lc-test-tiny", "pretrained": None}}
     params["distill"]["train"].update(epochs=1, batch_size=8, num_threads=1)
-    params["distill_ablation"].update(student="s", seeds=[0])
+    params["distill_ablation"].update(students=["s"], seeds=[0])
     params["evaluate"]["models"] = {"teacher": "models/teacher", "s": "models/students/s"}
     params["evaluate"]["num_threads"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -93,11 +93,12 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
     # The distillation ablation: a DVC matrix over the edge-set variants, one MLflow parent.
     assert main(["-q", "pipeline", "--name", "test-ablation", "pipelines/ablation/dvc.yaml"]) == 0
     table = yaml.safe_load((root / "metrics" / "ablation_distill_synthetic.json").read_text())
-    assert [row["variant"] for row in table["rows"]] == ["no_distill", "intra_ts_fd", "sd_ts", "full"]
+    assert [(row["student"], row["variant"]) for row in table["rows"]] == [("s", v) for v in ("no_distill", "intra_ts_fd", "sd_ts", "full")]
     runs = mlflow.search_runs(experiment_names=["lightclip"])
     parent = runs[runs["tags.mlflow.runName"] == "test-ablation"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert set(children["tags.lightclip.variant"]) == {"no_distill", "intra_ts_fd", "sd_ts", "full"}
+    assert set(children["tags.lightclip.student"]) == {"s"}
     assert "Running stage" not in _run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root)
 
     # Two experiments compare with dvc metrics diff / dvc plots diff (metrics and plot data in git).

@@ -252,8 +252,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     params = _params(args)
     if args.variant is not None:
         seed = args.seed if args.seed is not None else params.distill.train.seed
-        config = params.distill_ablation.config_for(params.distill, args.variant, seed)
-        student = params.distill_ablation.student
+        student = args.student or params.distill_ablation.students[0]
+        config = params.distill_ablation.config_for(params.distill, args.variant, seed, student)
     else:
         student = args.student or next(iter(params.distill.students))
         config = params.distill.for_student(student)
@@ -264,7 +264,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     run_params = {"distill": config.model_dump(mode="json"), "in": str(args.input), "teacher": str(args.teacher), "student_name": student}
     if args.variant is not None:
         run_params["variant"] = args.variant
-    run_name = args.run_name or (f"distill-{args.variant}-seed{config.train.seed}" if args.variant else f"distill-{student}")
+    run_name = args.run_name or (f"distill-{student}-{args.variant}-seed{config.train.seed}" if args.variant else f"distill-{student}")
     with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=run_name) as run:
         metrics = run_distill(
             catalogue,
@@ -591,13 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
     distill.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
     distill.add_argument("--teacher-embeddings", default="data/teacher_emb", help="teacher_embed output (default: data/teacher_emb)")
-    distill.add_argument("--student", help="a name of distill.students (default: the first)")
-    distill.add_argument("--variant", help="train distill_ablation.student with this distill_ablation.variants edge set")
+    distill.add_argument("--student", help="a name of distill.students (default: the first); with --variant, of distill_ablation.students")
+    distill.add_argument("--variant", help="train a student of distill_ablation.students (--student, default the first) with this distill_ablation.variants edge set")
     distill.add_argument("--seed", type=int, help="override the training seed")
     distill.add_argument("--out", required=True, help="student weights + config (e.g. models/students/xt)")
     distill.add_argument("--metrics", required=True, help="metrics JSON (e.g. metrics/distill/xt.json)")
     distill.add_argument("--resume", action="store_true", help="continue the interrupted run with the same config and inputs")
-    distill.add_argument("--run-name", help="MLflow run name (default: distill-<student> or distill-<variant>-seed<n>)")
+    distill.add_argument("--run-name", help="MLflow run name (default: distill-<student> or distill-<student>-<variant>-seed<n>)")
     distill.set_defaults(handler=cmd_distill)
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics of each model on the test split (params: evaluate)")

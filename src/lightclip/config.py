@@ -384,15 +384,27 @@ class DistillConfig(StrictModel):
 
 
 class DistillAblationConfig(StrictModel):
-    """The distillation ablation sweep (``pipelines/ablation/dvc.yaml``): edge sets x seeds.
+    """The distillation ablation sweep (``pipelines/ablation/dvc.yaml``): students x edge sets x seeds.
 
     Every variant trains ``distill.students[student]`` with ``distill.train``, changing only the
-    edges (and the seed), so the table isolates what each kind of supervision brings.
+    edges (and the seed), so the table isolates what each kind of supervision brings to each
+    student size.
     """
 
-    student: str = "xt"
+    students: list[str] = Field(default_factory=lambda: ["xt"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, list[EdgeLossConfig]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_student(cls, data: Any) -> Any:
+        # the earlier single-student form (`student: xt`) still reads
+        if isinstance(data, dict) and "student" in data:
+            if "students" in data:
+                raise ValueError("give either student or students, not both")
+            data = {**data, "students": [data["student"]]}
+            del data["student"]
+        return data
 
     @model_validator(mode="after")
     def _variants_are_graphs(self) -> "DistillAblationConfig":
@@ -403,11 +415,14 @@ class DistillAblationConfig(StrictModel):
                 raise ValueError(f"variants.{name}: {exc.errors()[0]['msg']}") from None
         return self
 
-    def config_for(self, distill: DistillConfig, variant: str, seed: int) -> DistillConfig:
-        """``distill`` with this variant's edges, the ablation's student and ``seed``."""
+    def config_for(self, distill: DistillConfig, variant: str, seed: int, student: str | None = None) -> DistillConfig:
+        """``distill`` with this variant's edges, ``student`` (default: the first of ``students``) and ``seed``."""
         if variant not in self.variants:
             raise ConfigError(f"distill_ablation.variants has no variant {variant!r}; variants: {', '.join(self.variants) or 'none'}")
-        base = distill.for_student(self.student)
+        student = self.students[0] if student is None else student
+        if student not in self.students:
+            raise ConfigError(f"distill_ablation.students has no student {student!r}; students: {', '.join(self.students)}")
+        base = distill.for_student(student)
         return base.model_copy(update={"edges": self.variants[variant], "train": base.train.model_copy(update={"seed": seed})})
 
 
