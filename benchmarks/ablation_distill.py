@@ -1,14 +1,15 @@
-"""CocaCLIP distillation ablation on any catalogue: edge-set variants x seeds, one MLflow parent.
+"""CocaCLIP distillation ablation on any catalogue: one student's edge-set variants x seeds, one MLflow parent.
 
 The embedded default runs the same sweep as a DVC matrix (``pipelines/ablation/dvc.yaml``);
 this script is for catalogues outside the DVC project (the shared real catalogue), where the
-teacher and its ``teacher_embed`` cache were made with the CLI. Each (variant, seed) is an
-MLflow child run with the same metric names as the pipeline's distill runs; per-run metrics go
-to ``--runs-dir/<variant>-seed<n>.json`` and the table (``ablation_table.py``) to ``--out``.
+teacher and its ``teacher_embed`` cache were made with the CLI. Each (variant, seed) of
+``--student`` is an MLflow child run with the same metric names as the pipeline's distill runs;
+per-run metrics go to ``--runs-dir/<student>/<variant>-seed<n>.json`` and the table
+(``ablation_table.py``, every student found under ``--runs-dir``) to ``--out``.
 
     lightclip teacher-embed --params P --in SPLIT --teacher TEACHER --out EMB --metrics /tmp/te.json
     python benchmarks/ablation_distill.py --params P --catalogue SPLIT --teacher TEACHER \
-        --teacher-embeddings EMB --seeds 0 --name real --out metrics/ablation_distill_real.json
+        --teacher-embeddings EMB --seeds 0 --name real --student xxt --out metrics/ablation_distill_real.json
 
 Run one benchmark at a time: this machine has 2 cores and parallel runs halve each other.
 """
@@ -20,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from ablation_table import distill_table, write_table
+from ablation_table import distill_table, read_runs, write_table
 
 from lightclip.config import load_params
 from lightclip.data.catalogue import Catalogue
@@ -57,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     student = args.student or ablation.students[0]
     runs_dir = Path(args.runs_dir or project / "metrics" / "ablation" / args.name) / student
     runs_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
     with pipeline_run(f"ablation-distill-{args.name}", {"catalogue": args.catalogue, "teacher": args.teacher, "student": student, "variants": variants, "seeds": seeds}, project_dir=project, experiment=params.tracking.experiment) as parent:
         parent.set_tags({"lightclip.ablation": "distill", "lightclip.catalogue": args.name})
         for variant in variants:
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                     run.log_metrics(metrics)
                 (runs_dir / f"{name}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
                 print(f"{args.name} {name}: {summarise(metrics)}", flush=True)
-                runs.append({"student": student, "variant": variant, "seed": seed, **metrics})
     model = load_model(args.teacher)
     size = int(preprocess_config(model)["size"])
     teacher = split_metrics(model, load_tokenizer(args.teacher), catalogue, "test", size, project / ".cache" / "images", progress=False)
-    write_table(distill_table(runs, args.name, teacher), args.out)
+    # the table covers every student whose runs are in the runs directory, not only this call's
+    write_table(distill_table(read_runs(runs_dir.parent), args.name, teacher), args.out)
     return 0
 
 

@@ -17,6 +17,7 @@ from lightclip.data.synth import generate_catalogue
 from lightclip.evaluation import (
     EvaluationError,
     Positives,
+    catalogue_positives,
     evaluate_retrieval,
     image_content_groups,
     retrieval_metrics,
@@ -271,3 +272,43 @@ def test_attribute_labels_treat_blank_and_missing_alike():
     # key by index: Dress(0) -> item 1 (missing, a miss), Shirt(4) -> 0 (Dress), Dress(5) -> 0 (Dress)
     assert m["t2i_P@1_articleType"] == pytest.approx(100.0)
     assert m["t2i_P@2_articleType"] == pytest.approx(100 * (0.5 + 0.5 + 1.0) / 3)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_over_block_candidates_equals_a_full_stable_sort(ties: bool):
+    # wide enough rows for the block-maxima shortcut (and a ragged last block)
+    rng = np.random.default_rng(3)
+    n_keys = 1237
+    if ties:  # small integers: exact ties everywhere, also at the k-th place
+        queries = rng.integers(-1, 2, (16, 4)).astype(np.float32)
+        keys = rng.integers(-1, 2, (n_keys, 4)).astype(np.float32)
+    else:
+        queries = rng.standard_normal((16, 8)).astype(np.float32)
+        keys = rng.standard_normal((n_keys, 8)).astype(np.float32)
+        keys[1200:] = keys[0]  # duplicates of key 0 in the ragged end
+    _, top = retrieval_ranks(torch.from_numpy(queries), torch.from_numpy(keys), np.arange(17), np.zeros(16, dtype=np.int64), chunk=5, topk=10)
+    sims = torch.from_numpy(queries) @ torch.from_numpy(keys).T  # the same float32 products
+    for q in range(16):
+        row = sims[q].tolist()
+        assert top[q].tolist() == sorted(range(n_keys), key=lambda j: (-row[j], j))[:10]
+
+
+def test_catalogue_positives_merge_own_title_and_image_rules():
+    titles = ["Red Dress", "red  dress", "Blue Shirt", "Green Cap", "Black Belt"]
+    images = np.zeros((5, 3, 4, 4), dtype=np.uint8)
+    images[2] = 1
+    images[3] = 1  # items 2 and 3 show byte-identical images
+    images[4] = 2
+    cache = ImageCache.from_array(images)
+    # item 0 and 1 also share an image, so both rules pair them: the pair must appear once
+    positives = catalogue_positives(titles, cache, ["title", "image"])
+    pairs = set(zip(*(a.tolist() for a in positives.pairs())))
+    assert pairs == {(i, i) for i in range(5)} | {(0, 1), (1, 0), (2, 3), (3, 2)}
+    assert positives.image_texts.size == 9
+    assert set(zip(*(a.tolist() for a in catalogue_positives(titles, cache, []).pairs()))) == {(i, i) for i in range(5)}
+    only_titles = catalogue_positives(titles, None, ["title"])
+    assert only_titles.image_texts.size == 7
+    with pytest.raises(EvaluationError, match="needs the decoded images"):
+        catalogue_positives(titles, None, ["image"])
+    with pytest.raises(EvaluationError, match="unknown positives rule 'colour'"):
+        catalogue_positives(titles, cache, ["colour"])

@@ -1,6 +1,6 @@
 """The ``distill`` stage: CocaCLIP/ConaCLIP distillation of the teacher into a small student.
 
-The student (``distill.student``, ``lc-vit-xt`` by default, ``lc-vit-t`` the second size) is
+The student (one of ``distill.students``: ``xt`` = ``lc-vit-xt`` and ``xxt`` = ``lc-vit-xxt`` by default) is
 trained by the shared loop (:func:`lightclip.training.train`) on the training pairs with the
 graph loss of :func:`lightclip.losses.distillation_losses` over the edges of
 ``distill.edges`` (the default supervises all four interaction types; the baseline without

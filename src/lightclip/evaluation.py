@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,18 @@ def _csr(n_rows: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, n
     return np.cumsum(ptr), cols
 
 
+def group_pairs(image_groups: np.ndarray, text_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, texts)`` index pairs with equal group ids (every image x text of a group)."""
+    t_order = np.argsort(text_groups, kind="stable")
+    t_sorted = text_groups[t_order]
+    lo = np.searchsorted(t_sorted, image_groups, side="left")
+    hi = np.searchsorted(t_sorted, image_groups, side="right")
+    counts = hi - lo
+    images = np.repeat(np.arange(image_groups.size), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return images, t_order[np.repeat(lo, counts) + offsets]
+
+
 @dataclass(frozen=True)
 class Positives:
     """A many-to-many image-text relation, stored both ways as CSR (sorted, no duplicates).
@@ -130,15 +143,7 @@ class Positives:
         """Image ``i`` and text ``j`` are positives when ``image_groups[i] == text_groups[j]``."""
         ig = np.asarray(image_groups, dtype=np.int64).ravel()
         tg = ig if text_groups is None else np.asarray(text_groups, dtype=np.int64).ravel()
-        t_order = np.argsort(tg, kind="stable")
-        t_sorted = tg[t_order]
-        lo = np.searchsorted(t_sorted, ig, side="left")
-        hi = np.searchsorted(t_sorted, ig, side="right")
-        counts = hi - lo
-        images = np.repeat(np.arange(ig.size), counts)
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        texts = t_order[np.repeat(lo, counts) + offsets]
-        return cls.from_pairs(ig.size, tg.size, images, texts)
+        return cls.from_pairs(ig.size, tg.size, *group_pairs(ig, tg))
 
     @classmethod
     def from_text_image_index(cls, text_image_index: Sequence[int] | np.ndarray, n_images: int) -> "Positives":
@@ -201,13 +206,41 @@ def _count_rows(mask: np.ndarray) -> np.ndarray:
     return np.bitwise_count(mask.view(np.uint64)).sum(axis=1, dtype=np.int64)
 
 
+def _candidate_columns(sims: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per row, the columns of the ``k + 1`` blocks with the largest maxima (plus the ragged end).
+
+    Every one of a row's ``k + 1`` largest values lies in a block whose maximum is at least the
+    ``(k+1)``-th largest value, and at most ``k + 1`` blocks can have that unless values tie
+    there (which the caller detects and redoes exactly). So a top-k over these columns only is
+    the top-k over the row, at a fraction of the cost of ``topk`` on all of it. ``None`` when
+    the row is too short for blocks to pay.
+    """
+    n_rows, n = sims.shape
+    block = max(16, math.isqrt(n))
+    n_blocks = n // block
+    if n_blocks <= 2 * (k + 1):
+        return None
+    full = sims[:, : n_blocks * block].reshape(n_rows, n_blocks, block)
+    chosen = full.amax(dim=2).topk(k + 1, dim=1).indices  # rows x (k+1) block numbers
+    columns = (chosen[:, :, None] * block + torch.arange(block)).reshape(n_rows, -1)
+    if n_blocks * block < n:
+        tail = torch.arange(n_blocks * block, n).expand(n_rows, -1)
+        columns = torch.cat([columns, tail], dim=1)
+    return columns
+
+
 def _stable_topk(sims: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the first ``k`` keys per row, ordered by (similarity desc, index asc)."""
     n = sims.shape[1]
     k = min(k, n)
     # One extra: when the (k+1)-th value equals the k-th, keys tied at the boundary may have
     # been cut arbitrarily, so those rows are redone with a full stable sort.
-    values, index = sims.topk(min(k + 1, n), dim=1, largest=True, sorted=True)
+    columns = _candidate_columns(sims, k) if n > k else None
+    if columns is None:
+        values, index = sims.topk(min(k + 1, n), dim=1, largest=True, sorted=True)
+    else:
+        values, picked = sims.gather(1, columns).topk(k + 1, dim=1, largest=True, sorted=True)
+        index = columns.gather(1, picked)
     crowded = torch.nonzero(values[:, k - 1] == values[:, k]).flatten().tolist() if n > k else []
     values, index = values[:, :k], index[:, :k]
     # Canonical order inside the k: by index, then stably by value (desc).
@@ -549,17 +582,22 @@ def catalogue_positives(titles: Sequence[str], cache: "ImageCache | None", rules
     a positive of the other's image (otherwise the metric would score a forced tie by index).
     """
     n = len(titles)
-    relations = [Positives.identity(n)]
+    images, texts = [np.arange(n)], [np.arange(n)]
     for rule in rules:
         if rule == "title":
-            relations.append(Positives.from_groups(title_groups(titles)))
+            groups = title_groups(titles)
         elif rule == "image":
             if cache is None:
                 raise EvaluationError("positives rule 'image' needs the decoded images")
-            relations.append(Positives.from_groups(image_content_groups(cache)))
+            groups = image_content_groups(cache)
         else:
             raise EvaluationError(f"unknown positives rule {rule!r}; allowed: title, image")
-    return relations[0].union(*relations[1:]) if len(relations) > 1 else relations[0]
+        if np.unique(groups).size < n:  # all distinct: nothing beyond the items' own pairs
+            i, t = group_pairs(groups, groups)
+            images.append(i)
+            texts.append(t)
+    # one merge of every relation (from_pairs removes the duplicate pairs)
+    return Positives.from_pairs(n, n, np.concatenate(images), np.concatenate(texts))
 
 
 @dataclass
