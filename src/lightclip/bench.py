@@ -8,6 +8,9 @@ Per model (``bench.models``, default ``evaluate.models``):
   (tokenised beforehand; ``lightclip.models.encode_text``, the path search uses).
 * ``image_per_s``, ``text_per_s``: throughput at batch ``bench.batch_size`` (64), the median
   of ``bench.throughput_batches`` timed batches.
+* Both are timed in ``bench.rounds`` interleaved rounds over all the models (each round a share
+  of every model's calls, a different model first), so that the teacher/student ratios do not
+  depend on when each model happened to be measured on a shared machine.
 * ``index_build_s``, ``query_ms_p50/p95``: the ``index.kind`` index over a synthetic gallery
   of ``bench.gallery_size`` vectors at the model's width, and batch-1 search latency;
   ``search_text_ms_p50/p95``: a whole text query (tokenise, encode, search).
@@ -16,7 +19,8 @@ Per model (``bench.models``, default ``evaluate.models``):
   searching with this model, before the evaluate-overhead check: the peak is reset before each
   model where Linux allows it, else it is the process peak so far).
 * ``eval_overhead/*``: the evaluate stage's own time (positives and every metric:
-  ``evaluation.score_embeddings``) on a synthetic split of ``bench.gallery_size`` items vs the
+  ``evaluation.score_embeddings``) on a split of ``bench.gallery_size`` products rendered by the
+  embedded default's generator vs the
   stage's time to embed it (``evaluation.embed_pairs``: images from an image cache, titles
   tokenised, at ``evaluate.batch_size``); the first must stay under 10% of the second.
 
@@ -207,29 +211,26 @@ def bench_index_scaling(
 # ----------------------------------------------------------------------------------------------
 
 
-GALLERY_WORDS: dict[str, tuple[str, ...]] = {
-    "brand": ("Maple Row", "Northwind", "Urban Loom", "Kora", "Bluefield", "Saffron & Co", "Driftwood", "Lumen"),
-    "gender": ("Men", "Women", "Boys", "Girls", "Unisex"),
-    "colour": ("Pink", "Teal", "Navy Blue", "Black", "White", "Olive", "Maroon", "Mustard", "Grey Melange", "Beige"),
-    "pattern": ("Striped", "Solid", "Floral Print", "Checked", "Printed", "Colourblocked", "Self-Design"),
-    "fit": ("Slim Fit", "Regular Fit", "Relaxed", "A-Line", "Skinny Fit", "Straight"),
-    "type": ("T-shirt", "Shirt", "Midi Dress", "Jeans", "Kurta", "Sneakers", "Handbag", "Watch", "Track Pants", "Sweatshirt"),
-}
-
-
 def synthetic_gallery(n: int, image_size: int, *, seed: int = 0) -> tuple[Any, list[str], dict[str, list[list[Any]]]]:
-    """``n`` items like a catalogue's: random images in an image cache, varied titles (every
-    50th repeats another, as real catalogues do) and articleType/baseColour attributes."""
+    """``n`` catalogue-like items drawn by the embedded default's generator (``data.synth``):
+    product images in an image cache, their titles (some repeat, as in real catalogues) and
+    articleType/baseColour attributes. Pixel noise would not do: a model maps noise images to
+    nearly one embedding, and the flood of exactly tied similarities that follows is not what
+    a real split costs."""
+    import random
+
+    from lightclip.data.synth import compose_title, render_item, sample_spec
     from lightclip.imagecache import ImageCache
 
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 3, image_size, image_size), dtype=np.uint8)
-    picks = {field: rng.integers(0, len(words), n) for field, words in GALLERY_WORDS.items()}
-    titles = [" ".join(GALLERY_WORDS[field][int(picks[field][i])] for field in GALLERY_WORDS) + f" {i % 997}" for i in range(n)]
-    for i in range(0, n - 1, 50):
-        titles[i] = titles[i + 1]
-    types = [GALLERY_WORDS["type"][int(t)] for t in picks["type"]]
-    colours = [GALLERY_WORDS["colour"][int(c)] for c in picks["colour"]]
+    rng = random.Random(seed)
+    images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    titles, types, colours = [], [], []
+    for i in range(n):
+        spec = sample_spec(rng, f"bench-{i}")
+        images[i] = np.asarray(render_item(spec, image_size)).transpose(2, 0, 1)
+        titles.append(compose_title(spec, rng))
+        types.append(spec.article)
+        colours.append(spec.base)
     attributes = {"articleType": [types], "articleType_baseColour": [types, colours]}
     return ImageCache.from_array(images), titles, attributes
 
@@ -242,19 +243,25 @@ def eval_overhead(
     evaluate_config: "EvaluateConfig",
     *,
     seed: int = 0,
+    galleries: dict[tuple[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage's own time on a ``gallery``-item split vs the time it takes to embed it.
 
     Both halves are the stage's code: ``embed_pairs`` (images from the cache, normalised;
     titles tokenised; at ``evaluate.batch_size``) and ``score_embeddings`` (positives by the
-    ``evaluate.positives`` rules, every metric), on the whole gallery.
+    ``evaluate.positives`` rules, every metric), on the whole gallery. ``galleries`` keeps the
+    rendered split per (size, image size) so that several models share one.
     """
     from lightclip.evaluation import embed_pairs, score_embeddings
 
-    cache, titles, attributes = synthetic_gallery(gallery, image_size, seed=seed)
+    galleries = {} if galleries is None else galleries
+    if (gallery, image_size) not in galleries:
+        galleries[(gallery, image_size)] = synthetic_gallery(gallery, image_size, seed=seed)
+    cache, titles, attributes = galleries[(gallery, image_size)]
     emb = embed_pairs(model, tokenizer, cache, titles, evaluate_config.batch_size)
     embed_s = emb.image_seconds + emb.text_seconds
-    _, _, metrics_s = score_embeddings(emb, titles, cache, attributes, evaluate_config)
+    # the median of three: one noisy repetition on a shared machine should not decide the check
+    metrics_s = float(np.median([score_embeddings(emb, titles, cache, attributes, evaluate_config)[2] for _ in range(3)]))
     return {
         "gallery": gallery,
         "embed_s": embed_s,
@@ -262,6 +269,63 @@ def eval_overhead(
         "share": metrics_s / embed_s,
         "ok": bool(metrics_s / embed_s < EVAL_OVERHEAD_LIMIT),
     }
+
+
+def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Batch-1 encode latency and batch throughput of every model, timed in interleaved rounds.
+
+    Each of ``bench.rounds`` rounds times every model in turn (a share of the ``bench.runs``
+    batch-1 calls of each kind, and throughput batches), starting with a different model each
+    round: a change of machine state during the bench (another tenant, clock speed) then hits
+    every model alike, which keeps the teacher/student ratios honest on a shared machine.
+    """
+    import torch
+
+    from lightclip.models.zoo import encode_text, load_model, load_tokenizer, preprocess_config
+
+    names = list(model_dirs)
+    gen = torch.Generator().manual_seed(config.seed)
+    calls: dict[str, dict[str, Callable[[], Any]]] = {}
+    for name in names:
+        model, tokenizer = load_model(model_dirs[name]).eval(), load_tokenizer(model_dirs[name])
+        size = int(preprocess_config(model)["size"])
+        one_image = torch.randn(1, 3, size, size, generator=gen)
+        batch_images = torch.randn(config.batch_size, 3, size, size, generator=gen)
+        one_text = tokenizer([SAMPLE_TITLE])
+        batch_text = tokenizer([f"{SAMPLE_TITLE} {i}" for i in range(config.batch_size)])
+        calls[name] = {
+            "image": lambda m=model, x=one_image: m.encode_image(x, normalize=True),
+            "text": lambda m=model, t=one_text: encode_text(m, t, normalize=True),
+            "image_batch": lambda m=model, x=batch_images: m.encode_image(x, normalize=True),
+            "text_batch": lambda m=model, t=batch_text: encode_text(m, t, normalize=True),
+        }
+    samples: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in ("image", "text", "image_batch", "text_batch")} for name in names}
+    runs_per_round = math.ceil(config.runs / config.rounds)
+    batches_per_round = math.ceil(config.throughput_batches / config.rounds)
+    with torch.no_grad():
+        for name in names:  # warm-up, untimed
+            for kind, fn in calls[name].items():
+                for _ in range(config.warmup if kind in ("image", "text") else 1):
+                    fn()
+        for round_ in range(config.rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                for kind, fn in calls[name].items():
+                    n = runs_per_round if kind in ("image", "text") else batches_per_round
+                    samples[name][kind].extend(time_calls(fn, warmup=0, runs=n).tolist())
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        row: dict[str, float] = {}
+        row["image_ms_p50"], row["image_ms_p95"] = p50_p95_ms(samples[name]["image"])
+        row["text_ms_p50"], row["text_ms_p95"] = p50_p95_ms(samples[name]["text"])
+        row["image_per_s"] = config.batch_size / float(np.median(samples[name]["image_batch"]))
+        row["text_per_s"] = config.batch_size / float(np.median(samples[name]["text_batch"]))
+        row["latency_runs"] = len(samples[name]["image"])
+        out[name] = row
+        log(
+            f"  {name}: image p50 {row['image_ms_p50']:.2f} ms p95 {row['image_ms_p95']:.2f} ms, text p50 {row['text_ms_p50']:.2f} ms "
+            f"p95 {row['text_ms_p95']:.2f} ms; batch {config.batch_size}: {row['image_per_s']:.0f} images/s, {row['text_per_s']:.0f} texts/s"
+        )
+    return out
 
 
 def bench_model(
@@ -272,6 +336,7 @@ def bench_model(
     index_config: "IndexConfig",
     *,
     log: Callable[[str], None] = print,
+    galleries: dict[tuple[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -294,26 +359,9 @@ def bench_model(
         "load_s": load_s,
         "image_size": size,
     }
-    gen = torch.Generator().manual_seed(config.seed)
-    one_image = torch.randn(1, 3, size, size, generator=gen)
-    batch_images = torch.randn(config.batch_size, 3, size, size, generator=gen)
-    one_text = tokenizer([SAMPLE_TITLE])
-    batch_text = tokenizer([f"{SAMPLE_TITLE} {i}" for i in range(config.batch_size)])
     with torch.no_grad():
-        dim = int(model.encode_image(one_image, normalize=True).shape[-1])
-        out["embed_dim"] = dim
-        lat = time_calls(lambda: model.encode_image(one_image, normalize=True), warmup=config.warmup, runs=config.runs)
-        out["image_ms_p50"], out["image_ms_p95"] = p50_p95_ms(lat)
-        lat = time_calls(lambda: encode_text(model, one_text, normalize=True), warmup=config.warmup, runs=config.runs)
-        out["text_ms_p50"], out["text_ms_p95"] = p50_p95_ms(lat)
-        per_batch = time_calls(lambda: model.encode_image(batch_images, normalize=True), warmup=1, runs=config.throughput_batches)
-        out["image_per_s"] = config.batch_size / float(np.median(per_batch))
-        per_batch = time_calls(lambda: encode_text(model, batch_text, normalize=True), warmup=1, runs=config.throughput_batches)
-        out["text_per_s"] = config.batch_size / float(np.median(per_batch))
-    log(
-        f"  {name}: image p50 {out['image_ms_p50']:.2f} ms p95 {out['image_ms_p95']:.2f} ms, text p50 {out['text_ms_p50']:.2f} ms "
-        f"p95 {out['text_ms_p95']:.2f} ms; batch {config.batch_size}: {out['image_per_s']:.0f} images/s, {out['text_per_s']:.0f} texts/s"
-    )
+        dim = int(model.encode_image(torch.zeros(1, 3, size, size), normalize=True).shape[-1])
+    out["embed_dim"] = dim
 
     gallery = clustered_vectors(config.gallery_size, dim, seed=config.seed)
     index, info = build_faiss_index(gallery, index_config, normalise=False)
@@ -340,7 +388,7 @@ def bench_model(
 
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_rss_reset"] = reset
-    overhead = eval_overhead(model, tokenizer, size, config.gallery_size, evaluate_config, seed=config.seed)
+    overhead = eval_overhead(model, tokenizer, size, config.gallery_size, evaluate_config, seed=config.seed, galleries=galleries)
     out.update({f"eval_overhead/{k}": v for k, v in overhead.items()})
     verdict = "OK" if overhead["ok"] else f"TOO SLOW (limit {EVAL_OVERHEAD_LIMIT:.0%})"
     log(
@@ -405,9 +453,13 @@ def run_bench(
     try:
         machine = machine_info()
         log(f"machine: {machine['cpu']}, {machine['cores_usable']} usable cores, torch {machine['torch_threads']} threads, load {machine['load_average_1min']:.2f}")
+        log(f"encode speed, {config.rounds} interleaved rounds:")
+        speed = encode_speed(model_dirs, config, log=log)
+        gc.collect()
         results = {}
+        galleries: dict[tuple[int, int], Any] = {}  # the evaluate-overhead split, rendered once per image size
         for name in models:
-            results[name] = bench_model(name, model_dirs[name], config, evaluate_config, index_config, log=log)
+            results[name] = {**speed[name], **bench_model(name, model_dirs[name], config, evaluate_config, index_config, log=log, galleries=galleries)}
             results[name]["model_dir"] = str(models[name])
             gc.collect()
         ratios = model_ratios(results, config.teacher)

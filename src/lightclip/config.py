@@ -525,6 +525,7 @@ class BenchConfig(StrictModel):
     runs: int = Field(100, ge=100, description="timed batch-1 calls per measurement")
     batch_size: int = Field(64, ge=1, description="throughput batch")
     throughput_batches: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, description="interleaved rounds over the models for latency and throughput")
     gallery_size: int = Field(10000, ge=10, description="gallery of the evaluate-overhead check")
     index_sizes: list[int] = Field(default_factory=lambda: [10000, 100000, 1000000])
     index_kinds: list[Literal["flat", "ivf", "hnsw"]] = Field(default_factory=lambda: ["flat", "ivf", "hnsw"])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
 
 KS: tuple[int, ...] = (1, 5, 10)
 DIRECTIONS: tuple[str, ...] = ("i2t", "t2i")
-_WHITESPACE = re.compile(r"\s+")
 
 
 class EvaluationError(ValueError):
@@ -66,11 +64,8 @@ def title_groups(titles: Sequence[Any]) -> np.ndarray:
     """A group id per title: equal after lower-casing and collapsing whitespace -> same id."""
     import pandas as pd
 
-    keys = pd.Series([str(t) if t is not None else None for t in titles], dtype=object)
-    folded = keys.str.replace(_WHITESPACE, " ", regex=True).str.strip().str.lower()
-    missing = keys.isna().to_numpy()
-    folded[missing] = [f"\0missing{i}" for i in np.flatnonzero(missing)]
-    return pd.factorize(folded)[0].astype(np.int64)
+    keys = [" ".join(str(t).split()).lower() if t is not None else f"\0missing{i}" for i, t in enumerate(titles)]
+    return pd.factorize(pd.Series(keys, dtype=object))[0].astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
