@@ -286,9 +286,11 @@ def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: 
     names = list(model_dirs)
     gen = torch.Generator().manual_seed(config.seed)
     calls: dict[str, dict[str, Callable[[], Any]]] = {}
+    sizes: dict[str, int] = {}
     for name in names:
         model, tokenizer = load_model(model_dirs[name]).eval(), load_tokenizer(model_dirs[name])
         size = int(preprocess_config(model)["size"])
+        sizes[name] = size
         one_image = torch.randn(1, 3, size, size, generator=gen)
         batch_images = torch.randn(config.batch_size, 3, size, size, generator=gen)
         one_text = tokenizer([SAMPLE_TITLE])
@@ -320,6 +322,7 @@ def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: 
         row["image_per_s"] = config.batch_size / float(np.median(samples[name]["image_batch"]))
         row["text_per_s"] = config.batch_size / float(np.median(samples[name]["text_batch"]))
         row["latency_runs"] = len(samples[name]["image"])
+        row["image_size"] = sizes[name]
         out[name] = row
         log(
             f"  {name}: image p50 {row['image_ms_p50']:.2f} ms p95 {row['image_ms_p95']:.2f} ms, text p50 {row['text_ms_p50']:.2f} ms "
@@ -456,8 +459,10 @@ def run_bench(
         log(f"encode speed, {config.rounds} interleaved rounds:")
         speed = encode_speed(model_dirs, config, log=log)
         gc.collect()
+        # the evaluate-overhead split, rendered once per image size before any model is measured,
+        # so that every model's peak RSS includes it alike
+        galleries = {(config.gallery_size, size): synthetic_gallery(config.gallery_size, size, seed=config.seed) for size in sorted({r["image_size"] for r in speed.values()})}
         results = {}
-        galleries: dict[tuple[int, int], Any] = {}  # the evaluate-overhead split, rendered once per image size
         for name in models:
             results[name] = {**speed[name], **bench_model(name, model_dirs[name], config, evaluate_config, index_config, log=log, galleries=galleries)}
             results[name]["model_dir"] = str(models[name])
