@@ -34,6 +34,7 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     params["split"].update(val=8, test=8)
     params["build_kg"]["min_count"] = 2
     params["pretrain"]["model"]["arch"] = "lc-test-tiny"
+    params["pretrain"]["ensemble_members"] = 2  # still an ensemble, one tiny member fewer than the default
     params["pretrain"]["train"].update(epochs=1, batch_size=8, num_threads=1)
     params["teacher_embed"]["num_threads"] = 1
     params["distill"]["students"] = {"s": {"arch": "lc-test-tiny", "pretrained": None}}
