@@ -251,35 +251,22 @@ def synthetic_gallery(n: int, image_size: int, *, seed: int = 0) -> tuple[Any, l
     return ImageCache.from_array(images), titles, attributes
 
 
-def eval_overhead(
-    model: Any,
-    tokenizer: Callable[..., Any],
-    image_size: int,
-    gallery: int,
-    evaluate_config: "EvaluateConfig",
-    *,
-    seed: int = 0,
-    galleries: dict[tuple[int, int], Any] | None = None,
-) -> dict[str, Any]:
-    """The evaluate stage's own time on a ``gallery``-item split vs the time it takes to embed it.
+def eval_overhead(model: Any, tokenizer: Callable[..., Any], split: tuple[Any, list[str], dict[str, list[list[Any]]]], evaluate_config: "EvaluateConfig") -> dict[str, Any]:
+    """The evaluate stage's own time on ``split`` (from :func:`synthetic_gallery`) vs the time it takes to embed it.
 
     Both halves are the stage's code: ``embed_pairs`` (images from the cache, normalised;
     titles tokenised; at ``evaluate.batch_size``) and ``score_embeddings`` (positives by the
-    ``evaluate.positives`` rules, every metric), on the whole gallery. ``galleries`` keeps the
-    rendered split per (size, image size) so that several models share one.
+    ``evaluate.positives`` rules, every metric), on the whole split.
     """
     from lightclip.evaluation import embed_pairs, score_embeddings
 
-    galleries = {} if galleries is None else galleries
-    if (gallery, image_size) not in galleries:
-        galleries[(gallery, image_size)] = synthetic_gallery(gallery, image_size, seed=seed)
-    cache, titles, attributes = galleries[(gallery, image_size)]
+    cache, titles, attributes = split
     emb = embed_pairs(model, tokenizer, cache, titles, evaluate_config.batch_size)
     embed_s = emb.image_seconds + emb.text_seconds
     # the median of three: one noisy repetition on a shared machine should not decide the check
     metrics_s = float(np.median([score_embeddings(emb, titles, cache, attributes, evaluate_config)[2] for _ in range(3)]))
     return {
-        "gallery": gallery,
+        "gallery": len(titles),
         "embed_s": embed_s,
         "metrics_s": metrics_s,
         "share": metrics_s / embed_s,
@@ -353,10 +340,12 @@ def bench_model(
     config: "BenchConfig",
     evaluate_config: "EvaluateConfig",
     index_config: "IndexConfig",
+    split: tuple[Any, list[str], dict[str, list[list[Any]]]],
     *,
     log: Callable[[str], None] = print,
-    galleries: dict[tuple[int, int], Any] | None = None,
 ) -> dict[str, Any]:
+    """Size, index, search and evaluate-overhead figures of one model (``split``: the rendered
+    evaluate-overhead split at the model's image size)."""
     import torch
 
     from lightclip.index import build_faiss_index, search_faiss
@@ -405,7 +394,7 @@ def bench_model(
     del index, gallery
 
     out["peak_rss_mb"] = serving_peak_rss_mb(Path(model_dir), config.batch_size)
-    overhead = eval_overhead(model, tokenizer, size, config.gallery_size, evaluate_config, seed=config.seed, galleries=galleries)
+    overhead = eval_overhead(model, tokenizer, split, evaluate_config)
     out.update({f"eval_overhead/{k}": v for k, v in overhead.items()})
     verdict = "OK" if overhead["ok"] else f"TOO SLOW (limit {EVAL_OVERHEAD_LIMIT:.0%})"
     log(
@@ -473,12 +462,12 @@ def run_bench(
         log(f"encode speed, {config.rounds} interleaved rounds:")
         speed = encode_speed(model_dirs, config, log=log)
         gc.collect()
-        # the evaluate-overhead split, rendered once per image size before any model is measured,
-        # so that every model's peak RSS includes it alike
-        galleries = {(config.gallery_size, size): synthetic_gallery(config.gallery_size, size, seed=config.seed) for size in sorted({r["image_size"] for r in speed.values()})}
+        # the evaluate-overhead split, rendered once per image size and shared by the models
+        splits = {size: synthetic_gallery(config.gallery_size, size, seed=config.seed) for size in sorted({r["image_size"] for r in speed.values()})}
         results = {}
         for name in models:
-            results[name] = {**speed[name], **bench_model(name, model_dirs[name], config, evaluate_config, index_config, log=log, galleries=galleries)}
+            split = splits[speed[name]["image_size"]]
+            results[name] = {**speed[name], **bench_model(name, model_dirs[name], config, evaluate_config, index_config, split, log=log)}
             results[name]["model_dir"] = str(models[name])
             gc.collect()
         ratios = model_ratios(results, config.teacher)
