@@ -195,8 +195,8 @@ def _count_rows(mask: np.ndarray) -> np.ndarray:
     """Per-row count of ``True`` in a bool matrix made by :func:`_mask_buffer`.
 
     Pops the bits of 8 bytes at a time (a ``True`` byte has exactly one bit set); the padding
-    columns stay ``False``. About 4x faster than ``np.count_nonzero(mask, axis=1)``: the
-    difference between the metrics costing 10% of embedding a gallery or a few percent.
+    columns stay ``False``. About 4x faster than ``np.count_nonzero(mask, axis=1)`` here
+    (0.21 vs 0.77 ms for a 256 x 10,000 mask).
     """
     return np.bitwise_count(mask.view(np.uint64)).sum(axis=1, dtype=np.int64)
 
@@ -561,10 +561,10 @@ def image_content_groups(cache: "ImageCache") -> np.ndarray:
         seen: dict[bytes, int] = {}
         for row in members.tolist():  # same sample: confirm on the whole image
             digest = hashlib.blake2b(flat[row].tobytes(), digest_size=16).digest()
-            if not seen:
-                seen[digest] = int(groups[row])
-            groups[row] = seen.setdefault(digest, next_id)
-            next_id += int(groups[row] == next_id)
+            if digest not in seen:  # the first content keeps the sample's id, any other gets a new one
+                seen[digest] = int(groups[row]) if not seen else next_id
+                next_id += len(seen) > 1
+            groups[row] = seen[digest]
     return groups
 
 
