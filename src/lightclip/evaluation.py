@@ -209,8 +209,22 @@ def _count_rows(mask: np.ndarray) -> np.ndarray:
 _TOPK_BLOCKS = 100
 
 
-def _stable_topk(sims: torch.Tensor, k: int, mask: np.ndarray | None = None) -> torch.Tensor:
-    """Indices of the first ``k`` keys per row, ordered by (similarity desc, index asc).
+@dataclass(frozen=True)
+class _TopCandidates:
+    """Per row, every entry ``>= tau`` (a lower bound of the row's ``(k+1)``-th largest value),
+    sorted by row, similarity (desc) and column: the exact top ``k + 1`` with all its ties."""
+
+    tau: np.ndarray  # rows
+    ptr: np.ndarray  # rows + 1: row r's entries are [ptr[r], ptr[r + 1])
+    columns: np.ndarray
+    values: np.ndarray
+
+    def top(self, k: int) -> np.ndarray:
+        return self.columns[self.ptr[:-1, None] + np.arange(k)]
+
+
+def _top_candidates(sims: torch.Tensor, k: int, mask: np.ndarray | None = None) -> _TopCandidates | None:
+    """The entries that hold each row's top ``k + 1`` (``None`` when rows are too short for blocks).
 
     The ``(k+1)``-th largest of a row's block maxima, ``tau``, is at most the row's ``(k+1)``-th
     largest value (``k + 1`` blocks reach it), so the entries ``>= tau`` hold the top ``k + 1``
@@ -219,21 +233,29 @@ def _stable_topk(sims: torch.Tensor, k: int, mask: np.ndarray | None = None) -> 
     :func:`_mask_buffer` of at least ``sims``' shape to reuse.
     """
     n_rows, n = sims.shape
-    k = min(k, n)
     block = -(-n // _TOPK_BLOCKS)
     n_blocks = n // block
     if n_blocks <= k or sims.stride(1) != 1:
-        return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+        return None
     blocks = sims.as_strided((n_rows, n_blocks, block), (sims.stride(0), block, 1))  # the ragged end is left out
     tau = blocks.amax(dim=2).topk(k + 1, dim=1).values[:, k:].numpy()
     values = sims.numpy()
     mask = _mask_buffer(n_rows, n) if mask is None else mask[:n_rows]
     np.greater_equal(values, tau, out=mask[:, :n])
-    rows, cols = np.divmod(np.flatnonzero(mask), mask.shape[1])
-    order = np.lexsort((cols, -values[rows, cols], rows))
-    rows, cols = rows[order], cols[order]
-    first = np.searchsorted(rows, np.arange(n_rows))
-    return torch.from_numpy(cols[first[:, None] + np.arange(k)])
+    rows, columns = np.divmod(np.flatnonzero(mask), mask.shape[1])
+    entries = values[rows, columns]
+    order = np.lexsort((columns, -entries, rows))
+    ptr = np.searchsorted(rows[order], np.arange(n_rows + 1))
+    return _TopCandidates(tau=tau.ravel(), ptr=ptr, columns=columns[order], values=entries[order])
+
+
+def _stable_topk(sims: torch.Tensor, k: int, mask: np.ndarray | None = None) -> torch.Tensor:
+    """Indices of the first ``k`` keys per row, ordered by (similarity desc, index asc)."""
+    k = min(k, sims.shape[1])
+    candidates = _top_candidates(sims, k, mask)
+    if candidates is None:
+        return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.from_numpy(candidates.top(k))
 
 
 def _csr_entries(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,22 +267,29 @@ def _csr_entries(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple
     return local, values[np.repeat(starts, counts) + offsets]
 
 
+def _best_positives(sims: np.ndarray, rows: np.ndarray, queries: np.ndarray, ptr: np.ndarray, positive_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query (its similarities in row ``rows[q]`` of ``sims``): the best positive's similarity,
+    read from that same matrix, and the lowest key index at it."""
+    counts = ptr[queries + 1] - ptr[queries]
+    if (counts == 0).any():
+        raise EvaluationError(f"query {int(queries[np.flatnonzero(counts == 0)[0]])} has no positive")
+    which, cols = _csr_entries(ptr, positive_keys, queries)
+    values = sims[rows[which], cols]
+    best = np.full(queries.size, -np.inf, dtype=sims.dtype)
+    np.maximum.at(best, which, values)
+    at_best = values == best[which]
+    first = np.full(queries.size, sims.shape[1], dtype=np.int64)
+    np.minimum.at(first, which[at_best], cols[at_best])
+    return best, first
+
+
 def _rank_rows(sims: np.ndarray, queries: np.ndarray, ptr: np.ndarray, positive_keys: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """0-based rank of each query's best positive; row ``r`` of ``sims`` holds query ``queries[r]``.
 
     ``mask``: a :func:`_mask_buffer` of at least ``sims``' shape (its rows are reused).
     """
     n_rows, n_keys = sims.shape
-    counts = ptr[queries + 1] - ptr[queries]
-    if (counts == 0).any():
-        raise EvaluationError(f"query {int(queries[np.flatnonzero(counts == 0)[0]])} has no positive")
-    rows, cols = _csr_entries(ptr, positive_keys, queries)
-    values = sims[rows, cols]  # the positives' similarities, read from the same matrix
-    best = np.full(n_rows, -np.inf, dtype=sims.dtype)
-    np.maximum.at(best, rows, values)
-    at_best = values == best[rows]
-    first = np.full(n_rows, n_keys, dtype=np.int64)
-    np.minimum.at(first, rows[at_best], cols[at_best])
+    best, first = _best_positives(sims, np.arange(n_rows), queries, ptr, positive_keys)
     threshold = best[:, None]
     mask, mask_keys = mask[:n_rows], mask[:n_rows, :n_keys]
     np.greater(sims, threshold, out=mask_keys)
@@ -268,6 +297,33 @@ def _rank_rows(sims: np.ndarray, queries: np.ndarray, ptr: np.ndarray, positive_
     np.equal(sims, threshold, out=mask_keys)
     for row in np.flatnonzero(_count_rows(mask) > 1).tolist():  # an exact tie at the best positive's similarity: lower index first
         rank[row] += int(np.count_nonzero(sims[row, : first[row]] == best[row]))
+    return rank
+
+
+def _rank_from_candidates(
+    sims: np.ndarray, candidates: _TopCandidates, rows: np.ndarray, queries: np.ndarray, ptr: np.ndarray, positive_keys: np.ndarray, mask: np.ndarray
+) -> np.ndarray | None:
+    """:func:`_rank_rows` for queries whose rows' top candidates are known (``rows[q]``: query ``q``'s row).
+
+    A query whose best positive reaches its row's ``tau`` has everything ranked before it among
+    the candidates, so it is counted there; the others are counted on copies of their rows.
+    ``None`` when over a quarter of the queries are of those (a weak model): whole rows are
+    then cheaper than copies.
+    """
+    best, first = _best_positives(sims, rows, queries, ptr, positive_keys)
+    if np.count_nonzero(best < candidates.tau[rows]) > queries.size // 4:
+        return None
+    rank = np.empty(queries.size, dtype=np.int64)
+    known = np.flatnonzero(best >= candidates.tau[rows])
+    which, position = _csr_entries(candidates.ptr, np.arange(candidates.columns.size), rows[known])
+    values, columns = candidates.values[position], candidates.columns[position]
+    q_best, q_first = best[known][which], first[known][which]
+    before = (values > q_best) | ((values == q_best) & (columns < q_first))
+    rank[known] = np.bincount(which[before], minlength=known.size)
+    rest = np.flatnonzero(best < candidates.tau[rows])
+    if rest.size:
+        copies = sims[rows[rest]]
+        rank[rest] = _rank_rows(copies, queries[rest], ptr, positive_keys, mask if rest.size <= mask.shape[0] else _mask_buffer(*copies.shape))
     return rank
 
 
@@ -402,16 +458,24 @@ def ranks_both_ways(
             stop = min(start + rows_per_tile, n_rows)
             sims_t = torch.mm(unique_texts[start:stop], images_t, out=sims_buffer[: stop - start])  # each similarity computed once
             sims = sims_t.numpy()
-            # text queries: whole rows, as retrieval_ranks; one text per folded row ranks on the row itself
+            # text queries: whole rows, as retrieval_ranks; every text of a folded row reads that row
             texts_here = row_order[row_ptr[start] : row_ptr[stop]]
-            firsts = row_order[row_ptr[start:stop]]
-            t2i_ranks[firsts] = _rank_rows(sims, firsts, t_ptr, t_images, query_mask)
-            others = np.setdiff1d(texts_here, firsts, assume_unique=True)
-            if others.size:  # the folded rows' other texts, on copies of their rows
-                copies = sims[text_row[others] - start]
-                t2i_ranks[others] = _rank_rows(copies, others, t_ptr, t_images, _mask_buffer(*copies.shape))
-            if top is not None:
-                top[torch.from_numpy(texts_here)] = _stable_topk(sims_t, topk, query_mask)[torch.from_numpy(text_row[texts_here] - start)]
+            rows_here = text_row[texts_here] - start
+            candidates = _top_candidates(sims_t, topk, query_mask) if top is not None else None
+            if candidates is not None:
+                top[torch.from_numpy(texts_here)] = torch.from_numpy(candidates.top(topk)[rows_here])
+            ranks = None if candidates is None else _rank_from_candidates(sims, candidates, rows_here, texts_here, t_ptr, t_images, query_mask)
+            if ranks is not None:  # ranks near the top, read from the top-k candidates
+                t2i_ranks[texts_here] = ranks
+            else:
+                firsts = row_order[row_ptr[start:stop]]
+                t2i_ranks[firsts] = _rank_rows(sims, firsts, t_ptr, t_images, query_mask)
+                others = np.setdiff1d(texts_here, firsts, assume_unique=True)
+                if others.size:  # the folded rows' other texts, on copies of their rows
+                    copies = sims[text_row[others] - start]
+                    t2i_ranks[others] = _rank_rows(copies, others, t_ptr, t_images, _mask_buffer(*copies.shape))
+                if top is not None and candidates is None:
+                    top[torch.from_numpy(texts_here)] = _stable_topk(sims_t, topk, query_mask)[torch.from_numpy(rows_here)]
             # image queries: this tile's share of each column
             in_tile = by_row[np.searchsorted(pair_row[by_row], start) : np.searchsorted(pair_row[by_row], stop)]
             pair_values[in_tile] = sims[pair_row[in_tile] - start, pair_image[in_tile]]
