@@ -43,7 +43,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: 
     params["evaluate"]["models"] = {"teacher": "models/teacher", "student": "models/student"}
     params["evaluate"]["batch_size"] = 16
     params["bench"].update(
-        warmup=1, runs=100, batch_size=8, throughput_batches=1, gallery_size=300, index_sizes=[200, 400],
+        warmup=1, runs=100, batch_size=8, throughput_batches=1, gallery_size=300, eval_rounds=2, index_sizes=[200, 400],
         index_queries=10, hnsw_max_build_seconds=1e-9, num_threads=1,
     )
     params["evaluate"]["num_threads"] = 1
@@ -69,7 +69,7 @@ def test_bench_at_tiny_sizes_writes_speed_json(project: Path, capsys: pytest.Cap
         for field in MODEL_FIELDS:
             assert field in values, (name, field)
         assert values["image_ms_p95"] >= values["image_ms_p50"] > 0
-        assert values["eval_overhead/gallery"] == 300
+        assert values["eval_overhead/gallery"] == 300 and values["eval_overhead/rounds"] == 2
     assert report["models"]["student"]["embed_dim"] == 16
     ratios = report["ratios"]["student"]
     assert {"image_latency_x", "text_latency_x", "params_x", "file_size_x", "peak_rss_x"} <= set(ratios)

@@ -527,6 +527,7 @@ class BenchConfig(StrictModel):
     throughput_batches: int = Field(5, ge=1)
     rounds: int = Field(5, ge=1, description="interleaved rounds over the models for latency and throughput")
     gallery_size: int = Field(10000, ge=10, description="gallery of the evaluate-overhead check")
+    eval_rounds: int = Field(3, ge=1, description="embed-then-score rounds of the evaluate-overhead check (medians compared)")
     index_sizes: list[int] = Field(default_factory=lambda: [10000, 100000, 1000000])
     index_kinds: list[Literal["flat", "ivf", "hnsw"]] = Field(default_factory=lambda: ["flat", "ivf", "hnsw"])
     index_queries: int = Field(200, ge=1)
