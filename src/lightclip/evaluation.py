@@ -434,6 +434,7 @@ def ranks_both_ways(
     upper = (best_exact + bound).astype(np.float32)[None, :]
     pair_row = text_row[i_texts]
     by_row = np.argsort(pair_row, kind="stable")
+    sorted_rows = pair_row[by_row]
     pair_values = np.empty(exact.size, dtype=np.float32)
 
     t_ptr, t_images = positives.csr("t2i")
@@ -477,7 +478,7 @@ def ranks_both_ways(
                 if top is not None and candidates is None:
                     top[torch.from_numpy(texts_here)] = _stable_topk(sims_t, topk, query_mask)[torch.from_numpy(rows_here)]
             # image queries: this tile's share of each column
-            in_tile = by_row[np.searchsorted(pair_row[by_row], start) : np.searchsorted(pair_row[by_row], stop)]
+            in_tile = by_row[np.searchsorted(sorted_rows, start) : np.searchsorted(sorted_rows, stop)]
             pair_values[in_tile] = sims[pair_row[in_tile] - start, pair_image[in_tile]]
             high_rows, at_least_rows = high[: stop - start], at_least[: stop - start]
             high_keys, at_least_keys = high_rows[:, :n_images], at_least_rows[:, :n_images]
@@ -519,10 +520,10 @@ def ranks_both_ways(
     band_images = [part for result in results for part in result[2]]
     band_values = [part for result in results for part in result[3]]
 
-    if np.any(np.abs(pair_values.astype(np.float64) - exact) > bound):
-        return None
     best = np.full(n_images, -np.inf, dtype=np.float32)
     np.maximum.at(best, pair_image, pair_values)
+    if not np.all((lower[0] <= best) & (best <= upper[0])):  # what the counts above rely on
+        return None
     at_best = pair_values == best[pair_image]
     first = np.full(n_images, n_texts, dtype=np.int64)
     np.minimum.at(first, pair_image[at_best], i_texts[at_best])
