@@ -223,7 +223,11 @@ def test_evaluate_stage_writes_metrics_plots_and_figures(workspace: Path, tmp_pa
     assert curve[0] == "k,i2t_recall,t2i_recall" and len(curve) == 1 + len(config.curve_ks)
     assert (tmp_path / "plots" / "recall_vs_latency.csv").read_text().startswith("model,encode_ms_per_item,mean_recall")
     assert all(f.is_file() and f.stat().st_size > 1000 for f in figures)
-    assert results[0].timings["metric_seconds"] < results[0].timings["embed_seconds"]
+    # the timings are recorded (their ratio on a 10k split is lightclip bench's check; on 16
+    # items fixed costs of a few ms decide it either way)
+    timings = results[0].timings
+    assert timings["metric_seconds"] > 0 and timings["embed_seconds"] > 0
+    assert timings["metric_share_of_embed"] == pytest.approx(timings["metric_seconds"] / timings["embed_seconds"])
 
 
 def test_evaluate_bad_inputs_are_clear_errors(workspace: Path, tmp_path: Path):

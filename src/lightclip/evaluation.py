@@ -378,20 +378,143 @@ def _count_columns(mask: np.ndarray) -> np.ndarray:
     return total
 
 
-def _fold_duplicate_rows(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """Byte-identical rows folded: ``(unique rows in first-seen order, row -> unique index)``."""
-    import pandas as pd
+@dataclass(frozen=True)
+class _FoldedTexts:
+    """Byte-identical text vectors folded into one row each (first-seen order).
 
-    rows = x.numpy()
-    codes = pd.factorize(pd.Series([r.tobytes() for r in rows], dtype=object))[0].astype(np.int64)
-    first = np.full(int(codes.max()) + 1 if codes.size else 0, rows.shape[0], dtype=np.int64)
-    np.minimum.at(first, codes, np.arange(rows.shape[0]))
-    return x[torch.from_numpy(first)], codes
+    Exact ties between duplicate texts need identical similarities, and rows of different
+    matmul calls may differ in the last bit; one row per distinct vector makes them identical.
+    """
+
+    rows: torch.Tensor  # distinct vectors
+    row_of: np.ndarray  # text -> its row
+    multiplicity: np.ndarray  # row -> how many texts it stands for
+    order: np.ndarray  # texts grouped by row: row r's texts are order[ptr[r]:ptr[r + 1]]
+    ptr: np.ndarray
+
+    @classmethod
+    def fold(cls, texts: torch.Tensor) -> "_FoldedTexts":
+        import pandas as pd
+
+        vectors = texts.numpy()
+        row_of = pd.factorize(pd.Series([v.tobytes() for v in vectors], dtype=object))[0].astype(np.int64)
+        multiplicity = np.bincount(row_of, minlength=int(row_of.max()) + 1 if row_of.size else 0)
+        first = np.full(multiplicity.size, vectors.shape[0], dtype=np.int64)
+        np.minimum.at(first, row_of, np.arange(vectors.shape[0]))
+        order = np.argsort(row_of, kind="stable")
+        return cls(texts[torch.from_numpy(first)], row_of, multiplicity, order, np.concatenate([[0], np.cumsum(multiplicity)]))
+
+    def texts_in(self, start: int, stop: int) -> np.ndarray:
+        """The texts of rows ``start:stop``."""
+        return self.order[self.ptr[start] : self.ptr[stop]]
+
+
+@dataclass(frozen=True)
+class _ImageBands:
+    """The image queries' side: for each image, a band ``[lower, upper]`` proven to hold its
+    best positive's float32 similarity, and its positive pairs by the folded row of their text."""
+
+    lower: np.ndarray  # 1 x images, float32
+    upper: np.ndarray
+    pair_image: np.ndarray  # the image -> text positive pairs
+    pair_text: np.ndarray
+    pair_row: np.ndarray
+    by_row: np.ndarray  # the pairs sorted by row
+    sorted_rows: np.ndarray
+
+    @classmethod
+    def build(cls, images: torch.Tensor, texts: torch.Tensor, positives: Positives, row_of: np.ndarray) -> "_ImageBands":
+        ptr, pair_text = positives.csr("i2t")
+        pair_image = np.repeat(np.arange(images.shape[0]), np.diff(ptr))
+        exact = np.einsum("pd,pd->p", images.numpy()[pair_image].astype(np.float64), texts.numpy()[pair_text].astype(np.float64))
+        best = np.full(images.shape[0], -np.inf)
+        np.maximum.at(best, pair_image, exact)
+        bound = 4.0 * images.shape[1] * 2.0**-24  # float32 dot products of unit vectors, with room to spare
+        pair_row = row_of[pair_text]
+        by_row = np.argsort(pair_row, kind="stable")
+        return cls(
+            lower=(best - bound).astype(np.float32)[None, :],
+            upper=(best + bound).astype(np.float32)[None, :],
+            pair_image=pair_image,
+            pair_text=pair_text,
+            pair_row=pair_row,
+            by_row=by_row,
+            sorted_rows=pair_row[by_row],
+        )
+
+    def pairs_in(self, start: int, stop: int) -> np.ndarray:
+        """The pairs whose text sits in rows ``start:stop``."""
+        return self.by_row[np.searchsorted(self.sorted_rows, start) : np.searchsorted(self.sorted_rows, stop)]
+
+
+@dataclass
+class _ColumnCounts:
+    """One worker's share of the image queries: texts above the band, and the band's entries."""
+
+    above: np.ndarray
+    rows: list[np.ndarray] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    size: int = 0
 
 
 # A band wider than this many entries per image means mass ties (e.g. collapsed embeddings):
 # the caller then falls back to one matmul per direction rather than hold them all.
 _BAND_ENTRIES_PER_QUERY = 64
+
+
+def _rank_text_tile(
+    sims_t: torch.Tensor, start: int, texts: _FoldedTexts, positives: Positives, topk: int, mask: np.ndarray, ranks: np.ndarray, top: torch.Tensor | None
+) -> None:
+    """Rank the text queries of the tile of rows ``start:...`` (and their top-k images), in place.
+
+    Every text of a folded row reads that row. With a top-k, queries whose best positive is
+    among the row's top candidates are ranked from them.
+    """
+    ptr, keys = positives.csr("t2i")
+    sims = sims_t.numpy()
+    stop = start + sims.shape[0]
+    queries = texts.texts_in(start, stop)
+    rows = texts.row_of[queries] - start
+    candidates = _top_candidates(sims_t, topk, mask) if top is not None else None
+    if top is not None:
+        tile_top = _stable_topk(sims_t, topk, mask).numpy() if candidates is None else candidates.top(topk)
+        top[torch.from_numpy(queries)] = torch.from_numpy(tile_top[rows])
+    from_candidates = None if candidates is None else _rank_from_candidates(sims, candidates, rows, queries, ptr, keys, mask)
+    if from_candidates is not None:
+        ranks[queries] = from_candidates
+        return
+    firsts = texts.order[texts.ptr[start:stop]]
+    ranks[firsts] = _rank_rows(sims, firsts, ptr, keys, mask)
+    others = np.setdiff1d(queries, firsts, assume_unique=True)
+    if others.size:  # the folded rows' other texts, on copies of their rows
+        copies = sims[texts.row_of[others] - start]
+        ranks[others] = _rank_rows(copies, others, ptr, keys, _mask_buffer(*copies.shape))
+
+
+def _count_image_tile(
+    sims: np.ndarray, start: int, texts: _FoldedTexts, bands: _ImageBands, high: np.ndarray, at_least: np.ndarray, pair_values: np.ndarray, counts: _ColumnCounts
+) -> None:
+    """Add the tile of rows ``start:...`` to the image queries' counts (``high``, ``at_least``:
+    :func:`_mask_buffer` scratch); record the positives' similarities in ``pair_values``."""
+    n_rows, n_images = sims.shape
+    in_tile = bands.pairs_in(start, start + n_rows)
+    pair_values[in_tile] = sims[bands.pair_row[in_tile] - start, bands.pair_image[in_tile]]
+    high, at_least = high[:n_rows], at_least[:n_rows]
+    high_keys, at_least_keys = high[:, :n_images], at_least[:, :n_images]
+    np.greater(sims, bands.upper, out=high_keys)
+    high_count = _count_columns(high)[:n_images]
+    counts.above += high_count
+    repeated = np.flatnonzero(texts.multiplicity[start : start + n_rows] > 1)
+    if repeated.size:  # a folded row stands for several texts
+        counts.above += (texts.multiplicity[start + repeated] - 1) @ high_keys[repeated].astype(np.int64)
+    np.greater_equal(sims, bands.lower, out=at_least_keys)
+    in_band = np.flatnonzero(_count_columns(at_least)[:n_images] > high_count)
+    r, c = np.nonzero(at_least_keys[:, in_band] & ~high_keys[:, in_band])
+    counts.rows.append(r + start)
+    counts.images.append(in_band[c])
+    counts.values.append(sims[r, in_band[c]])
+    counts.size += r.size
 
 
 def ranks_both_ways(
@@ -409,34 +532,19 @@ def ranks_both_ways(
     are counted at once; the few inside the band are kept and compared with ``c`` at the end,
     where ties follow the usual rule (lower text index first).
 
-    Exact ties between duplicate texts need identical similarities, and rows of different
-    matmul calls may differ in the last bit: byte-identical text vectors are folded into one
-    row first. Returns ``None`` (the caller then runs one matmul per direction) when a
-    positive's similarity falls outside its bound (a reduced-precision matmul mode) or the
-    bands fill up with mass ties.
+    Byte-identical text vectors are folded into one row first (:class:`_FoldedTexts`). The
+    tiles are spread over as many single-threaded workers as torch has threads (numpy's passes
+    run on one core). Returns ``None`` (the caller then runs one matmul per direction) when a
+    best positive falls outside its band (a reduced-precision matmul mode) or the bands fill up
+    with mass ties.
     """
-    n_images, n_texts, dim = images.shape[0], texts.shape[0], images.shape[1]
-    unique_texts, text_row = _fold_duplicate_rows(texts)
-    n_rows = unique_texts.shape[0]
-    multiplicity = np.bincount(text_row, minlength=n_rows)
-    row_order = np.argsort(text_row, kind="stable")  # original texts grouped by their unique row
-    row_ptr = np.concatenate([[0], np.cumsum(multiplicity)])
+    from concurrent.futures import ThreadPoolExecutor
 
-    # image queries: positives, their exact similarities and the band that holds the best one
-    i_ptr, i_texts = positives.csr("i2t")
-    pair_image = np.repeat(np.arange(n_images), np.diff(i_ptr))
-    exact = np.einsum("pd,pd->p", images.numpy()[pair_image].astype(np.float64), texts.numpy()[i_texts].astype(np.float64))
-    best_exact = np.full(n_images, -np.inf)
-    np.maximum.at(best_exact, pair_image, exact)
-    bound = 4.0 * dim * 2.0**-24
-    lower = (best_exact - bound).astype(np.float32)[None, :]
-    upper = (best_exact + bound).astype(np.float32)[None, :]
-    pair_row = text_row[i_texts]
-    by_row = np.argsort(pair_row, kind="stable")
-    sorted_rows = pair_row[by_row]
-    pair_values = np.empty(exact.size, dtype=np.float32)
-
-    t_ptr, t_images = positives.csr("t2i")
+    n_images, n_texts = images.shape[0], texts.shape[0]
+    folded = _FoldedTexts.fold(texts)
+    n_rows = folded.rows.shape[0]
+    bands = _ImageBands.build(images, texts, positives, folded.row_of)
+    pair_values = np.empty(bands.pair_text.size, dtype=np.float32)
     t2i_ranks = np.empty(n_texts, dtype=np.int64)
     top = torch.empty((n_texts, min(topk, n_images)), dtype=torch.long) if topk > 0 else None
 
@@ -444,63 +552,21 @@ def ranks_both_ways(
     rows_per_tile = max(1, min(chunk, n_rows))
     starts = list(range(0, n_rows, rows_per_tile))
     n_workers = max(1, min(torch.get_num_threads(), len(starts)))
-    band_limit = (_BAND_ENTRIES_PER_QUERY * n_images + n_texts) // n_workers  # per worker
+    band_limit = (_BAND_ENTRIES_PER_QUERY * n_images + n_texts) // n_workers
 
-    def work(worker: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]] | None:
-        """Every ``n_workers``-th tile from ``worker`` on: its text queries' ranks and top-k
-        (written in place), its share of the image queries' counts and its band entries."""
+    def work(worker: int) -> _ColumnCounts | None:
+        """Every ``n_workers``-th tile from ``worker`` on."""
         sims_buffer = torch.empty((rows_per_tile, n_images), dtype=torch.float32)
         high, at_least, query_mask = (_mask_buffer(rows_per_tile, n_images) for _ in range(3))
-        above = np.zeros(n_images, dtype=np.int64)
-        band_rows, band_images, band_values = [], [], []
-        band_size = 0
+        counts = _ColumnCounts(above=np.zeros(n_images, dtype=np.int64))
         for start in starts[worker::n_workers]:
             stop = min(start + rows_per_tile, n_rows)
-            sims_t = torch.mm(unique_texts[start:stop], images_t, out=sims_buffer[: stop - start])  # each similarity computed once
-            sims = sims_t.numpy()
-            # text queries: whole rows, as retrieval_ranks; every text of a folded row reads that row
-            texts_here = row_order[row_ptr[start] : row_ptr[stop]]
-            rows_here = text_row[texts_here] - start
-            candidates = _top_candidates(sims_t, topk, query_mask) if top is not None else None
-            if candidates is not None:
-                top[torch.from_numpy(texts_here)] = torch.from_numpy(candidates.top(topk)[rows_here])
-            ranks = None if candidates is None else _rank_from_candidates(sims, candidates, rows_here, texts_here, t_ptr, t_images, query_mask)
-            if ranks is not None:  # ranks near the top, read from the top-k candidates
-                t2i_ranks[texts_here] = ranks
-            else:
-                firsts = row_order[row_ptr[start:stop]]
-                t2i_ranks[firsts] = _rank_rows(sims, firsts, t_ptr, t_images, query_mask)
-                others = np.setdiff1d(texts_here, firsts, assume_unique=True)
-                if others.size:  # the folded rows' other texts, on copies of their rows
-                    copies = sims[text_row[others] - start]
-                    t2i_ranks[others] = _rank_rows(copies, others, t_ptr, t_images, _mask_buffer(*copies.shape))
-                if top is not None and candidates is None:
-                    top[torch.from_numpy(texts_here)] = _stable_topk(sims_t, topk, query_mask)[torch.from_numpy(rows_here)]
-            # image queries: this tile's share of each column
-            in_tile = by_row[np.searchsorted(sorted_rows, start) : np.searchsorted(sorted_rows, stop)]
-            pair_values[in_tile] = sims[pair_row[in_tile] - start, pair_image[in_tile]]
-            high_rows, at_least_rows = high[: stop - start], at_least[: stop - start]
-            high_keys, at_least_keys = high_rows[:, :n_images], at_least_rows[:, :n_images]
-            np.greater(sims, upper, out=high_keys)
-            high_count = _count_columns(high_rows)[:n_images]
-            above += high_count
-            repeated = np.flatnonzero(multiplicity[start:stop] > 1)
-            if repeated.size:  # a folded row stands for several texts
-                above += (multiplicity[start + repeated] - 1) @ high_keys[repeated].astype(np.int64)
-            np.greater_equal(sims, lower, out=at_least_keys)
-            in_band = np.flatnonzero(_count_columns(at_least_rows)[:n_images] > high_count)
-            r, c = np.nonzero(at_least_keys[:, in_band] & ~high_keys[:, in_band])
-            band_rows.append(r + start)
-            band_images.append(in_band[c])
-            band_values.append(sims[r, in_band[c]])
-            band_size += r.size
-            if band_size > band_limit:
+            sims_t = torch.mm(folded.rows[start:stop], images_t, out=sims_buffer[: stop - start])  # each similarity computed once
+            _rank_text_tile(sims_t, start, folded, positives, topk, query_mask, t2i_ranks, top)
+            _count_image_tile(sims_t.numpy(), start, folded, bands, high, at_least, pair_values, counts)
+            if counts.size > band_limit:
                 return None
-        return above, band_rows, band_images, band_values
-
-    # numpy runs on one core: the tiles are spread over torch's thread count of workers, each
-    # single-threaded (torch's pool is set to one thread meanwhile, and restored)
-    from concurrent.futures import ThreadPoolExecutor
+        return counts
 
     if n_workers == 1:  # one tile (or one thread): no pool, torch keeps its threads for the matmul
         results = [work(0)]
@@ -512,28 +578,24 @@ def ranks_both_ways(
                 results = list(pool.map(work, range(n_workers)))
         finally:
             torch.set_num_threads(threads)
-    if any(result is None for result in results):
+    if any(counts is None for counts in results):
         return None
-    above = sum(result[0] for result in results)
-    band_rows = [part for result in results for part in result[1]]
-    band_images = [part for result in results for part in result[2]]
-    band_values = [part for result in results for part in result[3]]
 
     best = np.full(n_images, -np.inf, dtype=np.float32)
-    np.maximum.at(best, pair_image, pair_values)
-    if not np.all((lower[0] <= best) & (best <= upper[0])):  # what the counts above rely on
+    np.maximum.at(best, bands.pair_image, pair_values)
+    if not np.all((bands.lower[0] <= best) & (best <= bands.upper[0])):  # what the counts above rely on
         return None
-    at_best = pair_values == best[pair_image]
+    at_best = pair_values == best[bands.pair_image]
     first = np.full(n_images, n_texts, dtype=np.int64)
-    np.minimum.at(first, pair_image[at_best], i_texts[at_best])
+    np.minimum.at(first, bands.pair_image[at_best], bands.pair_text[at_best])
     # the band's entries, one per original text (a folded row stands for each of its texts)
-    rows = np.concatenate(band_rows) if band_rows else np.zeros(0, dtype=np.int64)
-    band_image = np.concatenate(band_images) if band_images else np.zeros(0, dtype=np.int64)
-    values = np.concatenate(band_values) if band_values else np.zeros(0, dtype=np.float32)
-    which, text = _csr_entries(row_ptr, row_order, rows)
+    rows = np.concatenate([np.zeros(0, dtype=np.int64)] + [part for counts in results for part in counts.rows])
+    band_image = np.concatenate([np.zeros(0, dtype=np.int64)] + [part for counts in results for part in counts.images])
+    values = np.concatenate([np.zeros(0, dtype=np.float32)] + [part for counts in results for part in counts.values])
+    which, text = _csr_entries(folded.ptr, folded.order, rows)
     band_image, values = band_image[which], values[which]
     before = (values > best[band_image]) | ((values == best[band_image]) & (text < first[band_image]))
-    i2t_ranks = above + np.bincount(band_image[before], minlength=n_images)
+    i2t_ranks = sum(counts.above for counts in results) + np.bincount(band_image[before], minlength=n_images)
     return torch.from_numpy(i2t_ranks), torch.from_numpy(t2i_ranks), top
 
 
