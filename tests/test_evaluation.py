@@ -376,3 +376,17 @@ def test_one_matmul_falls_back_when_it_cannot_prove_its_bounds(monkeypatch):
     assert m["i2t_mean_rank"] == pytest.approx(float(ranks.double().mean()) + 1)
     # every text ties: image i's rank is the lowest index among its positive texts
     assert ranks.tolist() == [int(positives.image_texts[positives.image_ptr[i]]) for i in range(60)]
+
+
+def test_equal_rows_groups_exact_duplicates_only():
+    from lightclip.evaluation import _equal_rows
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((500, 7)).astype(np.float32)  # 28 bytes a row: not whole words
+    rows[[40, 41, 499]] = rows[3]
+    rows[60] = rows[3]
+    rows[60, 6] = np.nextafter(rows[3, 6], np.float32(np.inf))  # one ulp away: not a duplicate
+    groups = _equal_rows(rows)
+    assert groups[3] == groups[40] == groups[41] == groups[499] != groups[60]
+    assert len(set(groups.tolist())) == 497
+    assert groups[0] == 0 and groups[1] == 1  # first-seen order

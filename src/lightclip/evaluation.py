@@ -378,6 +378,30 @@ def _count_columns(mask: np.ndarray) -> np.ndarray:
     return total
 
 
+def _equal_rows(matrix: np.ndarray) -> np.ndarray:
+    """A group id per row, first-seen order: rows with equal values share one.
+
+    Rows are grouped by a hash of their bytes, and each member of a group is compared with the
+    group's first row, so a collision only costs a new id.
+    """
+    import pandas as pd
+
+    n = matrix.shape[0]
+    words = np.ascontiguousarray(matrix).view(np.uint8).reshape(n, -1)
+    if words.shape[1] % 8:
+        words = np.pad(words, ((0, 0), (0, (-words.shape[1]) % 8)))
+    words = words.view(np.uint64)
+    weights = (np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    groups = pd.factorize((words * weights).sum(axis=1, dtype=np.uint64))[0].astype(np.int64)  # wraps: a hash
+    first = np.full(int(groups.max()) + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, groups, np.arange(n))
+    leader = first[groups]
+    strangers = np.flatnonzero(~(matrix == matrix[leader]).all(axis=1))
+    if strangers.size:  # a hash collision: those rows go through the slow, exact way
+        return pd.factorize(pd.Series([row.tobytes() for row in matrix], dtype=object))[0].astype(np.int64)
+    return groups
+
+
 @dataclass(frozen=True)
 class _FoldedTexts:
     """Byte-identical text vectors folded into one row each (first-seen order).
@@ -394,10 +418,8 @@ class _FoldedTexts:
 
     @classmethod
     def fold(cls, texts: torch.Tensor) -> "_FoldedTexts":
-        import pandas as pd
-
         vectors = texts.numpy()
-        row_of = pd.factorize(pd.Series([v.tobytes() for v in vectors], dtype=object))[0].astype(np.int64)
+        row_of = _equal_rows(vectors)
         multiplicity = np.bincount(row_of, minlength=int(row_of.max()) + 1 if row_of.size else 0)
         first = np.full(multiplicity.size, vectors.shape[0], dtype=np.int64)
         np.minimum.at(first, row_of, np.arange(vectors.shape[0]))
@@ -614,7 +636,9 @@ def _as_matrix(emb: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(emb) if not isinstance(emb, torch.Tensor) else emb).detach().to("cpu", torch.float32)
     if t.ndim != 2:
         raise EvaluationError(f"{what}: expected an N x D matrix, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    # a float64 sum of float32 values cannot overflow, so it is finite exactly when they all are
+    # (one reduction instead of a bool matrix)
+    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
         raise EvaluationError(f"{what}: contains NaN or inf")
     return t
 
