@@ -340,7 +340,11 @@ def _folding_case(seed: int, noise: float = 0.7):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("chunk", [1, 7, 256])
 @pytest.mark.parametrize("noise", [0.05, 0.7, 5.0])  # text ranks read from the top-k candidates, or counted on whole rows
-def test_one_matmul_equals_one_per_direction(seed: int, chunk: int, noise: float):
+@pytest.mark.parametrize("threaded", [False, True])  # tiles in this thread, or spread over torch's threads
+def test_one_matmul_equals_one_per_direction(seed: int, chunk: int, noise: float, threaded: bool, monkeypatch):
+    import lightclip.evaluation
+
+    monkeypatch.setattr(lightclip.evaluation, "_THREADED_SIMILARITIES", 0 if threaded else 10**12)
     images, texts, positives = _folding_case(seed, noise)
     both = ranks_both_ways(images, texts, positives, chunk=chunk, topk=5)
     assert both is not None  # no fallback on ordinary embeddings

@@ -480,6 +480,8 @@ class _ColumnCounts:
     size: int = 0
 
 
+_THREADED_SIMILARITIES = 4_000_000
+
 # A band wider than this many entries per image means mass ties (e.g. collapsed embeddings):
 # the caller then falls back to one matmul per direction rather than hold them all.
 _BAND_ENTRIES_PER_QUERY = 64
@@ -573,7 +575,8 @@ def ranks_both_ways(
     images_t = images.T.contiguous()
     rows_per_tile = max(1, min(chunk, n_rows))
     starts = list(range(0, n_rows, rows_per_tile))
-    n_workers = max(1, min(torch.get_num_threads(), len(starts)))
+    # threads pay from a few tiles' worth of similarities on (a pool costs ~1-2 ms to start)
+    n_workers = max(1, min(torch.get_num_threads(), len(starts))) if n_rows * n_images >= _THREADED_SIMILARITIES else 1
     band_limit = (_BAND_ENTRIES_PER_QUERY * n_images + n_texts) // n_workers
 
     def work(worker: int) -> _ColumnCounts | None:
