@@ -310,16 +310,17 @@ def _rank_from_candidates(
     then cheaper than copies.
     """
     best, first = _best_positives(sims, rows, queries, ptr, positive_keys)
-    if np.count_nonzero(best < candidates.tau[rows]) > queries.size // 4:
+    below = best < candidates.tau[rows]
+    if np.count_nonzero(below) > queries.size // 4:
         return None
     rank = np.empty(queries.size, dtype=np.int64)
-    known = np.flatnonzero(best >= candidates.tau[rows])
+    known = np.flatnonzero(~below)
     which, position = _csr_entries(candidates.ptr, np.arange(candidates.columns.size), rows[known])
     values, columns = candidates.values[position], candidates.columns[position]
     q_best, q_first = best[known][which], first[known][which]
     before = (values > q_best) | ((values == q_best) & (columns < q_first))
     rank[known] = np.bincount(which[before], minlength=known.size)
-    rest = np.flatnonzero(best < candidates.tau[rows])
+    rest = np.flatnonzero(below)
     if rest.size:
         copies = sims[rows[rest]]
         rank[rest] = _rank_rows(copies, queries[rest], ptr, positive_keys, mask if rest.size <= mask.shape[0] else _mask_buffer(*copies.shape))
@@ -378,21 +379,31 @@ def _count_columns(mask: np.ndarray) -> np.ndarray:
     return total
 
 
+def _as_words(rows: np.ndarray) -> np.ndarray:
+    """Each row's bytes as 64-bit words (zero-padded to whole words)."""
+    data = np.ascontiguousarray(rows).view(np.uint8).reshape(rows.shape[0], -1)
+    if data.shape[1] % 8:
+        data = np.pad(data, ((0, 0), (0, (-data.shape[1]) % 8)))
+    return data.view(np.uint64)
+
+
+def _row_hashes(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of words (a weighted sum that wraps on purpose)."""
+    weights = (np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    return (words * weights).sum(axis=1, dtype=np.uint64)
+
+
 def _equal_rows(matrix: np.ndarray) -> np.ndarray:
     """A group id per row, first-seen order: rows with equal values share one.
 
-    Rows are grouped by a hash of their bytes, and each member of a group is compared with the
-    group's first row, so a collision only costs a new id.
+    Rows are grouped by a hash of their bytes and each member is compared with its group's
+    first row; should two different rows ever share a hash, the rows are grouped by their bytes
+    instead (slower, exact).
     """
     import pandas as pd
 
     n = matrix.shape[0]
-    words = np.ascontiguousarray(matrix).view(np.uint8).reshape(n, -1)
-    if words.shape[1] % 8:
-        words = np.pad(words, ((0, 0), (0, (-words.shape[1]) % 8)))
-    words = words.view(np.uint64)
-    weights = (np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
-    groups = pd.factorize((words * weights).sum(axis=1, dtype=np.uint64))[0].astype(np.int64)  # wraps: a hash
+    groups = pd.factorize(_row_hashes(_as_words(matrix)))[0].astype(np.int64)
     first = np.full(int(groups.max()) + 1 if n else 0, n, dtype=np.int64)
     np.minimum.at(first, groups, np.arange(n))
     leader = first[groups]
@@ -477,9 +488,13 @@ class _ColumnCounts:
     rows: list[np.ndarray] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
-    size: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(part.size for part in self.rows)
 
 
+# Worker threads pay from a few tiles' worth of similarities on (a pool costs ~1-2 ms to start).
 _THREADED_SIMILARITIES = 4_000_000
 
 # A band wider than this many entries per image means mass ties (e.g. collapsed embeddings):
@@ -538,7 +553,6 @@ def _count_image_tile(
     counts.rows.append(r + start)
     counts.images.append(in_band[c])
     counts.values.append(sims[r, in_band[c]])
-    counts.size += r.size
 
 
 def ranks_both_ways(
@@ -575,7 +589,6 @@ def ranks_both_ways(
     images_t = images.T.contiguous()
     rows_per_tile = max(1, min(chunk, n_rows))
     starts = list(range(0, n_rows, rows_per_tile))
-    # threads pay from a few tiles' worth of similarities on (a pool costs ~1-2 ms to start)
     n_workers = max(1, min(torch.get_num_threads(), len(starts))) if n_rows * n_images >= _THREADED_SIMILARITIES else 1
     band_limit = (_BAND_ENTRIES_PER_QUERY * n_images + n_texts) // n_workers
 
@@ -881,9 +894,8 @@ def embed_pairs(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], 
 def image_content_groups(cache: "ImageCache") -> np.ndarray:
     """A group id per row: rows with byte-identical decoded images (what the model sees) share one.
 
-    Candidates share a hash of 512 bytes sampled across the image (8 runs of 64);
-    only those are hashed whole, so a 10k gallery costs ~2 ms instead of ~0.2 s of hashing
-    every image.
+    Candidates share a hash of 512 bytes sampled across the image (8 runs of 64); only those
+    are hashed whole, so a 10k gallery costs ~5 ms instead of ~0.2 s of hashing every image.
     """
     import pandas as pd
 
@@ -891,15 +903,12 @@ def image_content_groups(cache: "ImageCache") -> np.ndarray:
     flat = np.ascontiguousarray(cache.images).reshape(n, -1)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    if flat.shape[1] % 8:
-        flat = np.pad(flat, ((0, 0), (0, (-flat.shape[1]) % 8)))
-    words = flat.view(np.uint64)
+    words = _as_words(flat)
     # 8 runs of 8 words spread over the image: whole cache lines (the gallery is far larger than
     # the cache, so lines fetched, not bytes, are the cost) and whole pixel rows, not one column
     starts = np.unique(np.linspace(0, max(0, words.shape[1] - 8), 8).astype(np.int64))
     sample = np.concatenate([words[:, a : a + 8] for a in starts.tolist()], axis=1)
-    weights = (np.arange(1, sample.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
-    groups = pd.factorize((sample * weights).sum(axis=1, dtype=np.uint64))[0].astype(np.int64)  # wraps: a hash
+    groups = pd.factorize(_row_hashes(sample))[0].astype(np.int64)
     next_id = int(groups.max()) + 1
     shared = np.flatnonzero(np.bincount(groups) > 1)
     candidates = np.flatnonzero(np.isin(groups, shared))
