@@ -1,0 +1,62 @@
+"""Retrieval evaluation, in both directions (image -> text and text -> image).
+
+* :mod:`~lightclip.evaluation.ranking`: positives (who counts as whose answer) and ranks/top-k
+  under the deterministic tie rule;
+* :mod:`~lightclip.evaluation.metrics`: every metric of a model on a split
+  (:func:`evaluate_retrieval`, CLIP_benchmark-shaped; its docstring holds the semantics) and the
+  short form used during training (:func:`retrieval_metrics`);
+* :mod:`~lightclip.evaluation.embedding`: the one batched-embedding path every caller uses;
+* :mod:`~lightclip.evaluation.stage`: the ``evaluate`` stage (its files and figures).
+"""
+
+from lightclip.evaluation.embedding import Embeddings, embed_images, embed_pairs, embed_split, embed_texts, inference, tokenize_checked
+from lightclip.evaluation.errors import EvaluationError
+from lightclip.evaluation.metrics import KS, attribute_precision, evaluate_retrieval, recall_at_k, retrieval_metrics
+from lightclip.evaluation.ranking import (
+    DIRECTIONS,
+    Positives,
+    catalogue_positives,
+    group_pairs,
+    image_content_groups,
+    retrieval_ranks,
+    title_groups,
+)
+from lightclip.evaluation.stage import (
+    EvaluateInputs,
+    EvaluateOutputs,
+    ModelEvaluation,
+    check_model_dirs,
+    run_evaluate,
+    score_embeddings,
+    summarise,
+)
+
+__all__ = [
+    "DIRECTIONS",
+    "KS",
+    "EvaluateInputs",
+    "EvaluateOutputs",
+    "EvaluationError",
+    "Embeddings",
+    "ModelEvaluation",
+    "Positives",
+    "attribute_precision",
+    "catalogue_positives",
+    "check_model_dirs",
+    "embed_images",
+    "embed_pairs",
+    "embed_split",
+    "embed_texts",
+    "evaluate_retrieval",
+    "group_pairs",
+    "image_content_groups",
+    "inference",
+    "recall_at_k",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "run_evaluate",
+    "score_embeddings",
+    "summarise",
+    "title_groups",
+    "tokenize_checked",
+]
