@@ -1,13 +1,23 @@
-"""Shared fixtures: telemetry off, tool homes in temp dirs, tiny catalogues, the shared data."""
+"""Shared fixtures: telemetry off, tool homes in temp dirs, tiny catalogues and projects, the
+shared data, and the helpers several test modules use (a training task killed between epochs,
+the metrics of a saved model)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
+import yaml
 
+from lightclip.cli import main as cli_main
 from lightclip.env import configure_environment
+from lightclip.orchestration import dvc_command, stage_env
+from lightclip.tracking import PARENT_RUN_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +103,280 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the CLI tests of this session (creating one costs seconds)."""
+    path = tmp_path_factory.getbasetemp() / "lightclip-shared-mlflow"
+    path.mkdir(exist_ok=True)
+    return f"sqlite:///{path}/mlflow.db"
+
+
+# -- projects ----------------------------------------------------------------------------------
+
+#: The dvc.yaml of a project whose stages the tests call through the CLI, not through DVC.
+NO_STAGES = "stages: {}\n"
+
+#: What a copy of this repository needs for its real DVC pipeline to run: the pipeline, the
+#: package its stages depend on, and the ignore rules that keep bytecode out of their hashes.
+PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "src/lightclip")
+
+FAKE_DVC_YAML = """\
+stages:
+  prep:
+    cmd: python stage.py prep
+    deps: [stage.py]
+    params: [split.seed]
+    outs: [out/prep]
+  train:
+    foreach: [a, b]
+    do:
+      cmd: python stage.py train-${item}
+      deps: [out/prep]
+      outs: ["out/train-${item}"]
+  register:
+    cmd: python stage.py register
+    deps: [out/train-a, out/train-b]
+    metrics:
+      - metrics/register.json:
+          cache: false
+"""
+
+#: A fake stage: counts its attempts in attempts/<name>, fails while FAIL_<name> exists, writes its output.
+FAKE_STAGE = """\
+import json, pathlib, sys
+name = sys.argv[1]
+attempts = pathlib.Path("attempts")
+attempts.mkdir(exist_ok=True)
+with open(attempts / name, "a") as f:
+    f.write("x\\n")
+if pathlib.Path(f"FAIL_{name}").exists():
+    sys.exit(f"{name}: injected failure")
+if name == "register":
+    metrics = pathlib.Path("metrics")
+    metrics.mkdir(exist_ok=True)
+    version = str(len((attempts / name).read_text().splitlines()))
+    student = {"registered_model": "fake-student", "version": version, "role": "student", "gate": "pass", "reasons": ["fake gate"], "staged": True}
+    report = {"model_name": "fake-student", "students": {"a": student}, "staging_before": None, "staging_after": version, "aliases": {"staging": version}}
+    (metrics / "register.json").write_text(json.dumps(report))
+else:
+    import yaml
+
+    out = pathlib.Path("out")
+    out.mkdir(exist_ok=True)
+    seed = yaml.safe_load(pathlib.Path("params.yaml").read_text())["split"]["seed"]
+    (out / name).write_text(f"{name} {seed}")  # a new seed changes every output downstream
+"""
+
+FAKE_PARAMS = """\
+split:
+  seed: 0      # the fake prep stage depends on this
+orchestration:
+  cron: "0 3 * * *"   # daily: one run at most could come due while a test serves it (it would just run too)
+  timezone: UTC
+  retries: 2
+  retry_delay_seconds: 0.2
+  exponential_backoff: true
+tracking:
+  experiment: fake
+"""
+
+
+def run_checked(cmd: list[str], cwd: Path) -> str:
+    """Run a command as the pipeline runs DVC (this venv first on PATH, telemetry off); its stdout."""
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=stage_env())
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def shrink(node: Any) -> None:
+    """Every ``train`` section to one epoch of batch 8 on one thread, every model to the tiny
+    architecture, every thread count to one (in place, at any depth)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "train" and isinstance(value, dict):
+                value.update(epochs=1, batch_size=8, num_threads=1)
+            elif key == "arch":
+                node[key] = "lc-test-tiny"
+            elif key in ("num_threads", "threads"):
+                node[key] = 1
+            else:
+                shrink(value)
+    elif isinstance(node, list):
+        for item in node:
+            shrink(item)
+
+
+class Projects:
+    """Throw-away lightclip projects: the one recipe for the directories tests run stages in.
+
+    ``create`` writes params.yaml and dvc.yaml (an empty pipeline, or this repository's real one
+    with the package it runs), optionally under git and DVC; ``tiny_params`` is the repository's
+    params.yaml at test size; ``enter`` makes a project the working directory with its own (or a
+    given) MLflow store.
+    """
+
+    run = staticmethod(run_checked)
+
+    @staticmethod
+    def repo_params() -> dict[str, Any]:
+        """This repository's params.yaml as plain data (a fresh copy each call)."""
+        return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def tiny_params(self) -> dict[str, Any]:
+        """The repository's params at test size: 48 items at 32 px, 8 val / 8 test items, tiny
+        models, one epoch of batch 8 on one thread, one ensemble member, the first student only
+        (in the pipeline and in the ablation, one seed), 8 index queries, 5 latency runs, one retry."""
+        params = self.repo_params()
+        params["synth"].update(n_items=48, image_size=32)
+        params["split"].update(val=8, test=8)
+        params["build_kg"]["min_count"] = 2
+        shrink(params)
+        params["pretrain"]["ensemble_members"] = 1
+        students = params["distill"]["students"]
+        keep = next(iter(students))
+        params["distill"]["students"] = {keep: students[keep]}
+        models = params["evaluate"]["models"]
+        params["evaluate"]["models"] = {k: v for k, v in models.items() if not str(v).startswith("models/students/") or v == f"models/students/{keep}"}
+        params["distill_ablation"].update(students=[keep], seeds=[0])
+        params["index"]["eval_queries"] = 8
+        params["register"].update(latency_runs=5, latency_warmup=0)
+        params["orchestration"].update(retries=1, retry_delay_seconds=0.5)
+        return params
+
+    def create(
+        self,
+        root: Path,
+        params: Mapping[str, Any] | str,
+        *,
+        real_pipeline: bool = False,
+        copy: Sequence[str] = (),
+        files: Mapping[str, str] | None = None,
+        git: bool = False,
+        dvc: bool = False,
+        dvc_remote: Path | None = None,
+        commit: str | None = None,
+    ) -> Path:
+        """A project at ``root``: ``params`` (YAML text as given, or data), dvc.yaml (empty, or
+        with ``real_pipeline`` this repository's pipeline and package), the repository paths in
+        ``copy`` and the ``files`` given (name -> text); ``git``/``dvc`` initialise them
+        (``dvc_remote``: its default remote), ``commit`` commits everything with that message."""
+        root.mkdir(parents=True, exist_ok=True)
+        text = params if isinstance(params, str) else yaml.safe_dump(dict(params), sort_keys=False)
+        (root / "params.yaml").write_text(text)
+        if not real_pipeline:
+            (root / "dvc.yaml").write_text(NO_STAGES)
+        for relative in (*PIPELINE_FILES, *copy) if real_pipeline else copy:
+            source, target = REPO_ROOT / relative, root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(source, target)
+        for name, content in (files or {}).items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(content)
+        if git or dvc:
+            self.run(["git", "init", "-q"], root)
+            self.run(["git", "config", "user.email", "test@example.com"], root)
+            self.run(["git", "config", "user.name", "lightclip test"], root)
+        if dvc:
+            self.run(dvc_command("init", "-q"), root)
+            self.run(dvc_command("config", "core.analytics", "false"), root)
+            if dvc_remote is not None:
+                self.run(dvc_command("remote", "add", "-d", "local", str(dvc_remote)), root)
+        if commit is not None:
+            self.commit(root, commit)
+        return root
+
+    def track_synthetic_data(self, root: Path) -> str:
+        """Render the project's synthetic catalogue (params ``synth``) into data/raw and track it
+        with data.dvc, as ``make data`` does; returns data.dvc's text."""
+        assert cli_main(["--params", str(root / "params.yaml"), "-q", "data", "synth", "--out", str(root / "data" / "raw")]) == 0
+        (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
+        self.run(dvc_command("commit", "-f", "-q", "data.dvc"), root)
+        return (root / "data.dvc").read_text()
+
+    def commit(self, root: Path, message: str) -> None:
+        self.run(["git", "add", "-A"], root)
+        self.run(["git", "commit", "-q", "-m", message], root)
+
+    def fake_pipeline(self, root: Path) -> Path:
+        """A git + DVC project whose pipeline is prep -> train@a, train@b -> register, each stage a
+        one-line script (see FAKE_STAGE): DVC and the flow around it, in seconds."""
+        files = {"dvc.yaml": FAKE_DVC_YAML, "stage.py": FAKE_STAGE, ".gitignore": "attempts/\nFAIL_*\nmlflow/\n.prefect/\n"}
+        return self.create(root, FAKE_PARAMS, files=files, dvc=True, commit="fake pipeline")
+
+    @staticmethod
+    def enter(root: Path, monkeypatch: pytest.MonkeyPatch, *, mlflow_uri: str | None = None) -> Path:
+        """Work inside ``root``: runs log to ``mlflow_uri`` (default: the project's own store), under
+        no parent run from outside."""
+        monkeypatch.chdir(root)
+        if mlflow_uri is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+        return root
+
+
+@pytest.fixture(scope="session")
+def projects() -> Projects:
+    """The project builder (see :class:`Projects`)."""
+    return Projects()
+
+
+@pytest.fixture
+def fake_project(projects: Projects, tmp_path: Path) -> Path:
+    """The fake pipeline (prep -> train@a, train@b -> register) under git and DVC, in tmp_path/fake."""
+    return projects.fake_pipeline(tmp_path / "fake")
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+class KillAt:
+    """Wraps a training task; raises ``KillAt.Killed`` when ``train_batches`` starts epoch
+    ``epoch``, that is after the checkpoint of the epoch before (a kill between two epochs)."""
+
+    class Killed(RuntimeError):
+        pass
+
+    def __init__(self, task: Any, epoch: int) -> None:
+        self.task, self.epoch = task, epoch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def train_batches(self, epoch: int, rng: Any, batch_size: int) -> Iterator[Any]:
+        if epoch == self.epoch:
+            raise KillAt.Killed(f"killed before epoch {epoch}")
+        return self.task.train_batches(epoch, rng, batch_size)
+
+
+@pytest.fixture(scope="session")
+def kill_at() -> type[KillAt]:
+    """``kill_at(task, epoch)``: the task, killed when epoch ``epoch`` starts (``kill_at.Killed``)."""
+    return KillAt
+
+
+@pytest.fixture(scope="session")
+def saved_model_metrics() -> Callable[..., dict[str, float]]:
+    """Factory: ``saved_model_metrics(model_dir, catalogue, split, cache_dir)`` -> the trainers'
+    ``<split>/*`` retrieval metrics of the model saved in ``model_dir``, reloaded from disk.
+
+    A stage's reported metrics equal these only if the model it saved is the one it scored.
+    """
+    # Imported when a test asks: torch, open_clip and the trainer take 2-6 s to import, which
+    # every test module would otherwise pay through this conftest.
+    from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
+    from lightclip.training import split_metrics
+
+    def metrics(model_dir: Path, catalogue: Any, split: str, cache_dir: Path) -> dict[str, float]:
+        model = load_model(model_dir)
+        size = int(preprocess_config(model)["size"])
+        return split_metrics(model, load_tokenizer(model_dir), catalogue, split, size, cache_dir, progress=False)
+
+    return metrics
+
