@@ -73,32 +73,13 @@ def test_loss_falls_and_checkpoints_are_written(pairs, tmp_path):
     assert lr_factor(40, 40, 2, 0.1) == pytest.approx(0.1)
 
 
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt:
-    """Wraps a task; raises when ``train_batches`` starts epoch ``epoch`` (after a checkpoint)."""
-
-    def __init__(self, task, epoch):
-        self.task, self.epoch = task, epoch
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def train_batches(self, epoch, rng, batch_size):
-        if epoch == self.epoch:
-            raise Killed(f"killed before epoch {epoch}")
-        return self.task.train_batches(epoch, rng, batch_size)
-
-
-def test_resume_after_a_kill_is_exact(pairs, tmp_path):
+def test_resume_after_a_kill_is_exact(pairs, tmp_path, kill_at):
     config = TrainConfig(epochs=2, **FAST)
     full_task = make_task(pairs)
     full = train(full_task, config, checkpoint_dir=tmp_path / "full", progress=False)
 
-    with pytest.raises(Killed):
-        train(KillAt(make_task(pairs), 1), config, checkpoint_dir=tmp_path / "part", progress=False)
+    with pytest.raises(kill_at.Killed):
+        train(kill_at(make_task(pairs), 1), config, checkpoint_dir=tmp_path / "part", progress=False)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
     resumed_task = make_task(pairs, seed=123)  # a different init: everything must come from the checkpoint
     resumed = train(resumed_task, config, checkpoint_dir=tmp_path / "part", resume=True, progress=False)
