@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from lightclip.config import load_params
-from lightclip.data.catalogue import Catalogue
 from lightclip.env import configure_environment
-from lightclip.pretrain import run_pretrain, summarise
+from lightclip.pretrain import PretrainInputs, PretrainOutputs, run_pretrain, summarise
+from lightclip.stage import StageContext
 from lightclip.tracking import pipeline_run, project_root, stage_run
 
 REPORTED = ("test/mean_recall", "test/i2t_R@1", "test/t2i_R@1", "val/best_mean_recall", "train_seconds", "train_pairs_per_s", "steps")
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     project = project_root()
     configure_environment(project)
     params = load_params(args.params)
-    catalogue = Catalogue.load(args.catalogue)
     results: list[dict] = []
     with pipeline_run(f"ablation-concepts-{args.name}", {"catalogue": args.catalogue, "weights": args.weights, "seeds": args.seeds}, project_dir=project, experiment=params.tracking.experiment) as parent:
         for weight in args.weights:
@@ -63,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{args.name}-cw{weight:g}-seed{seed}"
                 with stage_run("pretrain", {"pretrain": config.model_dump(mode="json"), "catalogue": args.name}, project_dir=project, experiment=params.tracking.experiment, run_name=name) as run:
                     run.set_tags({"lightclip.ablation": "concepts", "lightclip.catalogue": args.name, "lightclip.concept_weight": weight})
-                    metrics = run_pretrain(
-                        catalogue, Path(args.kg), config, params.build_kg, project / ".cache" / "ablation" / name,
-                        cache_dir=project / ".cache" / "images", checkpoint_root=project / ".cache" / "checkpoints" / "ablation",
-                        resume=args.resume, log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
-                    )
+                    out = project / ".cache" / "ablation" / name
+                    context = StageContext(project, progress=sys.stderr.isatty(), resume=args.resume, log_metrics=lambda values, step: run.log_metrics(values, step=step))
+                    metrics = run_pretrain(config, PretrainInputs(catalogue=Path(args.catalogue), kg=Path(args.kg)), PretrainOutputs(model=out, metrics=out.with_suffix(".json")), context)
                     run.log_metrics(metrics)
                 print(f"{name}: {summarise(metrics)}", flush=True)
                 results.append({"catalogue": args.name, "concept_weight": weight, "seed": seed, **{k: metrics[k] for k in REPORTED if k in metrics}})

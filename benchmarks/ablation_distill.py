@@ -25,12 +25,13 @@ from ablation_table import distill_table, read_runs, write_table
 
 from lightclip.config import load_params
 from lightclip.data.catalogue import Catalogue
-from lightclip.distill import run_distill
+from lightclip.distill import DistillInputs, DistillOutputs, run_distill
 from lightclip.env import configure_environment
 from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
 from lightclip.pretrain import summarise
+from lightclip.stage import StageContext
+from lightclip.tasks import split_metrics
 from lightclip.tracking import pipeline_run, project_root, stage_run
-from lightclip.training import split_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,20 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         parent.set_tags({"lightclip.ablation": "distill", "lightclip.catalogue": args.name})
         for variant in variants:
             for seed in seeds:
-                config = ablation.config_for(params.distill, variant, seed, student)
+                job = params.distill_job(student, variant=variant, seed=seed)
                 if args.epochs:
-                    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": args.epochs})})
+                    job = job.model_copy(update={"train": job.train.model_copy(update={"epochs": args.epochs})})
                 name = f"{variant}-seed{seed}"
-                run_params = {"distill": config.model_dump(mode="json"), "student_name": student, "variant": variant, "catalogue": args.name}
+                run_params = {"distill": job.trajectory(), "student_name": student, "variant": variant, "catalogue": args.name}
                 with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=f"{args.name}-{student}-{name}") as run:
                     run.set_tags({"lightclip.ablation": "distill", "lightclip.student": student, "lightclip.variant": variant, "lightclip.catalogue": args.name})
-                    metrics = run_distill(
-                        catalogue, Path(args.teacher), Path(args.teacher_embeddings), config, project / ".cache" / "ablation-distill" / args.name / f"{student}-{name}",
-                        cache_dir=project / ".cache" / "images", checkpoint_root=project / ".cache" / "checkpoints" / "ablation-distill",
-                        resume=True, log_metrics=lambda values, step: run.log_metrics(values, step=step), progress=sys.stderr.isatty(),
-                    )
+                    inputs = DistillInputs(catalogue=Path(args.catalogue), teacher=Path(args.teacher), teacher_embeddings=Path(args.teacher_embeddings))
+                    out = project / ".cache" / "ablation-distill" / args.name / f"{student}-{name}"
+                    context = StageContext(project, progress=sys.stderr.isatty(), resume=True, log_metrics=lambda values, step: run.log_metrics(values, step=step))
+                    metrics = run_distill(job, inputs, DistillOutputs(model=out, metrics=runs_dir / f"{name}.json"), context)
                     run.log_metrics(metrics)
-                (runs_dir / f"{name}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
                 print(f"{args.name} {name}: {summarise(metrics)}", flush=True)
     model = load_model(args.teacher)
     size = int(preprocess_config(model)["size"])

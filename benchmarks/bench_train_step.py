@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py [--arch lc-vit-t] [--batch 128] [--threads 2] [--steps 4] [--rounds 3]
 
-* ours: :class:`lightclip.training.ClipPretrainTask` (concept weight 0) through the loop's
+* ours: :class:`lightclip.tasks.ImageTextTask` (plain CLIP) through the loop's
   :func:`lightclip.training.train_step` (AdamW from :func:`make_optimizer`, cosine schedule),
   *including* batch assembly from the uint8 image cache (gather, flip, normalise).
 * bare: ``model(images, tokens)``, ``open_clip.ClipLoss``, backward, ``torch.optim.AdamW``
@@ -28,15 +28,9 @@ import torch  # noqa: E402
 
 from lightclip.imagecache import ImageCache, normalise  # noqa: E402
 from lightclip.models import ModelSpec, create_model, preprocess_config, tokenizer  # noqa: E402
-from lightclip.training import (  # noqa: E402
-    ClipPretrainTask,
-    ConceptInputs,
-    PairSet,
-    TrainConfig,
-    make_optimizer,
-    make_scheduler,
-    train_step,
-)
+from lightclip.config import TrainConfig  # noqa: E402
+from lightclip.tasks import ConceptInputs, FashionKLIPTask, ImageTextTask, PairSet  # noqa: E402
+from lightclip.training import make_optimizer, make_scheduler, train_step  # noqa: E402
 
 WORDS = (
     "Men Women Navy Blue Black White Red Check Striped Printed Slim Fit Casual Formal Shirt Tshirt Jeans Dress "
@@ -94,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.batch * max(args.steps, 2)
     cache, titles, links = synthetic(n, spec.image_size)
     tok = tokenizer(spec)
-    config = TrainConfig(epochs=1, batch_size=args.batch, lr=5e-4, weight_decay=0.1, num_threads=args.threads)
+    config = TrainConfig(epochs=1, batch_size=args.batch, lr=5e-4, weight_decay=0.1, warmup_steps=0, grad_clip_norm=0.0, num_threads=args.threads)
     print(f"{args.arch} at {spec.image_size}px, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, open_clip {open_clip.__version__}")
 
     ours_model, _ = create_model(spec, seed=0)
     bare_model, _ = create_model(spec, seed=0)
-    task = ClipPretrainTask(ours_model, tok, PairSet(cache, tuple(titles)), None)
+    task = ImageTextTask(ours_model, tok, PairSet(cache, tuple(titles)), None)
     params = [p for _, p in task.named_parameters()]
     optimizer = make_optimizer(task.named_parameters(), config)
     scheduler = make_scheduler(optimizer, config, 10_000)
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the concept term: same model and batches, concepts on, bank filled (steady state)
     concepts = ConceptInputs.build(cache.ids, links, max_slots=5, prototypes_per_concept=10)
-    ctask = ClipPretrainTask(ours_model, tok, PairSet(cache, tuple(titles)), None, concepts=concepts, concept_weight=0.5)
+    ctask = FashionKLIPTask(ours_model, tok, PairSet(cache, tuple(titles)), None, concepts=concepts, concept_weight=0.5)
     with torch.no_grad():
         ctask.bank.copy_(torch.nn.functional.normalize(torch.randn_like(ctask.bank), dim=-1))
         ctask.bank_valid.fill_(True)

@@ -371,7 +371,7 @@ def saved_model_metrics() -> Callable[..., dict[str, float]]:
     # Imported when a test asks: torch, open_clip and the trainer take 2-6 s to import, which
     # every test module would otherwise pay through this conftest.
     from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
-    from lightclip.training import split_metrics
+    from lightclip.tasks import split_metrics
 
     def metrics(model_dir: Path, catalogue: Any, split: str, cache_dir: Path) -> dict[str, float]:
         model = load_model(model_dir)
@@ -380,3 +380,14 @@ def saved_model_metrics() -> Callable[..., dict[str, float]]:
 
     return metrics
 
+
+@pytest.fixture
+def tiny_pairs(tiny_catalogue, tmp_path):
+    """``(train, val)`` pair sets: 32 training and 8 validation pairs at the tiny model's 32 px."""
+    from lightclip.tasks import PairSet  # after pytest_configure: open_clip reads the hub settings on import
+
+    catalogue = tiny_catalogue(n=40)
+    items = catalogue.items.copy()
+    items["split"] = ["val" if i >= 32 else "train" for i in range(len(items))]
+    catalogue = catalogue.with_items(items).save()
+    return tuple(PairSet.from_catalogue(catalogue, split, 32, tmp_path / "cache", progress=False) for split in ("train", "val"))

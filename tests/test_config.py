@@ -56,28 +56,49 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(bad)
 
 
-def test_distill_students_and_ablation_variants():
+def test_code_defaults_are_params_yaml():
+    """Each knob has one value: the code's defaults are exactly the repo's params.yaml."""
+    assert load_params(REPO_ROOT / "params.yaml").model_dump(by_alias=True, mode="json") == Params().model_dump(by_alias=True, mode="json")
+
+
+def test_distill_jobs_for_pipeline_and_ablation():
     params = load_params(REPO_ROOT / "params.yaml")
     ablation = params.distill_ablation
     assert ablation.students == ["xt", "xxt"] and set(ablation.students) <= set(params.distill.students)
     assert {"no_distill", "intra_ts_fd", "sd_ts", "full"} <= set(ablation.variants)
-    config = ablation.config_for(params.distill, "intra_ts_fd", seed=7)
-    assert config.train.seed == 7 and config.student == params.distill.students["xt"]  # the first by default
-    assert ablation.config_for(params.distill, "full", seed=0, student="xxt").student == params.distill.students["xxt"]
-    assert {(e.edge, e.loss) for e in config.edges} == {("inter_ss", "infonce"), ("intra_ts", "fd")}
+    job = params.distill_job(variant="intra_ts_fd", seed=7)
+    assert job.train.seed == 7 and job.student == params.distill.students["xt"] and job.student_name == "xt"  # the first by default
+    assert job.run_name == "distill-xt-intra_ts_fd-seed7"
+    assert {(e.edge, e.loss) for e in job.edges} == {("inter_ss", "infonce"), ("intra_ts", "fd")}
+    assert params.distill_job("xxt", variant="full").student == params.distill.students["xxt"]
+    assert params.distill_job(variant="full").train.seed == params.distill.train.seed
+    pipeline = params.distill_job("xxt")
+    assert pipeline.run_name == "distill-xxt" and pipeline.edges == params.distill.edges and pipeline.variant is None
+    assert pipeline.trajectory() == params.distill_job("xxt").trajectory() != params.distill_job("xt").trajectory()
+    assert "student_name" not in pipeline.trajectory()
+    assert params.distill_job().student_name == "xt"
+    no_distill = params.distill_job(variant="no_distill")
+    assert no_distill.needs_teacher is False and pipeline.needs_teacher is True
     with pytest.raises(ConfigError, match=r"no variant 'nope'; variants: no_distill"):
-        ablation.config_for(params.distill, "nope", seed=0)
+        params.distill_job(variant="nope")
     with pytest.raises(ConfigError, match=r"distill_ablation.students has no student 'big'; students: xt, xxt"):
-        ablation.config_for(params.distill, "full", seed=0, student="big")
-    # the earlier one-student form still reads; both forms at once is an error
-    assert parse_params({"distill_ablation": {"student": "xxt"}}).distill_ablation.students == ["xxt"]
-    with pytest.raises(ConfigError, match="either student or students"):
-        parse_params({"distill_ablation": {"student": "xt", "students": ["xt"]}})
-    with pytest.raises(ConfigError, match="students"):
+        params.distill_job("big", variant="full")
+    with pytest.raises(ConfigError, match=r"distill.students has no student 'big'; students: xt, xxt"):
+        params.distill_job("big")
+    with pytest.raises(ConfigError, match="distill_ablation.students"):
         parse_params({"distill_ablation": {"students": []}})
-    with pytest.raises(ConfigError, match=r"no student 'big'; students: xt, xxt"):
-        params.distill.for_student("big")
+    with pytest.raises(ConfigError, match="unknown key 'distill_ablation.student'"):
+        parse_params({"distill_ablation": {"student": "xxt"}})
     with pytest.raises(ConfigError, match=r"variants.bad"):
         parse_params({"distill_ablation": {"variants": {"bad": [{"edge": "inter_ss", "loss": "fd"}]}}})
+    with pytest.raises(ConfigError, match=r"listed twice"):
+        parse_params({"distill": {"edges": [{"edge": "intra_ts", "loss": "fd"}, {"edge": "intra_ts_image", "loss": "fd"}]}})
     with pytest.raises(ConfigError, match=r"ensemble_members"):
         parse_params({"pretrain": {"ensemble_members": 0}})
+
+
+def test_kg_config_checks_and_records_prototype_selection():
+    kg = load_params(REPO_ROOT / "params.yaml").build_kg
+    assert kg.prototype_selection() == {"prototypes_per_concept": kg.prototypes_per_concept, "mmr_lambda": kg.mmr_lambda, "prototype_pool": kg.prototype_pool}
+    with pytest.raises(ConfigError, match=r"max_run \(2\) must be >= max_modifiers \(4\)"):
+        parse_params({"build_kg": {"max_modifiers": 4, "max_run": 2}})

@@ -10,18 +10,38 @@ import numpy as np
 import pytest
 import torch
 
-from lightclip.config import BASELINE_DISTILL_EDGES, ConfigError, DistillConfig, EdgeLossConfig, ModelConfig, SplitConfig, SynthConfig, TrainConfig
+from lightclip.config import BASELINE_EDGES, ConfigError, DistillConfig, DistillJob, EdgeLossConfig, ModelConfig, SplitConfig, SynthConfig, TrainConfig
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.split import assign_splits
 from lightclip.data.synth import generate_catalogue
-from lightclip.distill import PROJECTIONS_FILE, DistillTask, run_distill
+from lightclip.distill import PROJECTIONS_FILE, DistillInputs, DistillOutputs, run_distill
+from lightclip.stage import StageContext
+from lightclip.tasks import DistillTask, PairSet
 from lightclip.models.zoo import ModelSpec, arch_config, build_from_config, create_model, load_model, read_model_info, save_model, tokenizer
 from lightclip.teacher_cache import StaleTeacherEmbeddings, embed_with_teacher, load_teacher_embeddings
-from lightclip.training import PairSet, load_checkpoint, train
+from lightclip.training import load_checkpoint, train
 
 SPEC = ModelSpec(arch="lc-test-tiny")
-FAST = dict(batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=1, num_threads=1, log_every_n_steps=1)
+FAST = dict(batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=1, grad_clip_norm=0.0, early_stop_patience=0, num_threads=1, log_every_n_steps=1)
 FULL_GRAPH = DistillConfig().edges
+
+
+def tiny_job(**updates) -> DistillJob:
+    """The pipeline's distillation job for a tiny student, with ``updates`` (epochs, edges, ...)."""
+    epochs = updates.pop("epochs", 1)
+    job = DistillConfig(students={"tiny": ModelConfig(arch="lc-test-tiny")}, train=TrainConfig(epochs=epochs, **FAST)).job("tiny")
+    return job.model_copy(update=updates)
+
+
+def distill(job: DistillJob, workspace: Path, teacher: str | None, embeddings: Path | str | None, out: Path, **context) -> dict:
+    """run_distill on the workspace's split with the student at ``out`` and metrics at ``out.json``."""
+    inputs = DistillInputs(
+        catalogue=workspace / "split",
+        teacher=workspace / teacher if teacher else None,
+        teacher_embeddings=(workspace / embeddings if isinstance(embeddings, str) else embeddings),
+    )
+    outputs = DistillOutputs(model=out, metrics=out.with_suffix(".json"))
+    return run_distill(job, inputs, outputs, StageContext(project_dir=out.parent, progress=False, **context))
 
 
 @pytest.fixture(autouse=True)
@@ -105,12 +125,8 @@ def test_online_teacher_matches_the_cache_and_gets_no_gradient(workspace: Path):
 
 
 def test_run_distill_with_the_teacher_online(workspace: Path, tmp_path: Path, saved_model_metrics):
-    config = DistillConfig(student=ModelConfig(arch="lc-test-tiny"), train=TrainConfig(epochs=1, **FAST), teacher_online=True)
     catalogue = Catalogue.load(workspace / "split")
-    metrics = run_distill(
-        catalogue, workspace / "teacher", None, config, tmp_path / "student",
-        cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False,
-    )
+    metrics = distill(tiny_job(teacher_online=True), workspace, "teacher", None, tmp_path / "student")
     assert metrics["steps"] == 3
     test = saved_model_metrics(tmp_path / "student", catalogue, "test", workspace / "cache")
     assert test and {k: metrics[k] for k in test} == pytest.approx(test)  # the saved student is the one scored
@@ -119,13 +135,10 @@ def test_run_distill_with_the_teacher_online(workspace: Path, tmp_path: Path, sa
 
 def test_run_distill_writes_the_student_and_metrics(workspace: Path, tmp_path: Path, saved_model_metrics):
     logged: list[tuple[dict, int]] = []
-    config = DistillConfig(student=ModelConfig(arch="lc-test-tiny"), train=TrainConfig(epochs=2, **FAST))
     catalogue = Catalogue.load(workspace / "split")
-    metrics = run_distill(
-        catalogue, workspace / "teacher", workspace / "teacher_emb", config, tmp_path / "student",
-        cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", log_metrics=lambda m, s: logged.append((m, s)), progress=False,
-    )
+    metrics = distill(tiny_job(epochs=2), workspace, "teacher", "teacher_emb", tmp_path / "student", log_metrics=lambda m, s: logged.append((m, s)))
     assert metrics["steps"] == 6 and metrics["epochs_completed"] == 2
+    assert json.loads((tmp_path / "student.json").read_text()) == pytest.approx(metrics)  # the stage writes its metrics
     for key in ("test/mean_recall", "test/i2t_R@1", "test/t2i_R@10", "val/best_mean_recall", "train_seconds", "train_pairs_per_s", "params/total", "params/non_embedding"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["params/projections"] == 0  # equal widths: no projection
@@ -139,31 +152,26 @@ def test_run_distill_writes_the_student_and_metrics(workspace: Path, tmp_path: P
 
 
 def test_wide_teacher_needs_projections(workspace: Path, tmp_path: Path):
-    catalogue = Catalogue.load(workspace / "split")
-    config = DistillConfig(student=ModelConfig(arch="lc-test-tiny"), train=TrainConfig(epochs=1, **FAST))
-    kwargs = dict(cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False)
     with pytest.raises(ConfigError, match=r"distill.projection: false.*32-d.*48-d"):
-        run_distill(catalogue, None, workspace / "wide_teacher_emb", config.model_copy(update={"projection": False}), tmp_path / "s", **kwargs)
+        distill(tiny_job(projection=False), workspace, None, "wide_teacher_emb", tmp_path / "s")
     assert not (tmp_path / "s").exists()
-    metrics = run_distill(catalogue, workspace / "wide_teacher", workspace / "wide_teacher_emb", config, tmp_path / "s", **kwargs)
+    metrics = distill(tiny_job(), workspace, "wide_teacher", "wide_teacher_emb", tmp_path / "s")
     assert metrics["params/projections"] == 2 * 32 * 48
     from safetensors.torch import load_file
 
     projections = load_file(str(tmp_path / "s" / PROJECTIONS_FILE))
     assert {k: tuple(v.shape) for k, v in projections.items()} == {"image.weight": (48, 32), "text.weight": (48, 32)}
     # relation-only edges need no projection even with different widths
-    relations = config.model_copy(update={"projection": False, "edges": [EdgeLossConfig(edge="inter_ss", loss="infonce"), EdgeLossConfig(edge="intra_ss", loss="fd")]})
-    assert run_distill(catalogue, None, workspace / "wide_teacher_emb", relations, tmp_path / "r", **kwargs)["params/projections"] == 0
+    relations = tiny_job(projection=False, edges=[EdgeLossConfig(edge="inter_ss", loss="infonce"), EdgeLossConfig(edge="intra_ss", loss="fd")])
+    assert distill(relations, workspace, None, "wide_teacher_emb", tmp_path / "r")["params/projections"] == 0
 
 
 def test_baseline_runs_without_a_teacher(workspace: Path, tmp_path: Path, saved_model_metrics):
-    config = DistillConfig(student=ModelConfig(arch="lc-test-tiny"), train=TrainConfig(epochs=2, **FAST), edges=list(BASELINE_DISTILL_EDGES))
+    baseline = tiny_job(epochs=2, edges=[EdgeLossConfig(edge=edge, loss=loss) for edge, loss in BASELINE_EDGES])
+    assert baseline.needs_teacher is False
     logged: list[tuple[dict, int]] = []
     catalogue = Catalogue.load(workspace / "split")
-    metrics = run_distill(
-        catalogue, None, None, config, tmp_path / "baseline",
-        cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", log_metrics=lambda m, s: logged.append((m, s)), progress=False,
-    )
+    metrics = distill(baseline, workspace, None, None, tmp_path / "baseline", log_metrics=lambda m, s: logged.append((m, s)))
     assert metrics["steps"] == 6
     terms = {k for m, _ in logged for k in m if k.startswith("train/") and "/" in k[6:]}
     assert terms == {"train/inter_ss/infonce"}
@@ -173,16 +181,14 @@ def test_baseline_runs_without_a_teacher(workspace: Path, tmp_path: Path, saved_
 
 def test_missing_or_stale_teacher_inputs_are_clear_errors(workspace: Path, tmp_path: Path):
     catalogue = Catalogue.load(workspace / "split")
-    config = DistillConfig(student=ModelConfig(arch="lc-test-tiny"), train=TrainConfig(epochs=1, **FAST))
-    kwargs = dict(cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False)
     with pytest.raises(ConfigError, match="teacher embeddings"):
-        run_distill(catalogue, workspace / "teacher", None, config, tmp_path / "s", **kwargs)
+        distill(tiny_job(), workspace, "teacher", None, tmp_path / "s")
     with pytest.raises(ConfigError, match="teacher_online: true needs the teacher"):
-        run_distill(catalogue, None, None, config.model_copy(update={"teacher_online": True}), tmp_path / "s", **kwargs)
+        distill(tiny_job(teacher_online=True), workspace, None, None, tmp_path / "s")
     with pytest.raises(StaleTeacherEmbeddings, match="stale"):  # the cache of another teacher
-        run_distill(catalogue, workspace / "teacher", workspace / "wide_teacher_emb", config, tmp_path / "s", **kwargs)
+        distill(tiny_job(), workspace, "teacher", "wide_teacher_emb", tmp_path / "s")
     no_flips = tmp_path / "noflip" / "train.safetensors"
     embed_with_teacher(workspace / "teacher", catalogue, "train", workspace / "cache", hflip=False).save(no_flips)
     with pytest.raises(ConfigError, match="teacher_embed.hflip"):
-        run_distill(catalogue, None, no_flips, config, tmp_path / "s", **kwargs)
+        distill(tiny_job(), workspace, None, no_flips, tmp_path / "s")
     assert not (tmp_path / "s").exists()

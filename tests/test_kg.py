@@ -9,10 +9,11 @@ from pathlib import Path
 import networkx as nx
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
+from lightclip.config import KGConfig
 from lightclip.kg import (
     KGError,
-    KGMiningConfig,
     ancestors,
     build_concept_graph,
     check_forest,
@@ -206,14 +207,14 @@ def test_empty_catalogue_raises(hand_vocab):
 
 
 def test_config_is_validated_and_frozen():
-    with pytest.raises(KGError, match="min_count"):
-        KGMiningConfig(min_count=0)
-    with pytest.raises(KGError, match="max_modifiers"):
-        KGMiningConfig(max_modifiers=-1)
-    with pytest.raises(KGError, match="max_run"):
-        KGMiningConfig(max_modifiers=4, max_run=2)
-    config = KGMiningConfig()
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="min_count"):
+        KGConfig(min_count=0)
+    with pytest.raises(ValidationError, match="max_modifiers"):
+        KGConfig(max_modifiers=-1)
+    with pytest.raises(ValidationError, match="max_run"):
+        KGConfig(max_modifiers=4, max_run=2)
+    config = KGConfig()
+    with pytest.raises(ValidationError):
         config.min_count = 5  # type: ignore[misc]
     with pytest.raises(KGError, match="either"):
         mine_concepts(["Acme Men Shirt"], min_count=1, config=config)

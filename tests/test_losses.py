@@ -55,9 +55,11 @@ def test_concept_loss_lower_when_aligned():
 
 def test_weight_zero_skips_the_computation():
     # inputs that would fail if touched: no concept texts, ids of the wrong shape
-    out = concept_alignment_loss(torch.zeros(4, 8), None, torch.zeros(3), 1.0, weight=0.0, return_terms=True)
-    assert all(float(v) == 0.0 for v in out.values())
-    assert float(concept_alignment_loss(torch.zeros(4, 8), None, torch.zeros(3), 1.0, weight=0)) == 0.0
+    out = concept_alignment_loss(torch.zeros(4, 8), None, torch.zeros(3), 1.0, prototype_weight=0.0, image_weight=0.0, return_terms=True)
+    assert set(out) == {"concept", "concept_prototype", "concept_image"} and all(float(v) == 0.0 for v in out.values())
+    assert float(concept_alignment_loss(torch.zeros(4, 8), None, torch.zeros(3), 1.0, prototype_weight=0, image_weight=0)) == 0.0
+    with pytest.raises(ValueError, match="concept_text_emb is required"):
+        concept_alignment_loss(torch.zeros(4, 8), None, torch.zeros(3), 1.0)
     clip = torch.tensor(2.0)
     assert combine_with_concept(clip, torch.tensor(float("nan")), weight=0.0) is clip
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lightclip.config import KGConfig, ModelConfig, PretrainConfig, SplitConfig, SynthConfig, TrainConfig
 from lightclip.data.catalogue import Catalogue
@@ -20,9 +19,8 @@ from lightclip.data.synth import generate_catalogue
 from lightclip.kg import KGError
 from lightclip.kg.build import build_knowledge_graph
 from lightclip.models.zoo import ModelError, load_model
-from lightclip.pretrain import run_pretrain
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from lightclip.pretrain import PretrainInputs, PretrainOutputs, run_pretrain
+from lightclip.stage import StageContext
 
 
 @pytest.fixture(scope="module")
@@ -38,71 +36,78 @@ def workspace(tmp_path_factory) -> Path:
 def tiny_config(concept_weight: float, epochs: int = 2) -> PretrainConfig:
     return PretrainConfig(
         model=ModelConfig(arch="lc-test-tiny"),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, num_threads=1, log_every_n_steps=2),
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, warmup_steps=0, grad_clip_norm=0.0, early_stop_patience=0, num_threads=1, log_every_n_steps=2),
         concept_weight=concept_weight,
+        ensemble_members=1,
     )
+
+
+def pretrain(config: PretrainConfig, catalogue: Path, kg: Path | None, out: Path, project: Path, **context) -> dict:
+    """run_pretrain with its outputs at ``out`` (model) and ``out.json`` (metrics), caches under ``project``."""
+    outputs = PretrainOutputs(model=out, metrics=out.with_suffix(".json"))
+    return run_pretrain(config, PretrainInputs(catalogue=catalogue, kg=kg), outputs, StageContext(project_dir=project, progress=False, **context))
 
 
 @pytest.mark.parametrize("concept_weight", [0.0, 0.5])
-def test_pretrain_writes_teacher_and_metrics(workspace: Path, tmp_path: Path, concept_weight: float):
+def test_pretrain_writes_teacher_and_metrics(workspace: Path, tmp_path: Path, concept_weight: float, saved_model_metrics):
     logged: list[tuple[dict, int]] = []
-    metrics = run_pretrain(
-        Catalogue.load(workspace / "split"),
-        workspace / "kg",
-        tiny_config(concept_weight),
-        KGConfig(),
-        tmp_path / "teacher",
-        cache_dir=workspace / "cache",
-        checkpoint_root=tmp_path / "ckpt",
+    catalogue = Catalogue.load(workspace / "split")
+    metrics = pretrain(
+        tiny_config(concept_weight), workspace / "split", workspace / "kg", tmp_path / "teacher", tmp_path,
         log_metrics=lambda values, step: logged.append((values, step)),
-        progress=False,
     )
     assert metrics["steps"] == 2 * (64 // 16)
-    assert 0 <= metrics["test/mean_recall"] <= 100 and "test/i2t_R@1" in metrics
-    assert load_model(tmp_path / "teacher") is not None
+    assert json.loads((tmp_path / "teacher.json").read_text()) == pytest.approx(metrics)  # the stage writes its metrics
+    test = saved_model_metrics(tmp_path / "teacher", catalogue, "test", workspace / "cache")
+    assert "test/i2t_R@1" in test and {k: metrics[k] for k in test} == pytest.approx(test)  # the saved teacher is the one scored
     train_terms = {k for values, _ in logged for k in values}
     assert "train/loss" in train_terms and "val/mean_recall" in train_terms
     if concept_weight > 0:
         assert "train/concept" in train_terms and metrics["prototype_refreshes"] == 2
         prototypes = json.loads((tmp_path / "teacher" / "prototypes.json").read_text())
-        assert prototypes and all(len(v) >= 1 for v in prototypes.values())
+        selection = json.loads((workspace / "kg" / "prototype_selection.json").read_text())
+        assert prototypes and all(1 <= len(v) <= selection["prototypes_per_concept"] for v in prototypes.values())
     else:
         assert "train/concept" not in train_terms
         assert not (tmp_path / "teacher" / "prototypes.json").exists()
 
 
 def test_bad_inputs_are_clear_errors(workspace: Path, tmp_path: Path):
-    catalogue = Catalogue.load(workspace / "split")
-    kwargs = dict(cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False)
+    split = workspace / "split"
     with pytest.raises(KGError, match="concept graph not found"):
-        run_pretrain(catalogue, tmp_path / "no-kg", tiny_config(0.5), KGConfig(), tmp_path / "t", **kwargs)
+        pretrain(tiny_config(0.5), split, tmp_path / "no-kg", tmp_path / "t", tmp_path)
+    with pytest.raises(KGError, match="needs the knowledge graph"):
+        pretrain(tiny_config(0.5), split, None, tmp_path / "t", tmp_path)
     stale = tmp_path / "stale-kg"
     stale.mkdir()
-    for name in ("graph.json", "prototypes.json"):
+    for name in ("graph.json", "prototypes.json", "prototype_selection.json"):
         (stale / name).write_text((workspace / "kg" / name).read_text())
     links = json.loads((workspace / "kg" / "item_concepts.json").read_text())
     (stale / "item_concepts.json").write_text(json.dumps(dict(list(links.items())[:10])))
     with pytest.raises(KGError, match="does not match the catalogue"):
-        run_pretrain(catalogue, stale, tiny_config(0.5), KGConfig(), tmp_path / "t", **kwargs)
+        pretrain(tiny_config(0.5), split, stale, tmp_path / "t", tmp_path)
+    (stale / "prototype_selection.json").unlink()
+    (stale / "item_concepts.json").write_text((workspace / "kg" / "item_concepts.json").read_text())
+    with pytest.raises(KGError, match="prototype_selection.json: missing"):
+        pretrain(tiny_config(0.5), split, stale, tmp_path / "t", tmp_path)
     bad_arch = tiny_config(0.0).model_copy(update={"model": ModelConfig(arch="lc-no-such-model")})
     with pytest.raises(ModelError, match="lc-no-such-model"):
-        run_pretrain(catalogue, None, bad_arch, KGConfig(), tmp_path / "t", **kwargs)
+        pretrain(bad_arch, split, None, tmp_path / "t", tmp_path)
     assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.slow
-def test_kill_mid_run_then_resume_ends_with_same_steps(workspace: Path, tmp_path: Path):
+def test_kill_mid_run_then_resume_ends_with_same_steps(workspace: Path, tmp_path: Path, projects):
     """A real SIGKILL of the CLI during training; --resume finishes with the planned step count."""
-    project = tmp_path / "proj"
-    project.mkdir()
-    (project / "dvc.yaml").write_text("stages: {}\n")
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = projects.repo_params()
     params["pretrain"] = {
         "model": {"arch": "lc-test-tiny"},
-        "train": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "num_threads": 1, "log_every_n_steps": 1},
+        "train": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "warmup_steps": 0, "grad_clip_norm": 0.0, "early_stop_patience": 0,
+                  "num_threads": 1, "log_every_n_steps": 1},
         "concept_weight": 0.5,
+        "ensemble_members": 1,
     }
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    project = projects.create(tmp_path / "proj", params)
     cmd = [sys.executable, "-m", "lightclip.cli", "-q", "pretrain", "--in", str(workspace / "split"), "--kg", str(workspace / "kg"),
            "--out", "teacher", "--metrics", "m.json", "--resume"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db")
@@ -121,18 +126,15 @@ def test_kill_mid_run_then_resume_ends_with_same_steps(workspace: Path, tmp_path
     assert json.loads((project / "m.json").read_text())["steps"] == 6 * (64 // 16)
 
 
-def test_ensemble_teacher_trains_members_and_reuses_member_zero(workspace: Path, tmp_path: Path):
+def test_ensemble_teacher_trains_members_and_reuses_member_zero(workspace: Path, tmp_path: Path, saved_model_metrics):
     """ensemble_members=2: two seeds trained, the ensemble saved and scored as one model;
     member 0 is the single-model run with the same params (its checkpoint is reused)."""
     catalogue = Catalogue.load(workspace / "split")
-    common = dict(cache_dir=workspace / "cache", checkpoint_root=tmp_path / "ckpt", progress=False)
-    single = run_pretrain(catalogue, workspace / "kg", tiny_config(0.5), KGConfig(), tmp_path / "single", **common)
+    single = pretrain(tiny_config(0.5), workspace / "split", workspace / "kg", tmp_path / "single", tmp_path)
     logged: list[dict] = []
     config = tiny_config(0.5).model_copy(update={"ensemble_members": 2})
-    metrics = run_pretrain(
-        catalogue, workspace / "kg", config, KGConfig(), tmp_path / "teacher",
-        resume=True, log_metrics=lambda values, step: logged.append(values), **common,
-    )
+    metrics = pretrain(config, workspace / "split", workspace / "kg", tmp_path / "teacher", tmp_path,
+                       resume=True, log_metrics=lambda values, step: logged.append(values))
     assert metrics["ensemble_members"] == 2
     assert metrics["member0/test/mean_recall"] == pytest.approx(single["test/mean_recall"])
     assert metrics["steps"] == 2 * single["steps"]
@@ -142,5 +144,6 @@ def test_ensemble_teacher_trains_members_and_reuses_member_zero(workspace: Path,
     assert info["embed_dim"] == 2 * json.loads((tmp_path / "single" / "model.json").read_text())["embed_dim"]
     teacher = load_model(tmp_path / "teacher")
     assert metrics["params/total"] == 2 * single["params/total"]
-    assert 0.0 <= metrics["test/mean_recall"] <= 100.0
+    test = saved_model_metrics(tmp_path / "teacher", catalogue, "test", workspace / "cache")
+    assert test and {k: metrics[k] for k in test} == pytest.approx(test)  # scored as one model, the one saved
     assert type(teacher).__name__ == "EnsembleCLIP"

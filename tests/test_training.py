@@ -1,4 +1,4 @@
-"""The shared training loop (on a tiny model and catalogue) and the retrieval metrics."""
+"""The shared training loop, on the image-text task with a tiny model and catalogue."""
 
 from __future__ import annotations
 
@@ -10,40 +10,23 @@ import pytest
 import torch
 
 import lightclip.training as training
-from lightclip.evaluation import retrieval_metrics, title_groups
+from lightclip.config import TrainConfig
 from lightclip.models import ModelSpec, create_model, tokenizer
-from lightclip.training import (
-    ClipPretrainTask,
-    ConceptInputs,
-    ConceptLossConfig,
-    PairSet,
-    TrainConfig,
-    TrainingDiverged,
-    lr_factor,
-    load_checkpoint,
-    train,
-    train_step,
-)
+from lightclip.tasks import ImageTextTask, PairSet
+from lightclip.training import TrainingDiverged, checkpoint_key, load_checkpoint, lr_factor, train, train_step
 
 SPEC = ModelSpec(arch="lc-test-tiny")
-FAST = dict(batch_size=8, lr=1e-3, weight_decay=0.0, warmup_steps=2, num_threads=1, log_every_n_steps=1)
+FAST = dict(batch_size=8, lr=1e-3, weight_decay=0.0, warmup_steps=2, grad_clip_norm=0.0, early_stop_patience=0, num_threads=1, log_every_n_steps=1)
 
 
 @pytest.fixture
-def pairs(tiny_catalogue, tmp_path):
-    """32 training and 8 validation pairs of the tiny catalogue at the tiny model's size."""
-    catalogue = tiny_catalogue(n=40)
-    items = catalogue.items.copy()
-    items["split"] = ["val" if i >= 32 else "train" for i in range(len(items))]
-    catalogue = catalogue.with_items(items).save()
-    train_set = PairSet.from_catalogue(catalogue, "train", SPEC.image_size, tmp_path / "cache", progress=False)
-    val_set = PairSet.from_catalogue(catalogue, "val", SPEC.image_size, tmp_path / "cache", progress=False)
-    return train_set, val_set
+def pairs(tiny_pairs):
+    return tiny_pairs
 
 
-def make_task(pairs, seed=0, **kwargs) -> ClipPretrainTask:
+def make_task(pairs, seed=0, **kwargs) -> ImageTextTask:
     model, _ = create_model(SPEC, seed=seed)
-    return ClipPretrainTask(model, tokenizer(SPEC), pairs[0], pairs[1], **kwargs)
+    return ImageTextTask(model, tokenizer(SPEC), pairs[0], pairs[1], **kwargs)
 
 
 def _sha(path: Path) -> str:
@@ -139,7 +122,7 @@ class ScriptedEval:
 
 
 def test_early_stopping_keeps_the_best_checkpoint(pairs, tmp_path):
-    config = TrainConfig(epochs=8, early_stop_patience=2, **FAST)
+    config = TrainConfig(**(FAST | {"epochs": 8, "early_stop_patience": 2}))
     task = ScriptedEval(make_task(pairs), [10.0, 30.0, 25.0, 29.0, 50.0, 60.0, 70.0, 80.0])
     result = train(task, config, checkpoint_dir=tmp_path / "ck", progress=False)
     assert result.stopped_early and result.epochs_completed == 4 and result.steps == 16
@@ -149,49 +132,6 @@ def test_early_stopping_keeps_the_best_checkpoint(pairs, tmp_path):
     before = _sha(tmp_path / "ck" / "last.pt")
     again = train(task, config, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
     assert again.stopped_early and again.steps == 16 and _sha(tmp_path / "ck" / "last.pt") == before
-
-
-def test_concepts_train_and_weight_zero_costs_nothing(pairs, monkeypatch):
-    train_set = pairs[0]
-    links = [["tshirt", "red tshirt"] if i % 2 else ["dress"] for i in range(len(train_set))]
-    concepts = ConceptInputs.build(train_set.images.ids, links, max_slots=3, prototypes_per_concept=4)
-    assert concepts.concepts == ("dress", "red tshirt", "tshirt")
-    assert concepts.item_concepts.shape == (32, 3) and (concepts.item_concepts[0] == [0, -1, -1]).all()
-    assert (concepts.prototypes >= 0).all()  # every concept has at least 4 items here
-    ids = train_set.images.ids
-    given = ConceptInputs.build(ids, dict(zip(ids, links)), max_slots=3, prototypes_per_concept=4, prototypes={"dress": ["nope", ids[4], ids[2]]})
-    assert list(given.prototypes[0]) == [4, 2, -1, -1]  # the given ones, training items only, in order
-    assert (given.prototypes[1:] == concepts.prototypes[1:]).all() and (given.item_concepts == concepts.item_concepts).all()
-
-    calls = {"n": 0}
-    real = training.encode_text
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "encode_text", counting)
-    off = make_task(pairs, concepts=concepts, concept_weight=0.0)
-    batches = list(off.train_batches(0, np.random.default_rng(0), 8))
-    assert all(b.concepts is None for b in batches)
-    out = off.loss(batches[0])
-    assert calls["n"] == 1 and set(out) == {"loss", "clip", "logit_scale"}
-
-    task = make_task(pairs, concepts=concepts, concept_weight=0.5, concept_config=ConceptLossConfig(top_k=2))
-    config = TrainConfig(epochs=2, **FAST)
-    optimizer = training.make_optimizer(task.named_parameters(), config)
-    params = [p for _, p in task.named_parameters()]
-    seen = []
-    for epoch in range(2):
-        for batch in task.train_batches(epoch, np.random.default_rng(epoch), 8):
-            calls["n"] = 0
-            seen.append(train_step(task, batch, optimizer, None, params))
-            assert calls["n"] == 2  # titles + the batch's concept prompts
-    assert {"concept", "concept_prototype", "concept_image"} <= set(seen[0])
-    assert all(np.isfinite(list(s.values())).all() for s in seen)
-    assert seen[0]["concept_prototype"] == 0.0  # nothing in the bank yet
-    assert seen[-1]["concept_prototype"] > 0.0  # prototypes seen in epoch 1 are used in epoch 2
-    assert bool(task.bank_valid.all())
 
 
 def test_bf16_autocast_step_runs(pairs):
@@ -221,37 +161,10 @@ def test_train_config_forbids_unknown_keys():
         TrainConfig(amp="fp16")
 
 
-# -- evaluation ------------------------------------------------------------------------------
-
-
-def test_retrieval_metrics_hand_made_case():
-    # cosine similarities (rows: images, columns: texts):
-    #   image 0: (0.196, 1.000, 0.000) -> its text 0 ranks 2nd
-    #   image 1: (0.290, 0.995, 0.100) -> text 1 ranks 1st
-    #   image 2: (0.981, 0.000, 1.000) -> text 2 ranks 1st
-    # and from the texts: text 0 -> image 0 ranks 3rd, text 1 -> image 1 ranks 2nd, text 2 -> 1st
-    images = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0]])
-    texts = torch.tensor([[1.0, 0.2], [0.0, 1.0], [1.0, 0.0]])
-    m = retrieval_metrics(images, texts)
-    assert m["i2t_R@1"] == pytest.approx(200 / 3) and m["i2t_R@5"] == m["i2t_R@10"] == 100.0
-    assert m["t2i_R@1"] == pytest.approx(100 / 3) and m["t2i_R@5"] == 100.0
-    assert m["mean_recall"] == pytest.approx((200 / 3 + 100 + 100 + 100 / 3 + 100 + 100) / 6)
-
-
-def test_duplicate_titles_count_as_hits_and_ties_are_deterministic():
-    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    # items 0 and 1 are identical: with a tie the lower index ranks first, so item 1 misses R@1
-    plain = retrieval_metrics(images, texts)
-    assert plain["i2t_R@1"] == pytest.approx(200 / 3) and plain["t2i_R@1"] == pytest.approx(200 / 3)
-    groups = title_groups(["Red Shirt", "red  shirt", "Blue Dress"])
-    assert list(groups) == [0, 0, 1]
-    dup = retrieval_metrics(images, texts, groups)
-    assert dup["i2t_R@1"] == 100.0 and dup["t2i_R@1"] == 100.0 and dup["mean_recall"] == 100.0
-
-
-def test_retrieval_metrics_chunked_equals_unchunked():
-    g = torch.Generator().manual_seed(0)
-    images, texts = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
-    groups = torch.randint(0, 200, (300,), generator=g)
-    assert retrieval_metrics(images, texts, groups, chunk=37) == retrieval_metrics(images, texts, groups, chunk=1024)
+def test_checkpoint_key_changes_with_trajectory_and_inputs():
+    base = checkpoint_key({"lr": 0.1, "seed": 0}, "catalogue-a")
+    assert base == checkpoint_key({"seed": 0, "lr": 0.1}, "catalogue-a")  # key order does not matter
+    assert len(base) == 16
+    assert base != checkpoint_key({"lr": 0.2, "seed": 0}, "catalogue-a")
+    assert base != checkpoint_key({"lr": 0.1, "seed": 0}, "catalogue-b")
+    assert base != checkpoint_key({"lr": 0.1, "seed": 0}, "catalogue-a", "kg-links")

@@ -7,11 +7,16 @@ error that names the key and the keys (or values) that are allowed, never a sile
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lightclip.edges import LOSSES, check_edge_loss, expand_edge, needs_teacher
+from lightclip.errors import LightclipError
 
 ATTRIBUTE_COLUMNS: tuple[str, ...] = (
     "gender",
@@ -25,7 +30,7 @@ ATTRIBUTE_COLUMNS: tuple[str, ...] = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(LightclipError, ValueError):
     """A params file that cannot be used; the message names the file, key and what is allowed."""
 
 
@@ -41,6 +46,22 @@ class SynthConfig(StrictModel):
     image_size: int = Field(64, ge=32, le=512)
 
 
+#: The attribute values of the Kaggle fashion catalogue (and of the synthetic default).
+_KNOWN_VALUES: dict[str, tuple[str, ...]] = {
+    "gender": ("Men", "Women", "Boys", "Girls", "Unisex"),
+    "masterCategory": ("Apparel", "Accessories", "Footwear", "Personal Care", "Free Items", "Sporting Goods", "Home"),
+    "season": ("Summer", "Winter", "Fall", "Spring"),
+    "usage": ("Casual", "Ethnic", "Formal", "Sports", "Smart Casual", "Travel", "Party", "Home"),
+    "baseColour": (
+        "Beige", "Black", "Blue", "Bronze", "Brown", "Burgundy", "Charcoal", "Coffee Brown", "Copper", "Cream",
+        "Fluorescent Green", "Gold", "Green", "Grey", "Grey Melange", "Khaki", "Lavender", "Magenta", "Maroon",
+        "Mauve", "Metallic", "Multi", "Mustard", "Navy Blue", "Nude", "Off White", "Olive", "Orange", "Peach",
+        "Pink", "Purple", "Red", "Rust", "Sea Green", "Silver", "Skin", "Steel", "Tan", "Taupe", "Teal",
+        "Turquoise Blue", "White", "Yellow",
+    ),
+}
+
+
 class ValidateConfig(StrictModel):
     """The Great Expectations suite run by the ``validate`` stage."""
 
@@ -51,10 +72,10 @@ class ValidateConfig(StrictModel):
         default_factory=lambda: ["n/a", "na", "none", "null", "nan", "title", "untitled", "tbd", "todo", "test", "xxx", "-", "?"]
     )
     min_image_side: int = Field(32, ge=1)
-    year_min: int = 1990
+    year_min: int = 2000
     year_max: int = 2030
     #: Known values per attribute column; a column not listed is not checked.
-    allowed_values: dict[str, list[str]] = Field(default_factory=dict)
+    allowed_values: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in _KNOWN_VALUES.items()})
 
     @field_validator("allowed_values")
     @classmethod
@@ -92,8 +113,20 @@ class SplitConfig(StrictModel):
 
 
 class KGConfig(StrictModel):
-    """The ``build_kg`` stage: concept mining knobs (see ``lightclip.kg.concepts.KGMiningConfig``)
-    and the visual side (prototype images per concept, chosen with maximal marginal relevance)."""
+    """The ``build_kg`` stage: concept mining and each concept's prototype images.
+
+    Mining (``lightclip.kg.concepts``): ``min_count`` titles a phrase or a learned head must occur
+    in; ``max_modifiers`` modifiers at most in a concept (the deepest level below a product type);
+    ``max_run`` modifiers read before the head; ``min_brand_types`` distinct heads a bare first word
+    must start titles of to be a brand; ``max_brand_units`` the longest brand span before a gender
+    word; ``min_modifier_heads`` / ``min_modifier_brands`` distinct heads / brands a non-lexicon
+    word must precede to be a modifier (a word of one brand only is a product-line name);
+    ``learn_modifiers`` learn modifiers from the data at all (else the lexicon only).
+
+    Prototypes: ``prototypes_per_concept`` images per concept chosen by FAISS top
+    ``prototype_pool`` then maximal marginal relevance (``mmr_lambda``). The knowledge graph
+    records this rule beside its prototypes, and pre-training re-picks prototypes with it.
+    """
 
     min_count: int = Field(3, ge=1)
     max_modifiers: int = Field(3, ge=0, le=6)
@@ -103,15 +136,21 @@ class KGConfig(StrictModel):
     min_modifier_heads: int = Field(2, ge=1)
     min_modifier_brands: int = Field(2, ge=1)
     learn_modifiers: bool = True
-    prototypes_per_concept: int = Field(4, ge=1, le=32)
+    prototypes_per_concept: int = Field(10, ge=1, le=32, description="prototype images per concept (the reference: 10)")
     #: MMR trade-off: 1 = pure relevance, 0 = pure diversity.
     mmr_lambda: float = Field(0.7, ge=0.0, le=1.0)
     #: Candidates retrieved per concept before MMR re-ranking.
     prototype_pool: int = Field(64, ge=1)
 
-    def mining_fields(self) -> dict[str, Any]:
-        """The fields that parameterise concept mining (a ``KGMiningConfig``)."""
-        return self.model_dump(include={"min_count", "max_modifiers", "max_run", "min_brand_types", "max_brand_units", "min_modifier_heads", "min_modifier_brands", "learn_modifiers"})
+    @model_validator(mode="after")
+    def _run_holds_modifiers(self) -> "KGConfig":
+        if self.max_run < self.max_modifiers:
+            raise ValueError(f"max_run ({self.max_run}) must be >= max_modifiers ({self.max_modifiers})")
+        return self
+
+    def prototype_selection(self) -> dict[str, Any]:
+        """How prototypes are chosen; saved beside them so pre-training re-picks them the same way."""
+        return self.model_dump(include={"prototypes_per_concept", "mmr_lambda", "prototype_pool"})
 
 
 class ModelConfig(StrictModel):
@@ -130,17 +169,17 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """How to train (shared by every trainer)."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)  # open_clip's ViT defaults
     eps: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
-    grad_clip_norm: float = Field(0.0, ge=0, description="max global grad norm; 0 = no clipping")
+    grad_clip_norm: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
     seed: int = 0
-    early_stop_patience: int = Field(0, ge=0, description="epochs without a better val/mean_recall; 0 = off")
+    early_stop_patience: int = Field(5, ge=0, description="epochs without a better val/mean_recall; 0 = off")
     amp: Literal["none", "bf16"] = "none"
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
     log_every_n_steps: int = Field(10, ge=1)
@@ -151,7 +190,6 @@ class ConceptLossConfig(StrictModel):
 
     prompt: str = "a photo of {}"
     max_slots: int = Field(5, ge=1, description="concept slots per pair (the reference: 5)")
-    prototypes_per_concept: int = Field(10, ge=1, description="prototype images per concept (the reference: 10)")
     top_k: int = Field(5, ge=1, description="prototypes kept per slot, by similarity to the pair's image")
     prototype_weight: float = Field(1.0, ge=0)
     image_weight: float = Field(1.0, ge=0)
@@ -171,71 +209,12 @@ class PretrainConfig(StrictModel):
     #: Members of the teacher: 1 = one model; n > 1 trains n models (seeds seed, seed+1, ...)
     #: and ships their ensemble (mean cosine similarity), the teacher that beats a lone student
     #: from scratch (see lightclip.models.ensemble).
-    ensemble_members: int = Field(1, ge=1, le=8)
+    ensemble_members: int = Field(3, ge=1, le=8)
 
 
 # -- CocaCLIP/ConaCLIP distillation ------------------------------------------------------------
-# The names live here (not in losses.py) so that loading params never imports torch;
-# ``lightclip.losses`` re-exports them and documents the semantics of every (edge, loss).
-
-#: The concrete edges of the fully-connected knowledge interaction graph (student node first).
-DISTILL_EDGES: tuple[str, ...] = (
-    "intra_ts_image",  # S_I - T_I
-    "intra_ts_text",  # S_T - T_T
-    "inter_ts_image",  # S_I - T_T
-    "inter_ts_text",  # S_T - T_I
-    "intra_ss_image",  # S_I - S_I (batch relations, supervised by T_I's)
-    "intra_ss_text",  # S_T - S_T (batch relations, supervised by T_T's)
-    "inter_ss",  # S_I - S_T (the student's own CLIP loss)
-)
-#: Shorthands for both modalities of an interaction type (each expands to two edges, two terms).
-DISTILL_EDGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "intra_ts": ("intra_ts_image", "intra_ts_text"),
-    "inter_ts": ("inter_ts_image", "inter_ts_text"),
-    "intra_ss": ("intra_ss_image", "intra_ss_text"),
-}
-DISTILL_LOSSES: tuple[str, ...] = ("infonce", "fd", "sd")
-#: Which losses each edge supports (see ``lightclip.losses`` for why the others are errors).
-DISTILL_VALID_LOSSES: dict[str, tuple[str, ...]] = {
-    "intra_ts_image": ("infonce", "fd", "sd"),
-    "intra_ts_text": ("infonce", "fd", "sd"),
-    "inter_ts_image": ("infonce", "fd", "sd"),
-    "inter_ts_text": ("infonce", "fd", "sd"),
-    "intra_ss_image": ("fd", "sd"),
-    "intra_ss_text": ("fd", "sd"),
-    "inter_ss": ("infonce",),
-}
-_INVALID_REASONS: dict[tuple[str, str], str] = {
-    ("intra_ss", "infonce"): "IntraSS compares a student tower with itself over the batch, so there is no positive pair to contrast",
-    ("inter_ss", "fd"): "InterSS is the student's own image-text edge and has no teacher target; its only loss is the CLIP contrastive loss",
-    ("inter_ss", "sd"): "InterSS is the student's own image-text edge and has no teacher target; its only loss is the CLIP contrastive loss",
-}
-#: Edges whose terms need teacher embeddings.
-DISTILL_TEACHER_EDGES: tuple[str, ...] = tuple(e for e in DISTILL_EDGES if e != "inter_ss")
-#: Edges that compare student and teacher embeddings directly (need equal widths or a projection).
-DISTILL_PROJECTED_EDGES: tuple[str, ...] = ("intra_ts_image", "intra_ts_text", "inter_ts_image", "inter_ts_text")
-
-
-def expand_edge(edge: str) -> tuple[str, ...]:
-    """The concrete edges of an edge name or group; unknown names are an error listing the valid ones."""
-    if edge in DISTILL_EDGE_GROUPS:
-        return DISTILL_EDGE_GROUPS[edge]
-    if edge in DISTILL_EDGES:
-        return (edge,)
-    raise ValueError(f"unknown distillation edge {edge!r}; valid edges: {', '.join(DISTILL_EDGES)} (groups: {', '.join(DISTILL_EDGE_GROUPS)})")
-
-
-def check_edge_loss(edge: str, loss: str) -> None:
-    """Raise ``ValueError`` unless ``loss`` is a known loss that every edge of ``edge`` supports."""
-    concrete = expand_edge(edge)
-    if loss not in DISTILL_LOSSES:
-        raise ValueError(f"unknown distillation loss {loss!r}; valid losses: {', '.join(DISTILL_LOSSES)}")
-    for name in concrete:
-        valid = DISTILL_VALID_LOSSES[name]
-        if loss not in valid:
-            family = name.rsplit("_", 1)[0] if name != "inter_ss" else name
-            reason = _INVALID_REASONS.get((family, loss), "not supported")
-            raise ValueError(f"edge {edge!r} cannot use loss {loss!r}: {reason}; valid losses for {name}: {', '.join(valid)}")
+# The edge vocabulary and its rules live in lightclip.edges (torch-free); these models validate
+# params against it once, and the losses trust what was validated.
 
 
 def _strict_number(value: Any, what: str) -> Any:
@@ -249,8 +228,8 @@ def _strict_number(value: Any, what: str) -> Any:
 class EdgeLossConfig(StrictModel):
     """One supervised edge of the distillation graph: ``{edge, loss, weight, temperature}``.
 
-    ``edge``: a concrete edge (:data:`DISTILL_EDGES`) or a group (``intra_ts``, ``inter_ts``,
-    ``intra_ss``) that stands for both modalities, each weighted by ``weight``.
+    ``edge``: a concrete edge (:data:`lightclip.edges.EDGES`) or a group (``intra_ts``,
+    ``inter_ts``, ``intra_ss``) that stands for both modalities, each weighted by ``weight``.
     ``temperature``: ``null`` = the student's learned logit scale (1/tau, as CLIP; detached for
     ``sd``); a number = that fixed tau. Not used by ``fd`` (setting it there is an error).
     """
@@ -269,8 +248,8 @@ class EdgeLossConfig(StrictModel):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        if value not in DISTILL_LOSSES:
-            raise ValueError(f"unknown distillation loss {value!r}; valid losses: {', '.join(DISTILL_LOSSES)}")
+        if value not in LOSSES:
+            raise ValueError(f"unknown distillation loss {value!r}; valid losses: {', '.join(LOSSES)}")
         return value
 
     @field_validator("weight", mode="before")
@@ -296,25 +275,42 @@ class EdgeLossConfig(StrictModel):
         return expand_edge(self.edge)
 
 
-def default_distill_edges() -> list[EdgeLossConfig]:
-    """The default full graph: every interaction type supervised (see README / ``lightclip.losses``).
+def check_graph(edges: list[EdgeLossConfig]) -> list[EdgeLossConfig]:
+    """A non-empty list in which no (concrete edge, loss) appears twice."""
+    if not edges:
+        raise ValueError("edges: at least one edge (the baseline is [{edge: inter_ss, loss: infonce, weight: 1}])")
+    seen: dict[tuple[str, str], str] = {}
+    for entry in edges:
+        for edge in entry.edges:
+            key = (edge, entry.loss)
+            if key in seen:
+                raise ValueError(f"edges: {edge}/{entry.loss} is listed twice (by {seen[key]!r} and {entry.edge!r})")
+            seen[key] = entry.edge
+    return edges
 
-    InterSS ``infonce`` (the student's CLIP loss), IntraTS ``infonce`` + ``fd`` (match the
-    teacher's embedding of the same input, contrastively and by distance), InterTS ``infonce``
-    (the student's image against the teacher's texts and vice versa), IntraSS ``sd`` (the
-    student's in-batch similarity structure follows the teacher's), all with weight 1.
-    """
-    return [
-        EdgeLossConfig(edge="inter_ss", loss="infonce"),
-        EdgeLossConfig(edge="intra_ts", loss="infonce"),
-        EdgeLossConfig(edge="intra_ts", loss="fd"),
-        EdgeLossConfig(edge="inter_ts", loss="infonce"),
-        EdgeLossConfig(edge="intra_ss", loss="sd"),
-    ]
+
+def concrete_edges(edges: list[EdgeLossConfig]) -> list[tuple[str, EdgeLossConfig]]:
+    """``(concrete edge, its entry)`` for every edge the entries supervise, in order."""
+    return [(edge, entry) for entry in edges for edge in entry.edges]
+
+
+def _edges(*specs: tuple[str, str]) -> list[EdgeLossConfig]:
+    return [EdgeLossConfig(edge=edge, loss=loss) for edge, loss in specs]
 
 
 #: The no-distillation baseline: the student's own CLIP loss only.
-BASELINE_DISTILL_EDGES: tuple[dict[str, Any], ...] = ({"edge": "inter_ss", "loss": "infonce", "weight": 1.0},)
+BASELINE_EDGES: tuple[tuple[str, str], ...] = (("inter_ss", "infonce"),)
+#: The fully-connected graph: every interaction type supervised (InterSS infonce = the student's
+#: CLIP loss; IntraTS infonce + fd; InterTS infonce; IntraSS sd), all with weight 1.
+FULL_GRAPH_EDGES: tuple[tuple[str, str], ...] = (
+    ("inter_ss", "infonce"), ("intra_ts", "infonce"), ("intra_ts", "fd"), ("inter_ts", "infonce"), ("intra_ss", "sd"),
+)
+_ABLATION_VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "no_distill": BASELINE_EDGES,
+    "intra_ts_fd": (("inter_ss", "infonce"), ("intra_ts", "fd")),
+    "sd_ts": (("inter_ss", "infonce"), ("intra_ts", "sd"), ("inter_ts", "sd")),
+    "full": FULL_GRAPH_EDGES,
+}
 
 
 class TeacherEmbedConfig(StrictModel):
@@ -336,51 +332,90 @@ class TeacherEmbedConfig(StrictModel):
         return value
 
 
-class DistillConfig(StrictModel):
-    """The ``distill`` stage: CocaCLIP/ConaCLIP distillation of the teacher into a small student.
+class DistillJob(StrictModel):
+    """One distillation run, fully resolved: which student, which edges, which seed.
 
-    ``edges``: the supervised edges of the graph (default: :func:`default_distill_edges`; the
-    baseline without distillation is ``[{edge: inter_ss, loss: infonce, weight: 1}]``).
-    ``projection``: learned linear maps from the student's embedding width to the teacher's
-    (only when they differ, only for the teacher-student edges); ``false`` with different widths
-    is an error. ``teacher_online``: run the frozen teacher on every batch (on the same
-    augmented images) instead of reading the ``teacher_embed`` cache.
+    Built by :meth:`Params.distill_job` from ``distill`` (and ``distill_ablation`` for a
+    variant); everything that changes the trained weights is in here, and only that.
     """
 
-    #: The students of the pipeline, by name: each one is a DVC stage ``distill@<name>`` that
-    #: writes ``models/students/<name>``; the CLI's ``--student NAME`` sets ``student`` from it.
-    students: dict[str, ModelConfig] = Field(default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt")})
-    #: The student one run trains (library use; the CLI takes it from ``students``).
-    student: ModelConfig = ModelConfig(arch="lc-vit-xt")
+    student_name: str
+    student: ModelConfig
+    train: TrainConfig
+    edges: list[EdgeLossConfig]
+    projection: bool
+    teacher_online: bool
+    hflip: bool
+    variant: str | None = None
+
+    @field_validator("edges")
+    @classmethod
+    def _graph(cls, value: list[EdgeLossConfig]) -> list[EdgeLossConfig]:
+        return check_graph(value)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return needs_teacher(edge for edge, _ in concrete_edges(self.edges))
+
+    def trajectory(self) -> dict[str, Any]:
+        """What identifies the trained weights (for resuming the same run): no names."""
+        return self.model_dump(mode="json", exclude={"student_name", "variant"})
+
+    @property
+    def run_name(self) -> str:
+        if self.variant is None:
+            return f"distill-{self.student_name}"
+        return f"distill-{self.student_name}-{self.variant}-seed{self.train.seed}"
+
+
+class DistillConfig(StrictModel):
+    """The ``distill`` stage: CocaCLIP/ConaCLIP distillation of the teacher into small students.
+
+    ``students``: name -> model; each is a DVC stage ``distill@<name>`` writing
+    ``models/students/<name>``. ``edges``: the supervised edges of the graph (the baseline
+    without distillation is ``[{edge: inter_ss, loss: infonce, weight: 1}]``). ``projection``:
+    learned linear maps from the student's embedding width to the teacher's (only when they
+    differ, only for the teacher-student edges); ``false`` with different widths is an error.
+    ``teacher_online``: run the frozen teacher on every batch (on the same augmented images)
+    instead of reading the ``teacher_embed`` cache.
+    """
+
+    students: dict[str, ModelConfig] = Field(
+        default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt"), "xxt": ModelConfig(arch="lc-vit-xxt")}
+    )
     train: TrainConfig = TrainConfig()
-    edges: list[EdgeLossConfig] = Field(default_factory=default_distill_edges)
+    edges: list[EdgeLossConfig] = Field(default_factory=lambda: _edges(*FULL_GRAPH_EDGES))
     projection: bool = True
     teacher_online: bool = False
     hflip: bool = True
 
-    @model_validator(mode="after")
-    def _edges_are_a_graph(self) -> "DistillConfig":
-        if not self.edges:
-            raise ValueError("edges: at least one edge (the baseline is [{edge: inter_ss, loss: infonce, weight: 1}])")
-        seen: dict[tuple[str, str], str] = {}
-        for entry in self.edges:
-            for edge in entry.edges:
-                key = (edge, entry.loss)
-                if key in seen:
-                    raise ValueError(f"edges: {edge}/{entry.loss} is listed twice (by {seen[key]!r} and {entry.edge!r})")
-                seen[key] = entry.edge
-        return self
+    @field_validator("edges")
+    @classmethod
+    def _graph(cls, value: list[EdgeLossConfig]) -> list[EdgeLossConfig]:
+        return check_graph(value)
 
-    def for_student(self, name: str) -> "DistillConfig":
-        """This config training the student called ``name`` in ``students``."""
-        if name not in self.students:
-            raise ConfigError(f"distill.students has no student {name!r}; students: {', '.join(self.students) or 'none'}")
-        return self.model_copy(update={"student": self.students[name]})
+    @field_validator("students")
+    @classmethod
+    def _some_student(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        if not value:
+            raise ValueError("name at least one student, e.g. {xt: {arch: lc-vit-xt}}")
+        return _check_model_names(value)
 
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(edge in DISTILL_TEACHER_EDGES for entry in self.edges for edge in entry.edges)
+    def job(self, student: str, *, edges: list[EdgeLossConfig] | None = None, seed: int | None = None, variant: str | None = None) -> DistillJob:
+        """The run that trains the student called ``student`` (optionally other edges or seed)."""
+        if student not in self.students:
+            raise ConfigError(f"distill.students has no student {student!r}; students: {', '.join(self.students)}")
+        train = self.train if seed is None else self.train.model_copy(update={"seed": seed})
+        return DistillJob(
+            student_name=student,
+            student=self.students[student],
+            train=train,
+            edges=self.edges if edges is None else edges,
+            projection=self.projection,
+            teacher_online=self.teacher_online,
+            hflip=self.hflip,
+            variant=variant,
+        )
 
 
 class DistillAblationConfig(StrictModel):
@@ -391,39 +426,30 @@ class DistillAblationConfig(StrictModel):
     student size.
     """
 
-    students: list[str] = Field(default_factory=lambda: ["xt"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    variants: dict[str, list[EdgeLossConfig]] = Field(default_factory=dict)
+    students: list[str] = Field(default_factory=lambda: ["xt", "xxt"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    variants: dict[str, list[EdgeLossConfig]] = Field(
+        default_factory=lambda: {name: _edges(*specs) for name, specs in _ABLATION_VARIANTS.items()}
+    )
 
-    @model_validator(mode="before")
+    @field_validator("variants")
     @classmethod
-    def _one_student(cls, data: Any) -> Any:
-        # the earlier single-student form (`student: xt`) still reads
-        if isinstance(data, dict) and "student" in data:
-            if "students" in data:
-                raise ValueError("give either student or students, not both")
-            data = {**data, "students": [data["student"]]}
-            del data["student"]
-        return data
-
-    @model_validator(mode="after")
-    def _variants_are_graphs(self) -> "DistillAblationConfig":
-        for name, edges in self.variants.items():
+    def _variants_are_graphs(cls, value: dict[str, list[EdgeLossConfig]]) -> dict[str, list[EdgeLossConfig]]:
+        for name, edges in value.items():
             try:
-                DistillConfig(edges=edges)
-            except ValidationError as exc:
-                raise ValueError(f"variants.{name}: {exc.errors()[0]['msg']}") from None
-        return self
+                check_graph(edges)
+            except ValueError as exc:
+                raise ValueError(f"variants.{name}: {exc}") from None
+        return value
 
-    def config_for(self, distill: DistillConfig, variant: str, seed: int, student: str | None = None) -> DistillConfig:
+    def job(self, distill: DistillConfig, variant: str, seed: int, student: str | None = None) -> DistillJob:
         """``distill`` with this variant's edges, ``student`` (default: the first of ``students``) and ``seed``."""
         if variant not in self.variants:
             raise ConfigError(f"distill_ablation.variants has no variant {variant!r}; variants: {', '.join(self.variants) or 'none'}")
         student = self.students[0] if student is None else student
         if student not in self.students:
             raise ConfigError(f"distill_ablation.students has no student {student!r}; students: {', '.join(self.students)}")
-        base = distill.for_student(student)
-        return base.model_copy(update={"edges": self.variants[variant], "train": base.train.model_copy(update={"seed": seed})})
+        return distill.job(student, edges=self.variants[variant], seed=seed, variant=variant)
 
 
 class TrackingConfig(StrictModel):
@@ -438,8 +464,6 @@ _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 def _check_model_names(models: dict[str, str] | None) -> dict[str, str] | None:
-    import re
-
     for name in models or {}:
         if not re.match(_MODEL_NAME, name):
             raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it names files and metrics)")
@@ -456,7 +480,9 @@ class EvaluateConfig(StrictModel):
     """The ``evaluate`` stage: retrieval metrics of each model on one split (see ``lightclip.evaluation``)."""
 
     #: name -> saved model directory; every one is evaluated, a missing one is an error.
-    models: dict[str, str] = Field(default_factory=lambda: {"teacher": "models/teacher"})
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"teacher": "models/teacher", "xt": "models/students/xt", "xxt": "models/students/xxt"}
+    )
     split: Literal["train", "val", "test"] = "test"
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="R@k and t2i P@k")
     curve_ks: list[int] = Field(default_factory=lambda: [1, 2, 3, 5, 10, 20, 50], description="the recall@k plot's points")
@@ -524,7 +550,7 @@ class BenchConfig(StrictModel):
     warmup: int = Field(10, ge=1)
     runs: int = Field(100, ge=100, description="timed batch-1 calls per measurement")
     batch_size: int = Field(64, ge=1, description="throughput batch")
-    throughput_batches: int = Field(5, ge=1)
+    throughput_batches: int = Field(10, ge=1)
     rounds: int = Field(5, ge=1, description="interleaved rounds over the models for latency and throughput")
     gallery_size: int = Field(10000, ge=10, description="gallery of the evaluate-overhead check")
     eval_rounds: int = Field(3, ge=1, description="embed-then-score rounds of the evaluate-overhead check (medians compared)")
@@ -570,8 +596,6 @@ class RegisterConfig(StrictModel):
     @field_validator("model_name", "teacher_model_name")
     @classmethod
     def _registered_name(cls, value: str) -> str:
-        import re
-
         if not re.match(_REGISTERED_NAME, value):
             raise ValueError(f"registered model name {value!r}: use letters, digits, '_', '.', '-'")
         return value
@@ -624,8 +648,6 @@ class OrchestrationConfig(StrictModel):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        import re
-
         fields = value.split()
         if len(fields) != 5 or not all(re.match(_CRON_FIELD, f) for f in fields):
             raise ValueError(f"cron {value!r}: expected 5 fields 'minute hour day-of-month month day-of-week', e.g. '0 2 * * *'")
@@ -634,8 +656,6 @@ class OrchestrationConfig(StrictModel):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
@@ -672,6 +692,16 @@ class Params(StrictModel):
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (for logging as run params)."""
         return self.model_dump(by_alias=True, mode="json")[name]
+
+    def distill_job(self, student: str | None = None, *, variant: str | None = None, seed: int | None = None) -> DistillJob:
+        """The distillation run the pipeline (or the ablation, with ``variant``) asks for.
+
+        ``student`` defaults to the first of ``distill.students`` (of ``distill_ablation.students``
+        for a variant); ``seed`` to ``distill.train.seed``.
+        """
+        if variant is not None:
+            return self.distill_ablation.job(self.distill, variant, self.distill.train.seed if seed is None else seed, student)
+        return self.distill.job(student or next(iter(self.distill.students)), seed=seed)
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -40,16 +40,19 @@ What we changed or simplified (and why)
   found by text->image search with the current model plus MMR diversification; our trainer
   takes them from the concept graph's item links and reads their embeddings from a memory bank
   of recent (detached) image embeddings, which costs nothing extra per step (see
-  :class:`lightclip.training.ClipPretrainTask`).
+  :class:`lightclip.tasks.fashionklip.FashionKLIPTask`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightclip.config import EdgeLossConfig, concrete_edges
+from lightclip.edges import NODES, PROJECTED_EDGES, needs_teacher
 
 CONCEPT_TERMS: tuple[str, ...] = ("concept", "concept_prototype", "concept_image")
 
@@ -99,7 +102,6 @@ def concept_alignment_loss(
     item_ids: Tensor | None = None,
     slot_weights: Tensor | None = None,
     top_k: int = 5,
-    weight: float = 1.0,
     prototype_weight: float = 1.0,
     image_weight: float = 1.0,
     return_terms: bool = False,
@@ -118,16 +120,17 @@ def concept_alignment_loss(
       own image as a prototype of its concepts.
     * ``slot_weights`` ``B x K`` (>= 0): per-slot weights (default 1).
 
-    Returns ``weight * (prototype_weight * L_proto + image_weight * L_image) /
-    (prototype_weight + image_weight)``; with ``return_terms`` a dict with that value as
-    ``concept`` and the unweighted ``concept_prototype`` and ``concept_image``. A ``weight`` of 0
-    returns zeros at once, without touching any input.
+    Returns ``(prototype_weight * L_proto + image_weight * L_image) / (prototype_weight +
+    image_weight)``; with ``return_terms`` a dict with that value as ``concept`` and the
+    ``concept_prototype`` and ``concept_image`` terms. Both weights 0 return zeros at once,
+    without touching any input (the concept term's own weight is applied by
+    :func:`combine_with_concept`).
     """
-    if weight == 0 or (prototype_weight == 0 and image_weight == 0):
+    if prototype_weight == 0 and image_weight == 0:
         zero = torch.zeros((), device=image_emb.device)
         return {name: zero for name in CONCEPT_TERMS} if return_terms else zero
     if concept_text_emb is None:
-        raise ValueError("concept_alignment_loss: concept_text_emb is required when weight > 0")
+        raise ValueError("concept_alignment_loss: concept_text_emb is required")
     B, K = concept_ids.shape
     C = concept_text_emb.shape[0]
     device = image_emb.device
@@ -195,7 +198,7 @@ def concept_alignment_loss(
             proto_term = _weighted_mean((ce_p2c + ce_c2p) / 2, weights)
 
     total_w = prototype_weight + image_weight
-    concept = weight * (prototype_weight * proto_term + image_weight * image_term) / total_w
+    concept = (prototype_weight * proto_term + image_weight * image_term) / total_w
     if return_terms:
         return {"concept": concept, "concept_prototype": proto_term, "concept_image": image_term}
     return concept
@@ -217,10 +220,6 @@ def combine_with_concept(clip: Tensor, concept: Tensor, *, weight: float, adapti
     return (1 - a) * clip + a * concept
 
 
-def loss_terms_to_float(terms: Mapping[str, Tensor]) -> dict[str, float]:
-    return {k: float(v.detach()) for k, v in terms.items()}
-
-
 # ==============================================================================================
 # CocaCLIP / ConaCLIP: distillation over the fully-connected knowledge interaction graph
 # ==============================================================================================
@@ -228,49 +227,8 @@ def loss_terms_to_float(terms: Mapping[str, Tensor]) -> dict[str, float]:
 # Wang et al., "ConaCLIP: Exploring Distillation of Fully-Connected Knowledge Interaction Graph
 # for Lightweight Text-Image Retrieval" (ACL 2023 Industry, arXiv 2305.17652).
 #
-# The semantics of every (edge, loss) are in the docstring of :func:`distillation_losses`.
-
-from typing import Callable, Sequence  # noqa: E402
-
-from lightclip.config import (  # noqa: E402, F401  (defined torch-free there so params load without torch; re-exported here)
-    DISTILL_EDGE_GROUPS,
-    DISTILL_EDGES,
-    DISTILL_LOSSES,
-    DISTILL_PROJECTED_EDGES,
-    DISTILL_TEACHER_EDGES,
-    DISTILL_VALID_LOSSES,
-    EdgeLossConfig,
-    check_edge_loss,
-    expand_edge,
-)
-
-#: The frozen spec of one supervised edge (the config model: validated on construction).
-EdgeLoss = EdgeLossConfig
-
-#: Per concrete edge: (student modality, partner node), partner in T_I/T_T/S_I/S_T terms.
-_EDGE_NODES: dict[str, tuple[str, str]] = {
-    "intra_ts_image": ("image", "teacher_image"),
-    "intra_ts_text": ("text", "teacher_text"),
-    "inter_ts_image": ("image", "teacher_text"),
-    "inter_ts_text": ("text", "teacher_image"),
-    "intra_ss_image": ("image", "teacher_image"),
-    "intra_ss_text": ("text", "teacher_text"),
-    "inter_ss": ("image", "text"),
-}
-
-
-def as_edge_losses(edges: Sequence[EdgeLossConfig | Mapping[str, object] | tuple]) -> list[EdgeLossConfig]:
-    """Edge specs from config models, dicts or ``(edge, loss[, weight[, temperature]])`` tuples."""
-    out: list[EdgeLossConfig] = []
-    for entry in edges:
-        if isinstance(entry, EdgeLossConfig):
-            out.append(entry)
-        elif isinstance(entry, Mapping):
-            out.append(EdgeLossConfig(**entry))
-        else:
-            names = ("edge", "loss", "weight", "temperature")
-            out.append(EdgeLossConfig(**dict(zip(names, entry))))
-    return out
+# The edges and their legal losses are defined in lightclip.edges; the formula of every
+# (edge, loss) is in the docstring of :func:`distillation_losses`.
 
 
 def _kl_rows(teacher_logits: Tensor, student_logits: Tensor, exclude: Tensor | None = None) -> Tensor:
@@ -303,13 +261,13 @@ def graph_term(
     teacher_self: Tensor | None = None,
     scale: Tensor | float = 1.0,
 ) -> Tensor:
-    """One (concrete edge, loss) term; see the table above.
+    """One (concrete edge, loss) term, already validated by :mod:`lightclip.edges`; see
+    :func:`distillation_losses`.
 
     ``student``: the student node's embeddings (projected for TS edges); ``partner``: the other
     node's (teacher for TS/SS edges, the student's other tower for ``inter_ss``);
     ``teacher_self``: the teacher's embedding of the student node's modality (``sd`` on TS edges).
     """
-    check_edge_loss(edge, loss)
     if edge == "inter_ss" or loss == "infonce":
         return clip_loss(student, partner, scale)  # type: ignore[return-value]
     if edge.startswith("intra_ss"):
@@ -337,7 +295,7 @@ def distillation_losses(
     student_txt: Tensor,
     teacher_img: Tensor | None,
     teacher_txt: Tensor | None,
-    edges: Sequence[EdgeLossConfig | Mapping[str, object] | tuple],
+    edges: Sequence[EdgeLossConfig],
     logit_scale: Tensor | float,
     projections: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
 ) -> dict[str, Tensor]:
@@ -346,7 +304,8 @@ def distillation_losses(
     Inputs: ``student_img``/``student_txt`` ``B x Ds``, ``teacher_img``/``teacher_txt`` ``B x Dt``
     (row i = pair i; all L2-normalised here, teacher tensors detached, so gradients reach only
     the student, the projections and the logit scale; the teacher may be ``None`` when only
-    ``inter_ss`` is supervised). ``edges``: :class:`EdgeLoss` specs (or dicts/tuples).
+    ``inter_ss`` is supervised). ``edges``: validated :class:`~lightclip.config.EdgeLossConfig` entries (params or
+    ``DistillJob.edges``: known edges, legal losses, no edge/loss twice).
     ``logit_scale``: the student's learned CLIP scale (1/tau), used where an entry's
     ``temperature`` is ``None`` (detached for ``sd``); a temperature tau gives scale ``k = 1/tau``.
     ``projections``: ``{"image": f, "text": g}`` mapping the student's embeddings to the
@@ -397,28 +356,19 @@ def distillation_losses(
     So with a perfectly aligned teacher (``t_I = t_T``) and a student equal to it, every ``fd``
     and ``sd`` term is 0. The groups ``intra_ts``, ``inter_ts``, ``intra_ss`` stand for both
     concrete edges, each a term weighted by the entry's weight. Terms are returned unweighted;
-    ``loss = sum(weight x term)``. A (concrete edge, loss) listed twice, an unknown edge or
-    loss, or an invalid combination is a ``ValueError`` listing the valid ones.
+    ``loss = sum(weight x term)``.
     """
-    specs = as_edge_losses(edges)
-    if not specs:
-        raise ValueError(f"no edges to supervise; valid edges: {', '.join(DISTILL_EDGES)}")
-    concrete = [(edge, spec) for spec in specs for edge in expand_edge(spec.edge)]
-    seen: set[tuple[str, str]] = set()
-    for edge, spec in concrete:
-        if (edge, spec.loss) in seen:
-            raise ValueError(f"{edge}/{spec.loss} is listed twice")
-        seen.add((edge, spec.loss))
-    needs_teacher = any(edge in DISTILL_TEACHER_EDGES for edge, _ in concrete)
-    if needs_teacher and (teacher_img is None or teacher_txt is None):
-        missing = sorted({f"{e}/{s.loss}" for e, s in concrete if e in DISTILL_TEACHER_EDGES})
+    concrete = concrete_edges(list(edges))
+    with_teacher = needs_teacher(edge for edge, _ in concrete)
+    if with_teacher and (teacher_img is None or teacher_txt is None):
+        missing = sorted({f"{e}/{s.loss}" for e, s in concrete if needs_teacher([e])})
         raise ValueError(f"teacher embeddings are needed by {', '.join(missing)}")
 
     nodes: dict[str, Tensor] = {
         "image": F.normalize(student_img.float(), dim=-1),
         "text": F.normalize(student_txt.float(), dim=-1),
     }
-    if needs_teacher:
+    if with_teacher:
         assert teacher_img is not None and teacher_txt is not None
         nodes["teacher_image"] = F.normalize(teacher_img.detach().float(), dim=-1)
         nodes["teacher_text"] = F.normalize(teacher_txt.detach().float(), dim=-1)
@@ -446,9 +396,9 @@ def distillation_losses(
     terms: dict[str, Tensor] = {}
     total: Tensor | None = None
     for edge, spec in concrete:
-        modality, partner_name = _EDGE_NODES[edge]
-        student = project(modality, edge) if edge in DISTILL_PROJECTED_EDGES else nodes[modality]
-        teacher_self = nodes.get("teacher_" + modality) if spec.loss == "sd" and edge in DISTILL_PROJECTED_EDGES else None
+        modality, partner_name = NODES[edge]
+        student = project(modality, edge) if edge in PROJECTED_EDGES else nodes[modality]
+        teacher_self = nodes.get("teacher_" + modality) if spec.loss == "sd" and edge in PROJECTED_EDGES else None
         value = graph_term(edge, spec.loss, student, nodes[partner_name], teacher_self=teacher_self, scale=_scale_for(spec, logit_scale))
         terms[f"{edge}/{spec.loss}"] = value
         weighted = spec.weight * value

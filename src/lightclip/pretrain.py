@@ -1,67 +1,95 @@
 """The ``pretrain`` stage: the FashionKLIP teacher.
 
 CLIP image-text contrastive training plus, when ``concept_weight > 0``, the concept-level
-alignment against the knowledge graph built by ``build_kg`` (concept links per item and
-prototype images, refreshed with the teacher during training). ``concept_weight: 0`` is the
-plain-CLIP baseline of the ablation, with everything else identical.
+alignment against the knowledge graph built by ``build_kg`` (concept links per item, prototype
+images and the rule that chose them, re-applied with the teacher during training).
+``concept_weight: 0`` is the plain-CLIP baseline of the ablation, with everything else identical.
+With ``ensemble_members: n`` the stage trains n single models (seeds ``seed``, ``seed + 1``, ...)
+and ships their ensemble (:mod:`lightclip.models.ensemble`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from lightclip.config import KGConfig, PretrainConfig
+from pydantic import ValidationError
+from torch import nn
+
+from lightclip.config import PretrainConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.io import write_json
+from lightclip.kg.build import ITEM_CONCEPTS_FILE, PROTOTYPES_FILE, SELECTION_FILE
 from lightclip.kg.concepts import KGError
+from lightclip.kg.graph import load_graph
+from lightclip.models.ensemble import EnsembleCLIP
+from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, tokenizer
+from lightclip.stage import StageContext
+from lightclip.tasks import ConceptInputs, FashionKLIPTask, ImageTextTask, PairSet, split_metrics
+from lightclip.tasks.fashionklip import PrototypeSelection
+from lightclip.training import checkpoint_key, fit, history_json, save_trained
 
 HISTORY_FILE = "train_history.json"
-PROTOTYPES_FILE = "prototypes.json"
+STAGE = "pretrain"
 
 
-def checkpoint_key(config: PretrainConfig, catalogue: Catalogue, kg_dir: Path | None) -> str:
-    """Identify a training run by its config and inputs: ``--resume`` only continues the same run."""
-    # ensemble_members is left out: each member is a single-model run (see member_configs).
-    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"ensemble_members"}), sort_keys=True).encode())
-    digest.update(file_sha256(catalogue.table_path).encode())
-    if kg_dir is not None and (Path(kg_dir) / "item_concepts.json").is_file():
-        digest.update(file_sha256(Path(kg_dir) / "item_concepts.json").encode())
-    return digest.hexdigest()[:16]
+@dataclass(frozen=True)
+class PretrainInputs:
+    catalogue: Path  # a split catalogue (data/split)
+    kg: Path | None  # the build_kg output (data/kg); needed when concept_weight > 0
 
 
-def load_concept_inputs(kg_dir: Path, train_ids: list[str], config: PretrainConfig) -> Any:
-    """Concept links and prototypes of the training items from a ``build_kg`` output."""
-    from lightclip.kg.graph import load_graph
-    from lightclip.training import ConceptInputs
+@dataclass(frozen=True)
+class PretrainOutputs:
+    model: Path  # models/teacher
+    metrics: Path  # metrics/pretrain.json
 
-    kg_dir = Path(kg_dir)
-    load_graph(kg_dir / "graph.json")  # a missing or empty graph is a clear KGError
-    links_path, prototypes_path = kg_dir / "item_concepts.json", kg_dir / PROTOTYPES_FILE
-    for path in (links_path, prototypes_path):
-        if not path.is_file():
-            raise KGError(f"{path}: missing (rebuild the knowledge graph: dvc repro build_kg)")
-    links = json.loads(links_path.read_text(encoding="utf-8"))
-    missing = [i for i in train_ids if i not in links]
-    if missing:
-        raise KGError(
-            f"{links_path}: the knowledge graph does not match the catalogue: {len(missing)} training item(s) have no concept "
-            f"entry, e.g. {missing[:5]} (the graph is stale: rebuild it with dvc repro build_kg)"
+
+@dataclass(frozen=True)
+class ConceptSource:
+    """What pre-training reads from the knowledge graph: links, prototypes and how they were chosen."""
+
+    links: dict[str, list[str]]
+    prototypes: dict[str, list[str]]
+    selection: PrototypeSelection
+    identity: str  # hash of the links: part of the checkpoint key
+
+    @classmethod
+    def load(cls, kg_dir: Path, train_ids: list[str]) -> "ConceptSource":
+        kg_dir = Path(kg_dir)
+        load_graph(kg_dir / "graph.json")  # a missing or empty graph is a clear KGError
+        links_path = kg_dir / ITEM_CONCEPTS_FILE
+        for path in (links_path, kg_dir / PROTOTYPES_FILE, kg_dir / SELECTION_FILE):
+            if not path.is_file():
+                raise KGError(f"{path}: missing (rebuild the knowledge graph: dvc repro build_kg)")
+        links = json.loads(links_path.read_text(encoding="utf-8"))
+        missing = [i for i in train_ids if i not in links]
+        if missing:
+            raise KGError(
+                f"{links_path}: the knowledge graph does not match the catalogue: {len(missing)} training item(s) have no concept "
+                f"entry, e.g. {missing[:5]} (the graph is stale: rebuild it with dvc repro build_kg)"
+            )
+        if not any(links[i] for i in train_ids):
+            raise KGError(f"{links_path}: no training item is linked to any concept")
+        selection = json.loads((kg_dir / SELECTION_FILE).read_text(encoding="utf-8"))
+        return cls(
+            links=links,
+            prototypes=json.loads((kg_dir / PROTOTYPES_FILE).read_text(encoding="utf-8")),
+            selection=PrototypeSelection(**selection),
+            identity=file_sha256(links_path),
         )
-    if not any(links[i] for i in train_ids):
-        raise KGError(f"{links_path}: no training item is linked to any concept")
-    prototypes = json.loads(prototypes_path.read_text(encoding="utf-8"))
-    return ConceptInputs.build(
-        train_ids,
-        links,
-        max_slots=config.concept.max_slots,
-        prototypes_per_concept=config.concept.prototypes_per_concept,
-        seed=config.train.seed,
-        prototypes=prototypes,
-    )
+
+    def inputs(self, train_ids: list[str], config: PretrainConfig, seed: int) -> ConceptInputs:
+        return ConceptInputs.build(
+            train_ids,
+            self.links,
+            max_slots=config.concept.max_slots,
+            prototypes_per_concept=self.selection.prototypes_per_concept,
+            seed=seed,
+            prototypes=self.prototypes,
+        )
 
 
 def member_configs(config: PretrainConfig) -> list[PretrainConfig]:
@@ -76,69 +104,48 @@ def member_configs(config: PretrainConfig) -> list[PretrainConfig]:
     ]
 
 
+@dataclass
+class TrainedMember:
+    task: ImageTextTask
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+
+
 def _train_member(
-    catalogue: Catalogue,
-    kg_dir: Path | None,
-    config: PretrainConfig,
-    kg_config: KGConfig,
-    *,
-    cache_dir: Path,
-    checkpoint_root: Path,
-    resume: bool,
-    log_metrics: Callable[[dict[str, float], int], None] | None,
-    progress: bool,
-) -> tuple[Any, Any, dict[str, Any], Any, list[str]]:
-    """Train one teacher model; returns (model, spec, metrics, task, train ids), best checkpoint loaded."""
-    from pydantic import ValidationError
-
-    from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, tokenizer
-    from lightclip.training import BEST, ClipPretrainTask, PairSet, load_task_checkpoint, train
-
-    try:
-        spec = ModelSpec(**config.model.model_dump())
-    except ValidationError as exc:
-        raise ModelError(f"pretrain.model: {exc.errors()[0]['msg']}") from None
-    train_items = catalogue.split("train")
-    if len(train_items) == 0:
-        raise ValueError(f"{catalogue.table_path}: no items in split 'train'")
-    train_ids = [str(i) for i in train_items["id"]]
-    concepts = load_concept_inputs(Path(kg_dir), train_ids, config) if config.concept_weight > 0 else None
+    catalogue: Catalogue, concepts: ConceptSource | None, config: PretrainConfig, spec: ModelSpec, context: StageContext, member: int | None
+) -> TrainedMember:
+    """Train one teacher model to its best checkpoint; its metrics include ``test/*``."""
+    train_ids = [str(i) for i in catalogue.split("train")["id"]]
     model, _ = create_model(spec, seed=config.train.seed)
     tok = tokenizer(spec)
-    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache_dir, progress=progress)
-    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache_dir, progress=progress) if len(catalogue.split("val")) else None
-
-    task = ClipPretrainTask(
-        model,
-        tok,
-        train_pairs,
-        val_pairs,
-        concepts=concepts,
-        concept_weight=config.concept_weight,
-        concept_config=config.concept,
-        prototype_mmr_lambda=kg_config.mmr_lambda,
-        prototype_pool=kg_config.prototype_pool,
-        hflip=config.hflip,
-    )
-    checkpoint_dir = Path(checkpoint_root) / checkpoint_key(config, catalogue, kg_dir)
-    result = train(task, config.train, checkpoint_dir=checkpoint_dir, resume=resume, log_metrics=log_metrics, progress=progress)
-    refreshes = task.prototype_refreshes  # of the whole run (the best checkpoint may be earlier)
-    if (checkpoint_dir / BEST).is_file():
-        load_task_checkpoint(task, checkpoint_dir / BEST)
-
-    metrics: dict[str, Any] = result.summary() | {"prototype_refreshes": refreshes}
-    metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
-    metrics.update(task.test_metrics(catalogue, tok, spec.image_size, cache_dir, progress=progress))
-    metrics["_history"] = result.history
-    return model, spec, metrics, task, train_ids
+    cache = context.image_cache_dir
+    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress)
+    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress) if len(catalogue.split("val")) else None
+    if concepts is None:
+        task: ImageTextTask = ImageTextTask(model, tok, train_pairs, val_pairs, hflip=config.hflip)
+    else:
+        task = FashionKLIPTask(
+            model, tok, train_pairs, val_pairs,
+            concepts=concepts.inputs(train_ids, config, config.train.seed),
+            concept_weight=config.concept_weight,
+            concept_config=config.concept,
+            selection=concepts.selection,
+            hflip=config.hflip,
+        )
+    trajectory = config.model_dump(mode="json", exclude={"ensemble_members"})
+    identities = [file_sha256(catalogue.table_path)] + ([concepts.identity] if concepts is not None else [])
+    log = context.log_metrics
+    if log is not None and member is not None:
+        log = lambda values, step: context.log_metrics({f"member{member}/{k}": v for k, v in values.items()}, step)  # noqa: E731
+    result, metrics = fit(task, config.train, stage=STAGE, key=checkpoint_key(trajectory, *identities), context=context, log_metrics=log)
+    metrics.update(task.test_metrics(catalogue, cache, progress=context.progress))
+    return TrainedMember(task=task, metrics=metrics, history=result.history)
 
 
-def _ensemble_metrics(members: list[dict[str, Any]], model: Any, catalogue: Catalogue, spec: Any, cache_dir: Path, progress: bool) -> dict[str, Any]:
+def _ensemble_metrics(members: list[dict[str, Any]], model: nn.Module, catalogue: Catalogue, spec: ModelSpec, context: StageContext) -> dict[str, Any]:
     """The ensemble's own val/test numbers, the members' beside them, and the summed training cost."""
-    from lightclip.models.zoo import count_parameters, tokenizer
-    from lightclip.training import split_metrics
-
     tok = tokenizer(spec)
+    cache = context.image_cache_dir
     seconds = sum(m["train_seconds"] for m in members)
     pairs = sum(m["train_seconds"] * m["train_pairs_per_s"] for m in members)
     metrics: dict[str, Any] = {
@@ -148,10 +155,10 @@ def _ensemble_metrics(members: list[dict[str, Any]], model: Any, catalogue: Cata
         "train_pairs_per_s": pairs / seconds if seconds > 0 else 0.0,
         "ensemble_members": len(members),
     }
-    val = split_metrics(model, tok, catalogue, "val", spec.image_size, cache_dir, progress=progress)
+    val = split_metrics(model, tok, catalogue, "val", spec.image_size, cache, progress=context.progress)
     metrics["val/best_mean_recall"] = val.get("val/mean_recall", float("nan"))
     metrics.update({f"params/{k}": v for k, v in count_parameters(model).items()})
-    metrics.update(split_metrics(model, tok, catalogue, "test", spec.image_size, cache_dir, progress=progress))
+    metrics.update(split_metrics(model, tok, catalogue, "test", spec.image_size, cache, progress=context.progress))
     for i, member in enumerate(members):
         for key in ("test/mean_recall", "test/i2t_R@1", "test/t2i_R@1", "val/best_mean_recall", "train_seconds", "steps"):
             if key in member:
@@ -159,68 +166,51 @@ def _ensemble_metrics(members: list[dict[str, Any]], model: Any, catalogue: Cata
     return metrics
 
 
-def run_pretrain(
-    catalogue: Catalogue,
-    kg_dir: Path | None,
-    config: PretrainConfig,
-    kg_config: KGConfig,
-    out_dir: Path,
-    *,
-    cache_dir: Path,
-    checkpoint_root: Path,
-    resume: bool = False,
-    log_metrics: Callable[[dict[str, float], int], None] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the teacher; write it (safetensors + config), its prototypes and history to ``out_dir``.
+def run_pretrain(config: PretrainConfig, inputs: PretrainInputs, outputs: PretrainOutputs, context: StageContext) -> dict[str, Any]:
+    """Train the teacher; write it (safetensors + config, prototypes, history) and its metrics.
 
     Returns the metrics: best val mean recall, test recall@k of the best checkpoint, steps,
-    pairs/s and parameter counts. Checkpoints go to ``checkpoint_root/<key>`` so ``resume``
-    continues exactly the run with the same config and inputs. With ``ensemble_members > 1``
-    the members are trained one after the other (each resumable) and the ensemble is saved;
-    its metrics are the ensemble's, with ``member<i>/...`` beside them.
+    pairs/s and parameter counts (for an ensemble: the ensemble's, with ``member<i>/...``
+    beside them). Checkpoints go to ``<cache>/checkpoints/pretrain/<key>``, so ``resume``
+    continues exactly the run with the same config and inputs.
     """
-    from lightclip.models.ensemble import EnsembleCLIP
-    from lightclip.models.zoo import save_model
+    catalogue = Catalogue.load(inputs.catalogue)
+    try:
+        spec = ModelSpec(**config.model.model_dump())
+    except ValidationError as exc:
+        raise ModelError(f"pretrain.model: {exc.errors()[0]['msg']}") from None
+    train_ids = [str(i) for i in catalogue.split("train")["id"]]
+    if not train_ids:
+        raise ValueError(f"{catalogue.table_path}: no items in split 'train'")
+    concepts = None
+    if config.concept_weight > 0:
+        if inputs.kg is None:
+            raise KGError("pretrain: concept_weight > 0 needs the knowledge graph (--kg)")
+        concepts = ConceptSource.load(inputs.kg, train_ids)
 
-    if config.concept_weight > 0 and kg_dir is None:
-        raise KGError("pretrain: concept_weight > 0 needs the knowledge graph (--kg)")
     configs = member_configs(config)
-    trained = []
-    for i, member_config in enumerate(configs):
-        member_log = log_metrics
-        if log_metrics is not None and len(configs) > 1:
-            member_log = lambda values, step, i=i: log_metrics({f"member{i}/{k}": v for k, v in values.items()}, step)  # noqa: E731
-        trained.append(
-            _train_member(
-                catalogue, kg_dir, member_config, kg_config,
-                cache_dir=cache_dir, checkpoint_root=checkpoint_root, resume=resume, log_metrics=member_log, progress=progress,
-            )
-        )
-    histories = [t[2].pop("_history") for t in trained]
-    model, spec, metrics, task, train_ids = trained[0]
-    if len(trained) > 1:
-        model = EnsembleCLIP([t[0] for t in trained])
-        metrics = _ensemble_metrics([t[2] for t in trained], model, catalogue, spec, cache_dir, progress)
+    members = [_train_member(catalogue, concepts, c, spec, context, i if len(configs) > 1 else None) for i, c in enumerate(configs)]
+    first = members[0]
+    if len(members) > 1:
+        model: nn.Module = EnsembleCLIP([m.task.model for m in members])
+        metrics = _ensemble_metrics([m.metrics for m in members], model, catalogue, spec, context)
         arch: Any = "ensemble"
-        history: Any = {f"member{i}": h for i, h in enumerate(histories)}
+        history: Any = {f"member{i}": m.history for i, m in enumerate(members)}
     else:
-        arch, history = spec, histories[0]
+        model, metrics, arch, history = first.task.model, first.metrics, spec, first.history
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, arch, tmp, extra={"stage": "pretrain", "concept_weight": config.concept_weight, "ensemble_members": len(trained)})
-    (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
-    if task.concepts is not None:
-        (tmp / PROTOTYPES_FILE).write_text(json.dumps(task.prototype_ids(train_ids), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    files = {HISTORY_FILE: history_json(history)}
+    if isinstance(first.task, FashionKLIPTask):
+        prototypes = first.task.prototype_ids(train_ids)
+        files[PROTOTYPES_FILE] = (json.dumps(prototypes, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    extra = {"stage": STAGE, "concept_weight": config.concept_weight, "ensemble_members": len(members)}
+    save_trained(outputs.model, model, arch, extra=extra, files=files)
+    write_json(outputs.metrics, metrics)
     return metrics
 
 
 def summarise(metrics: Mapping[str, Any]) -> str:
+    """One line for the CLI (the same shape for teachers and students)."""
     recall = metrics.get("test/mean_recall")
     parts = [f"{metrics['steps']} steps in {metrics['train_seconds']:.0f}s ({metrics['train_pairs_per_s']:.0f} pairs/s)"]
     parts.append(f"best val mean recall {metrics['val/best_mean_recall']:.2f}")

@@ -1,4 +1,4 @@
-"""The one training loop of the project (teacher pre-training now, student distillation later).
+"""The one training loop of the project, shared by teacher pre-training and student distillation.
 
 The loop is generic: a *task* supplies the parameters, the batches, the loss and the
 validation metrics (:class:`TrainingTask`); :func:`train` does the rest: AdamW with open_clip's
@@ -12,38 +12,40 @@ gets a ``numpy`` generator seeded with both), checkpoints hold the task, optimiz
 RNG states, so killing a run after epoch ``e`` and resuming gives the same step count and the
 same weights as an uninterrupted run.
 
-:class:`ClipPretrainTask` is the ready task for CLIP training on a catalogue, optionally with
-FashionKLIP's concept-level alignment (:func:`lightclip.losses.concept_alignment_loss`).
+The tasks live in :mod:`lightclip.tasks`. :func:`fit` and :func:`save_trained` are what the
+``pretrain`` and ``distill`` stages share around the loop: the checkpoint key of a run, training
+with resume, loading the best checkpoint, the metrics every trainer reports, and the atomic save
+of the trained model directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import os
 import random
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from lightclip.config import ConceptLossConfig, TrainConfig
-from lightclip.evaluation import retrieval_metrics, title_groups
-from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise
-from lightclip.losses import clip_loss, combine_with_concept, concept_alignment_loss
-from lightclip.models.zoo import encode_text, logit_scale_max, preprocess_config
+from lightclip.config import TrainConfig
+from lightclip.errors import LightclipError
+from lightclip.io import atomic_file, staged_dir, torch_threads
+from lightclip.models.zoo import count_parameters, save_model
+from lightclip.stage import MetricsCallback, StageContext
 
 CHECKPOINT_FORMAT = "lightclip-train-checkpoint/1"
 LAST = "last.pt"
 BEST = "best.pt"
 VAL_METRIC = "val/mean_recall"
-
-MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class TrainingTask(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LightclipError, RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the last good checkpoint is left untouched."""
 
     def __init__(self, step: int, epoch: int, terms: Mapping[str, float], what: str = "loss") -> None:
@@ -219,9 +221,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary file, then an atomic rename (a kill never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(payload), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(dict(payload), tmp)
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -262,14 +263,10 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``task``; see the module docstring. Returns a :class:`TrainResult`."""
-    from tqdm.auto import tqdm
-
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-    try:
+    with torch_threads(config.num_threads):
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         optimizer = make_optimizer(named, config)
@@ -369,9 +366,8 @@ def train(
                 }
                 save_checkpoint(last_path, payload)
                 if improved or (metric is None and epoch + 1 == config.epochs):
-                    tmp = best_path.with_name(best_path.name + ".tmp")
-                    shutil.copyfile(last_path, tmp)
-                    os.replace(tmp, best_path)
+                    with atomic_file(best_path) as tmp:
+                        shutil.copyfile(last_path, tmp)
                 if log_metrics is not None:
                     log_metrics({**val, "epoch": float(epoch + 1)}, step)
                 shown = f"{metric:.2f}" if metric is not None else "n/a"
@@ -391,388 +387,65 @@ def train(
             seconds=seconds,
             pairs_per_s=pairs_seen / seconds if seconds > 0 and pairs_seen else 0.0,
         )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIP pre-training on a catalogue (optionally with FashionKLIP concepts)
+# What the trainers share around the loop
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PairSet:
-    """Image-title pairs of one split: decoded images and their titles, in the same order."""
+def checkpoint_key(trajectory: Mapping[str, Any], *identities: str) -> str:
+    """Identify a run by what shapes its weights: ``resume`` only ever continues the same run.
 
-    images: ImageCache
-    titles: tuple[str, ...]
-    groups: np.ndarray | None = None  # evaluation positives; default: identical titles
-
-    def __post_init__(self) -> None:
-        if len(self.titles) != len(self.images):
-            raise ValueError(f"{len(self.images)} images but {len(self.titles)} titles")
-        if self.groups is None:
-            object.__setattr__(self, "groups", title_groups(self.titles))
-
-    def __len__(self) -> int:
-        return len(self.titles)
-
-    @classmethod
-    def from_catalogue(cls, catalogue: Any, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True) -> "PairSet":
-        cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress)
-        items = catalogue.split(split)
-        return cls(images=cache, titles=tuple(str(t) for t in items["title"]))
-
-
-@dataclass(frozen=True)
-class ConceptInputs:
-    """Concept links of the training items.
-
-    ``concepts``: the concept table; ``item_concepts``: ``N x K`` ids into it per training item
-    (-1 = padding, most specific first); ``slot_weights``: ``N x K``; ``prototypes``: ``C x P``
-    training-item indices whose images are the concept's visual prototypes (-1 = padding).
+    ``trajectory``: the config that changes training (JSON-able); ``identities``: hashes of the
+    inputs (catalogue table, knowledge graph links, teacher weights...).
     """
-
-    concepts: tuple[str, ...]
-    item_concepts: np.ndarray
-    slot_weights: np.ndarray
-    prototypes: np.ndarray
-
-    @classmethod
-    def build(
-        cls,
-        item_ids: Sequence[str],
-        links: Mapping[str, Sequence[str]] | Sequence[Sequence[str]],
-        *,
-        max_slots: int = 5,
-        prototypes_per_concept: int = 10,
-        seed: int = 0,
-        prototypes: Mapping[str, Sequence[str]] | None = None,
-    ) -> "ConceptInputs":
-        """From item -> concepts links (e.g. :func:`lightclip.kg.graph.item_concepts`).
-
-        ``prototypes`` (concept -> item ids, best first, e.g. the knowledge graph's FAISS + MMR
-        choice) fixes a concept's prototype images; ids that are not training items are
-        skipped (prototype embeddings come from the training memory bank). Concepts without
-        any are given a seeded sample of the training items linked to them.
-        """
-        lists = [list(links.get(str(i), ())) for i in item_ids] if isinstance(links, Mapping) else [list(x) for x in links]
-        if len(lists) != len(item_ids):
-            raise ValueError(f"{len(item_ids)} items but {len(lists)} concept lists")
-        table = tuple(sorted({c for concepts in lists for c in concepts[:max_slots]}))
-        index = {c: i for i, c in enumerate(table)}
-        slots = np.full((len(lists), max_slots), -1, dtype=np.int64)
-        members: list[list[int]] = [[] for _ in table]
-        for row, concepts in enumerate(lists):
-            for k, concept in enumerate(dict.fromkeys(concepts[:max_slots])):
-                slots[row, k] = index[concept]
-                members[index[concept]].append(row)
-        row_of = {str(i): r for r, i in enumerate(item_ids)}
-        chosen_rows = np.full((len(table), prototypes_per_concept), -1, dtype=np.int64)
-        for c, rows in enumerate(members):
-            given = [row_of[str(i)] for i in (prototypes or {}).get(table[c], ()) if str(i) in row_of]
-            if given:
-                chosen = list(dict.fromkeys(given))[:prototypes_per_concept]
-            else:
-                rng = np.random.default_rng([seed, c])  # per concept: independent of the others
-                chosen = sorted(rng.choice(rows, size=min(len(rows), prototypes_per_concept), replace=False)) if rows else []
-            chosen_rows[c, : len(chosen)] = chosen
-        weights = (slots >= 0).astype(np.float32)
-        return cls(concepts=table, item_concepts=slots, slot_weights=weights, prototypes=chosen_rows)
+    digest = hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode())
+    for identity in identities:
+        digest.update(identity.encode())
+    return digest.hexdigest()[:16]
 
 
-@dataclass
-class ConceptBatch:
-    tokens: torch.Tensor  # C_b x L prompt tokens of the batch concept table
-    slot_ids: torch.Tensor  # B x K ids into the batch table, -1 = padding
-    slot_weights: torch.Tensor  # B x K
-    prototype_items: torch.Tensor  # C_b x P training-item indices, -1 = padding
-
-
-@dataclass
-class ClipBatch:
-    indices: torch.Tensor  # B training-item indices
-    images: torch.Tensor  # B x 3 x S x S float, normalised
-    tokens: torch.Tensor  # B x L
-    concepts: ConceptBatch | None = None
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-
-class ClipPretrainTask:
-    """CLIP training of an open_clip model on image-title pairs; concepts optional.
-
-    With ``concept_weight == 0`` (or no ``concepts``) it is plain CLIP training and nothing of
-    the concept machinery runs. Otherwise prototype embeddings come from a memory bank of the
-    latest (detached) image embedding of every training item, updated by each step at no extra
-    cost; prototypes not yet seen in this run are masked (so the prototype term starts during
-    the first epoch). The bank is part of :meth:`state_dict`, which keeps resume exact.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Callable[[Sequence[str]], torch.Tensor],
-        train: PairSet,
-        val: PairSet | None,
-        *,
-        concepts: ConceptInputs | None = None,
-        concept_weight: float = 0.0,
-        concept_config: ConceptLossConfig = ConceptLossConfig(),
-        prototype_mmr_lambda: float = 0.7,
-        prototype_pool: int = 64,
-        hflip: bool = True,
-        eval_batch_size: int = 512,
-    ) -> None:
-        self.model = model
-        self.train_set, self.val_set = train, val
-        pre = preprocess_config(model)
-        self.mean, self.std = pre["mean"], pre["std"]
-        size = int(pre["size"])
-        for name, pairs in (("train", train), ("val", val)):
-            if pairs is not None and pairs.images.image_size != size:
-                raise ValueError(f"{name} images are {pairs.images.image_size}px but the model expects {size}px")
-        self.hflip = hflip
-        self.eval_batch_size = eval_batch_size
-        self.train_tokens = tokenizer(list(train.titles))
-        self.val_tokens = tokenizer(list(val.titles)) if val is not None else None
-        self.concept_weight = float(concept_weight)
-        self.concept_config = concept_config
-        self.prototype_mmr_lambda = prototype_mmr_lambda
-        self.prototype_pool = prototype_pool
-        self.prototype_refreshes = 0
-        self.concepts = concepts if (concepts is not None and self.concept_weight > 0) else None
-        self.bank: torch.Tensor | None = None
-        self.bank_valid: torch.Tensor | None = None
-        if self.concepts is not None:
-            if self.concepts.item_concepts.shape[0] != len(train):
-                raise ValueError(f"concept links for {self.concepts.item_concepts.shape[0]} items, but {len(train)} training pairs")
-            prompts = [concept_config.prompt.format(c) for c in self.concepts.concepts]
-            self.concept_tokens = tokenizer(prompts) if prompts else torch.zeros((0, self.train_tokens.shape[1]), dtype=torch.long)
-            embed_dim = int(getattr(model, "lightclip_config", {}).get("embed_dim", 0)) or self._embed_dim()
-            self.bank = torch.zeros((len(train), embed_dim), dtype=torch.float32)
-            self.bank_valid = torch.zeros(len(train), dtype=torch.bool)
-
-    def _embed_dim(self) -> int:
-        with torch.no_grad():
-            return int(encode_text(self.model, self.train_tokens[:1]).shape[-1])
-
-    # -- protocol ---------------------------------------------------------------------------
-
-    def named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
-        return self.model.named_parameters()
-
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return max(1, len(self.train_set) // batch_size)
-
-    def epoch_rows(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(rows, flip flags) of each batch of an epoch: a pure function of ``rng`` (exact resume)."""
-        n = len(self.train_set)
-        order = rng.permutation(n)
-        flips = rng.random(n) < 0.5 if self.hflip else np.zeros(n, dtype=bool)
-        size = min(batch_size, n)
-        for b in range(self.batches_per_epoch(batch_size)):
-            rows = order[b * size : (b + 1) * size]
-            yield rows, flips[rows]
-
-    def test_metrics(self, catalogue: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], image_size: int, cache_dir: Path | str, *, progress: bool = True) -> dict[str, float]:
-        """``test/*`` retrieval metrics of the current model on the catalogue's test split ({} if empty)."""
-        return split_metrics(self.model, tokenizer, catalogue, "test", image_size, cache_dir, batch_size=self.eval_batch_size, progress=progress)
-
-    def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
-        for rows, flips in self.epoch_rows(rng, batch_size):
-            images = self.train_set.images.batch(rows)
-            if self.hflip:
-                images = hflip(images, flips)
-            batch = ClipBatch(
-                indices=torch.from_numpy(rows),
-                images=normalise(images, self.mean, self.std),
-                tokens=self.train_tokens[rows],
-            )
-            if self.concepts is not None:
-                batch.concepts = self._concept_batch(rows)
-            yield batch
-
-    def _concept_batch(self, rows: np.ndarray) -> ConceptBatch:
-        assert self.concepts is not None
-        ids = self.concepts.item_concepts[rows]
-        table, local = np.unique(ids, return_inverse=True)
-        local = local.reshape(ids.shape)
-        if table.size and table[0] == -1:  # padding sorts first
-            table, local = table[1:], local - 1
-        local[ids < 0] = -1
-        return ConceptBatch(
-            tokens=self.concept_tokens[torch.from_numpy(table)],
-            slot_ids=torch.from_numpy(local),
-            slot_weights=torch.from_numpy(self.concepts.slot_weights[rows]),
-            prototype_items=torch.from_numpy(self.concepts.prototypes[table]),
-        )
-
-    def loss(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
-        model = self.model
-        if not model.training:
-            model.train()
-        image_emb = model.encode_image(batch.images, normalize=True)
-        text_emb = encode_text(model, batch.tokens, normalize=True)
-        scale = model.logit_scale.exp()
-        clip = clip_loss(image_emb, text_emb, scale)
-        out = {"loss": clip, "clip": clip.detach(), "logit_scale": scale.detach()}
-        if self.concepts is None or batch.concepts is None:
-            return out
-        cb = batch.concepts
-        cfg = self.concept_config
-        assert self.bank is not None and self.bank_valid is not None
-        concept_emb = encode_text(model, cb.tokens, normalize=True) if cb.tokens.shape[0] else None
-        if concept_emb is not None:
-            items = cb.prototype_items.clamp_min(0)
-            proto_emb = self.bank[items]  # C_b x P x D
-            proto_mask = (cb.prototype_items >= 0) & self.bank_valid[items]
-            terms = concept_alignment_loss(
-                image_emb,
-                concept_emb,
-                cb.slot_ids,
-                scale,
-                prototype_emb=proto_emb,
-                prototype_mask=proto_mask,
-                prototype_item_ids=cb.prototype_items,
-                item_ids=batch.indices,
-                slot_weights=cb.slot_weights,
-                top_k=cfg.top_k,
-                prototype_weight=cfg.prototype_weight,
-                image_weight=cfg.image_weight,
-                return_terms=True,
-            )
-            out["loss"] = combine_with_concept(clip, terms["concept"], weight=self.concept_weight, adaptive=cfg.adaptive)
-            out.update({k: v.detach() for k, v in terms.items()})
-        with torch.no_grad():
-            self.bank[batch.indices] = image_emb.detach().float()
-            self.bank_valid[batch.indices] = True
-        return out
-
-    def on_epoch_end(self, epoch: int) -> None:
-        every = self.concept_config.refresh_every_epochs
-        if self.concepts is not None and every and (epoch + 1) % every == 0:
-            self.refresh_prototypes()
-
-    def refresh_prototypes(self) -> None:
-        """Re-pick each concept's prototypes with the current model, as FashionKLIP does.
-
-        Query: the model's embedding of the concept prompt; pool: the latest embeddings of the
-        training images that name the concept (the memory bank); FAISS top-``prototype_pool``,
-        then MMR for diversity. Images not embedded yet in this run are not eligible.
-        """
-        from lightclip.kg.prototypes import select_prototypes
-
-        assert self.concepts is not None and self.bank is not None and self.bank_valid is not None
-        valid = self.bank_valid.numpy()
-        if not valid.any():
-            return
-        slots = self.concepts.item_concepts
-        members: list[list[int]] = [[] for _ in self.concepts.concepts]
-        for row, concept in zip(*np.nonzero(slots >= 0)):
-            if valid[row]:
-                members[slots[row, concept]].append(int(row))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                queries = torch.cat([
-                    encode_text(self.model, self.concept_tokens[start : start + self.eval_batch_size], normalize=True).float()
-                    for start in range(0, len(self.concept_tokens), self.eval_batch_size)
-                ])
-        finally:
-            self.model.train(was_training)
-        chosen = select_prototypes(
-            queries.numpy(),
-            self.bank.numpy(),
-            k=self.concepts.prototypes.shape[1],
-            mmr_lambda=self.prototype_mmr_lambda,
-            pool_size=self.prototype_pool,
-            candidates=[np.asarray(m, dtype=np.int64) for m in members],
-        )
-        for c, rows in enumerate(chosen):
-            if rows:  # keep the old prototypes of a concept none of whose images was seen yet
-                self.concepts.prototypes[c] = -1
-                self.concepts.prototypes[c, : len(rows)] = rows
-        self.prototype_refreshes += 1
-
-    def prototype_ids(self, item_ids: Sequence[str]) -> dict[str, list[str]]:
-        """Concept -> current prototype item ids (for saving beside the teacher)."""
-        if self.concepts is None:
-            return {}
-        return {c: [str(item_ids[r]) for r in self.concepts.prototypes[i] if r >= 0] for i, c in enumerate(self.concepts.concepts)}
-
-    def on_step_end(self) -> None:
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, logit_scale_max())
-
-    def embed(self, pairs: PairSet, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image and text embeddings of a pair set (eval mode, no grad)."""
-        return embed_pair_set(self.model, pairs, tokens, batch_size=self.eval_batch_size)
-
-    def evaluate(self) -> dict[str, float]:
-        if self.val_set is None or self.val_tokens is None:
-            return {}
-        image_emb, text_emb = self.embed(self.val_set, self.val_tokens)
-        metrics = retrieval_metrics(image_emb, text_emb, self.val_set.groups)
-        return {f"val/{k}": v for k, v in metrics.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": self.model.state_dict()}
-        if self.bank is not None and self.bank_valid is not None:
-            state["bank"] = self.bank.clone()
-            state["bank_valid"] = self.bank_valid.clone()
-        if self.concepts is not None:
-            state["prototypes"] = torch.from_numpy(self.concepts.prototypes.copy())
-            state["prototype_refreshes"] = self.prototype_refreshes
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.bank is not None and "bank" in state:
-            self.bank.copy_(state["bank"])
-            self.bank_valid.copy_(state["bank_valid"])
-        if self.concepts is not None and "prototypes" in state:
-            self.concepts.prototypes[...] = state["prototypes"].numpy()
-            self.prototype_refreshes = int(state.get("prototype_refreshes", 0))
-
-
-def embed_pair_set(model: nn.Module, pairs: PairSet, tokens: torch.Tensor, *, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised image and text embeddings of a pair set with any model (eval mode, no grad)."""
-    pre = preprocess_config(model)
-    was_training = model.training
-    model.eval()
-    images, texts = [], []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(pairs)))
-                batch = normalise(pairs.images.batch(rows), pre["mean"], pre["std"])
-                images.append(model.encode_image(batch, normalize=True).float())
-                texts.append(encode_text(model, tokens[rows], normalize=True).float())
-    finally:
-        model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
-
-
-def split_metrics(
-    model: nn.Module,
-    tokenizer: Callable[[Sequence[str]], torch.Tensor],
-    catalogue: Any,
-    split: str,
-    image_size: int,
-    cache_dir: Path | str,
+def fit(
+    task: TrainingTask,
+    config: TrainConfig,
     *,
-    batch_size: int = 512,
-    progress: bool = True,
-) -> dict[str, float]:
-    """``<split>/*`` retrieval metrics (R@1/5/10 both ways, mean) of any model; {} for an empty split.
+    stage: str,
+    key: str,
+    context: StageContext,
+    log_metrics: MetricsCallback | None = None,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train ``task`` in ``<checkpoints>/<stage>/<key>`` and leave its best checkpoint loaded.
 
-    The numbers the trainers log for val, so teachers, ensembles and students compare directly.
+    Returns the :class:`TrainResult` and the metrics every trainer reports: the run's summary,
+    the task's ``run_metrics()`` if it has one (taken before the best checkpoint is loaded) and
+    the model's ``params/*`` counts (``task.model``). ``log_metrics`` defaults to the
+    context's (a member of an ensemble passes a prefixed one).
     """
-    if len(catalogue.split(split)) == 0:
-        return {}
-    pairs = PairSet.from_catalogue(catalogue, split, image_size, cache_dir, progress=progress)
-    image_emb, text_emb = embed_pair_set(model, pairs, tokenizer(list(pairs.titles)), batch_size=batch_size)
-    return {f"{split}/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}
+    checkpoint_dir = context.checkpoint_root(stage) / key
+    result = train(
+        task, config, checkpoint_dir=checkpoint_dir, resume=context.resume,
+        log_metrics=log_metrics or context.log_metrics, progress=context.progress,
+    )
+    metrics: dict[str, Any] = result.summary()
+    run_metrics = getattr(task, "run_metrics", None)  # of the whole run: read before the best checkpoint
+    if run_metrics is not None:
+        metrics.update(run_metrics())
+    if result.best_checkpoint.is_file():
+        load_task_checkpoint(task, result.best_checkpoint)
+    metrics.update({f"params/{k}": v for k, v in count_parameters(task.model).items()})
+    return result, metrics
+
+
+def save_trained(out_dir: Path | str, model: nn.Module, arch: Any, *, extra: Mapping[str, Any], files: Mapping[str, bytes]) -> Path:
+    """Save a trained model directory atomically: weights + config, plus ``files`` (name -> bytes)."""
+    with staged_dir(out_dir) as tmp:
+        save_model(model, arch, tmp, extra=dict(extra))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return Path(out_dir)
+
+
+def history_json(history: Any) -> bytes:
+    """A run's per-epoch history as saved beside the model."""
+    return (json.dumps(history, indent=1) + "\n").encode("utf-8")

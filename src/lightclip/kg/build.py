@@ -18,13 +18,15 @@ import numpy as np
 
 from lightclip.config import KGConfig
 from lightclip.data.catalogue import Catalogue
-from lightclip.kg.concepts import KGError, KGMiningConfig, mine_concepts
+from lightclip.kg.concepts import KGError, mine_concepts
 from lightclip.kg.graph import build_concept_graph, check_forest, graph_stats, item_concepts, kg_quality, save_graph
 from lightclip.kg.prototypes import bootstrap_prototypes, pixel_descriptors
 
 GRAPH_FILE = "graph.json"
 ITEM_CONCEPTS_FILE = "item_concepts.json"
 PROTOTYPES_FILE = "prototypes.json"
+#: How the prototypes were chosen (``KGConfig.prototype_selection``): pre-training re-picks them the same way.
+SELECTION_FILE = "prototype_selection.json"
 DESCRIPTOR_SIZE = 16
 
 
@@ -69,7 +71,7 @@ def build_knowledge_graph(
     if len(train) == 0:
         raise KGError(f"{catalogue.table_path}: no items in split 'train' (run the split stage first)")
     try:
-        vocab = mine_concepts(train["title"].tolist(), config=KGMiningConfig(**config.mining_fields()))
+        vocab = mine_concepts(train["title"].tolist(), config=config)
     except KGError as exc:
         raise KGError(f"{catalogue.table_path} (split 'train'): {exc}") from None
     graph = build_concept_graph(vocab)
@@ -100,6 +102,7 @@ def build_knowledge_graph(
         save_graph(graph, tmp / GRAPH_FILE)
         _write_json(tmp / ITEM_CONCEPTS_FILE, links)
         _write_json(tmp / PROTOTYPES_FILE, prototypes)
+        _write_json(tmp / SELECTION_FILE, config.prototype_selection())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Iterable, Sequence
 
+from lightclip.config import KGConfig
+
 
 class KGError(ValueError):
     """Knowledge-graph input or output that cannot be used; the message says what and why."""
@@ -264,49 +266,6 @@ def generalisations(modifiers: Sequence[str], max_modifiers: int) -> list[tuple[
 
 
 @dataclass(frozen=True)
-class KGMiningConfig:
-    """Knobs of concept mining; flat and typed so it maps 1:1 onto a ``params.yaml`` section.
-
-    - ``min_count``: titles a phrase (with modifiers) or a learned head must occur in.
-    - ``max_modifiers``: most modifiers in a concept (= deepest level below a product type).
-    - ``max_run``: modifiers read before the head (nearest first) before sub-phrases are taken.
-    - ``min_brand_types``: distinct heads a bare first word must start titles of to be a brand.
-    - ``max_brand_units``: longest brand span (units) before a gender word.
-    - ``min_modifier_heads``: distinct heads a non-lexicon word must precede to be a modifier.
-    - ``min_modifier_brands``: distinct brands (first title words) it must do so for; a word
-      used by one brand only is a product-line name ("Baggit ... Taj Wallet"), not a modifier.
-    - ``learn_modifiers``: learn modifiers from the data at all (else the lexicon only).
-    """
-
-    min_count: int = 3
-    max_modifiers: int = 3
-    max_run: int = 6
-    min_brand_types: int = 2
-    max_brand_units: int = 4
-    min_modifier_heads: int = 2
-    min_modifier_brands: int = 2
-    learn_modifiers: bool = True
-
-    def __post_init__(self) -> None:
-        checks = {
-            "min_count": (self.min_count, 1, 1_000_000),
-            "max_modifiers": (self.max_modifiers, 0, 6),
-            "max_run": (self.max_run, 1, 10),
-            "min_brand_types": (self.min_brand_types, 1, 1000),
-            "max_brand_units": (self.max_brand_units, 1, 8),
-            "min_modifier_heads": (self.min_modifier_heads, 1, 1000),
-            "min_modifier_brands": (self.min_modifier_brands, 1, 1000),
-        }
-        for name, (value, low, high) in checks.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise KGError(f"KGMiningConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
-        if not isinstance(self.learn_modifiers, bool):
-            raise KGError(f"KGMiningConfig.learn_modifiers must be a bool, got {self.learn_modifiers!r}")
-        if self.max_run < self.max_modifiers:
-            raise KGError(f"KGMiningConfig.max_run ({self.max_run}) must be >= max_modifiers ({self.max_modifiers})")
-
-
-@dataclass(frozen=True)
 class Concept:
     """One mined concept: ``phrase`` = modifiers + head; ``count`` = titles that contain it."""
 
@@ -320,7 +279,7 @@ class Concept:
 class ConceptVocabulary:
     """What mining learned: heads, brands, modifiers and the concepts with their counts."""
 
-    config: KGMiningConfig
+    config: KGConfig
     heads: frozenset[str]
     brands: frozenset[str]
     modifiers: frozenset[str]
@@ -362,7 +321,7 @@ def _strip_prefix(units: list[str], brands: frozenset[str], max_units: int) -> l
     return units
 
 
-def _parse(units: list[str], heads: frozenset[str], modifiers: frozenset[str], brands: frozenset[str], cfg: KGMiningConfig) -> tuple[str, tuple[str, ...]] | None:
+def _parse(units: list[str], heads: frozenset[str], modifiers: frozenset[str], brands: frozenset[str], cfg: KGConfig) -> tuple[str, tuple[str, ...]] | None:
     """(head, canonical modifiers) of a normalised title, or None when it names no head."""
     units = _strip_prefix(main_clause(units), brands, cfg.max_brand_units)
     for pos in range(len(units) - 1, -1, -1):
@@ -398,7 +357,7 @@ def _last_word(units: list[str]) -> str | None:
     return None
 
 
-def _learn_heads(docs: list[list[str]], cfg: KGMiningConfig) -> frozenset[str]:
+def _learn_heads(docs: list[list[str]], cfg: KGConfig) -> frozenset[str]:
     """Heads: lexicon heads seen in the data + frequent title-final words that are not modifiers."""
     last = Counter(w for w in (_last_word(main_clause(u)) for u in docs) if w is not None)
     seen = {unit for units in docs for unit in units}
@@ -413,7 +372,7 @@ def _head_of(units: list[str], heads: frozenset[str]) -> str | None:
     return None
 
 
-def _detect_brands(docs: list[list[str]], heads: frozenset[str], cfg: KGMiningConfig) -> frozenset[str]:
+def _detect_brands(docs: list[list[str]], heads: frozenset[str], cfg: KGConfig) -> frozenset[str]:
     """Brands = recurring title prefixes that are never a head or modifier.
 
     Two kinds of evidence: the span before an early gender word ("Status Quo Men ...") that
@@ -449,7 +408,7 @@ def _detect_brands(docs: list[list[str]], heads: frozenset[str], cfg: KGMiningCo
     return frozenset(brands | (KNOWN_BRANDS & prefixes))
 
 
-def _learn_modifiers(docs: list[list[str]], heads: frozenset[str], brands: frozenset[str], cfg: KGMiningConfig) -> frozenset[str]:
+def _learn_modifiers(docs: list[list[str]], heads: frozenset[str], brands: frozenset[str], cfg: KGConfig) -> frozenset[str]:
     """Non-lexicon words that sit right before a head in ``min_count`` titles of several heads.
 
     This picks up compound-noun modifiers ("polo" tshirt, "innerwear" vest) the lexicon lacks,
@@ -486,16 +445,16 @@ def _learn_modifiers(docs: list[list[str]], heads: frozenset[str], brands: froze
 # --------------------------------------------------------------------------------------------
 
 
-def mine_concepts(titles: Sequence[str], *, min_count: int = 3, max_modifiers: int = 3, config: KGMiningConfig | None = None) -> ConceptVocabulary:
+def mine_concepts(titles: Sequence[str], *, min_count: int = 3, max_modifiers: int = 3, config: KGConfig | None = None) -> ConceptVocabulary:
     """Learn heads, brands and modifiers from ``titles`` and count their concepts.
 
     Pass either ``config`` or the two keyword shortcuts. Raises :class:`KGError` for no titles
     or when no title names a product type (nothing to build a graph from).
     """
     if config is None:
-        config = KGMiningConfig(min_count=min_count, max_modifiers=max_modifiers)
+        config = KGConfig(min_count=min_count, max_modifiers=max_modifiers)
     elif (min_count, max_modifiers) != (3, 3):
-        raise KGError("pass either config=KGMiningConfig(...) or min_count/max_modifiers, not both")
+        raise KGError("pass either config=KGConfig(...) or min_count/max_modifiers, not both")
     titles = list(titles)
     if not titles:
         raise KGError("cannot mine concepts from an empty catalogue: no titles given")
