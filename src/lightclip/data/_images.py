@@ -1,16 +1,14 @@
 """Helpers shared by the importers: staged output directories, safe file names, image copies.
 
-Every importer writes a whole catalogue or nothing: it builds the catalogue in a temporary
-directory beside ``out_dir`` and renames it into place at the end, so an error or an interrupt
-never leaves half a catalogue behind, and an existing catalogue is only replaced once its
-successor is complete.
+Every importer writes a whole catalogue or nothing: it builds the catalogue in a staging
+directory beside ``out_dir`` (:func:`lightclip.io.staged_dir`) that replaces ``out_dir`` at the
+end, so an error or an interrupt never leaves half a catalogue behind, and an existing catalogue
+is only replaced once its successor is complete.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +16,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from lightclip.data.catalogue import CATALOGUE_FILE, CatalogueError
+from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, CatalogueError, new_catalogue
+from lightclip.io import staged_dir
 
 #: Image file extensions the importers and the WebDataset exporter accept, and their canonical form.
 IMAGE_EXTENSIONS: dict[str, str] = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png", ".webp": ".webp"}
@@ -128,44 +127,19 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, inputs: Iterable[Path] =
             raise CatalogueError(f"{out_dir}: refusing to replace the output directory: it contains the input {source}")
 
 
-def _commit(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    check_output_dir(out_dir, overwrite=overwrite)  # again: something may have appeared meanwhile
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(out_dir, old)
-        try:
-            os.rename(staging, out_dir)
-        except BaseException:
-            os.rename(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out_dir.is_dir():
-        out_dir.rmdir()
-    os.rename(staging, out_dir)
-
-
 @contextmanager
 def staged_output(out_dir: Path, *, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a fresh directory beside ``out_dir``; on success it becomes ``out_dir``, on error it goes."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    staging.mkdir()  # respects the umask, unlike tempfile.mkdtemp's 0700
-    try:
+    with staged_dir(out_dir) as staging:
         yield staging
-        _commit(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        check_output_dir(out_dir, overwrite=overwrite)  # again: something may have appeared meanwhile
 
 
 def finish_import(staging: Path, out_dir: Path | str, records: list[dict], jobs: list[tuple[Path, Path]], report: Any, *, desc: str, progress: bool) -> Any:
     """Copy the images, write the catalogue and ``import_report.json`` into ``staging``; the
     returned catalogue is addressed at ``out_dir``, where :func:`staged_output` moves it."""
-    from lightclip.data.catalogue import Catalogue, new_catalogue
-
     copy_images(jobs, progress=progress, desc=desc)
     catalogue = new_catalogue(staging, records)
     report.items_written = len(catalogue)

@@ -10,7 +10,6 @@ attributes are not.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightclip.config import ATTRIBUTE_COLUMNS
+from lightclip.errors import LightclipError
+from lightclip.io import atomic_file, write_json
 
 CATALOGUE_FILE = "catalogue.parquet"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -35,7 +36,7 @@ SCHEMA = pa.schema(
 )
 
 
-class CatalogueError(ValueError):
+class CatalogueError(LightclipError, ValueError):
     """A catalogue that cannot be read or written; the message names the file and what is wrong."""
 
 
@@ -76,8 +77,7 @@ class ImportReport:
 
     def write(self, path: Path) -> None:
         """Write the report as JSON (every skipped row with its source, id and reason)."""
-        payload = asdict(self) | {"skipped_by_reason": self.skipped_by_reason()}
-        Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(path, asdict(self) | {"skipped_by_reason": self.skipped_by_reason()}, sort_keys=False)
 
 
 def _is_null(value: object) -> bool:
@@ -177,9 +177,8 @@ def write_table(items: pd.DataFrame, path: Path) -> None:
     """Write items as parquet with a fixed schema and no volatile metadata (byte-reproducible)."""
     table = pa.Table.from_pandas(normalise_items(items), schema=SCHEMA, preserve_index=False)
     table = table.replace_schema_metadata(None)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=False)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=False)
 
 
 def new_catalogue(root: Path | str, records: Iterable[dict]) -> Catalogue:

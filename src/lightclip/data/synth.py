@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from lightclip.config import SynthConfig
 from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, CatalogueError, new_catalogue
+from lightclip.io import staged_dir
 
 #: Bump whenever rendering, sampling or titles change (cached catalogues become stale).
 SYNTH_VERSION = 1
@@ -993,12 +992,9 @@ def generate_catalogue(out_dir: Path, config: SynthConfig, *, progress: bool = T
     """
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(config.n_items)))
     rng = random.Random(config.seed)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.synth-", dir=out_dir.parent))
-    old: Path | None = None
-    try:
+    with staged_dir(out_dir) as work:
         (work / "images").mkdir()
         records = []
         for index in tqdm(range(1, config.n_items + 1), desc="synth", unit="img", disable=not progress):
@@ -1013,19 +1009,4 @@ def generate_catalogue(out_dir: Path, config: SynthConfig, *, progress: bool = T
             })
         catalogue = new_catalogue(work, records)
         _check_replaceable(out_dir)  # again: someone may have added files meanwhile
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "catalogue")
-        try:
-            work.rename(out_dir)
-        except BaseException:
-            if old is not None:
-                (old / "catalogue").rename(out_dir)
-                old.rmdir()
-            raise
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return Catalogue(root=out_dir, items=catalogue.items)

@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from lightclip.config import ATTRIBUTE_COLUMNS
 from lightclip.data._images import IMAGE_EXTENSIONS, NameAllocator, format_ids, image_extension, parse_year, staged_output
 from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, ImportReport, SkippedRow, new_catalogue
+from lightclip.io import atomic_file
 
 IMAGES_DIR = "images"
 #: Image member extensions in the order an importer prefers them when a sample has several.
@@ -118,12 +120,13 @@ def export_webdataset(
         meta["split"] = _json_value(row["split"], "split")
         samples.append((key, image, ext, str(row["title"]), meta))
 
-    # All shards are written under temporary names first: a failure leaves the old set intact.
+    # All shards are written under temporary names first and replace their predecessors together
+    # when the block ends: a failure removes every temporary file and leaves the old set intact.
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = [out_dir / shard_name(prefix, i) for i in range(-(-len(samples) // shard_size))]
-    temporary = [path.with_name(path.name + ".tmp") for path in written]
-    try:
-        for index, tmp in enumerate(temporary):
+    with ExitStack() as shards:
+        for index, path in enumerate(written):
+            tmp = shards.enter_context(atomic_file(path))
             with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
                 for key, image, ext, title, meta in samples[index * shard_size : (index + 1) * shard_size]:
                     members = {ext.lstrip("."): image.read_bytes()}
@@ -131,12 +134,6 @@ def export_webdataset(
                     members["txt"] = title.encode("utf-8")
                     for member_ext in sorted(members):  # a sample's members stay together, in a fixed order
                         _tar_add(tar, f"{key}.{member_ext}", members[member_ext])
-    except BaseException:
-        for tmp in temporary:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in zip(temporary, written):
-        os.replace(tmp, path)
     for stale in sorted(set(existing) - set(written)):
         stale.unlink()
     return written
