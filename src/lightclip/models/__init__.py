@@ -1,21 +1,19 @@
 """Models: the zoo of open_clip architectures (configs as data), creation, saving and loading."""
 
+from lightclip.models.common import ModelError, encode_text, preprocess_config
 from lightclip.models.zoo import (
     CONFIG_DIR,
     DEFAULT_ARCH,
     OUR_ARCHS,
-    ModelError,
     ModelSpec,
     arch_config,
     build_from_config,
     count_parameters,
     create_model,
-    encode_text,
     load_model,
     load_tokenizer,
     load_weights,
     make_ensemble,
-    preprocess_config,
     read_checkpoint,
     read_model_info,
     register_configs,

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightclip.models.common import ModelError, encode_text, preprocess_config
+
 
 class EnsembleCLIP(nn.Module):
     """Frozen members whose normalised embeddings are concatenated (mean cosine similarity)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        from lightclip.models.zoo import ModelError, preprocess_config
-
         super().__init__()
         if len(members) < 2:
             raise ModelError(f"an ensemble needs at least 2 members, got {len(members)}")
@@ -61,8 +61,6 @@ class EnsembleCLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Unit-norm concatenation of the members' text embeddings (``normalize`` is implied)."""
-        from lightclip.models.zoo import encode_text
-
         return self._combine([encode_text(m, text) for m in self.members])
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +32,19 @@ from typing import Any, Callable, Mapping, Sequence
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
-from pydantic import Field, field_validator
+from pydantic import field_validator
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lightclip.config import ModelConfig
+from lightclip.io import atomic_write_bytes
+from lightclip.models.common import (
+    ModelError,
+    encode_text,  # part of the zoo's interface: callers encode titles with it
+    preprocess_config,
+    square_side,
+)
+from lightclip.models.ensemble import EnsembleCLIP, ensemble_arch_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_FORMAT = "lightclip-model/1"
@@ -48,10 +56,6 @@ DEFAULT_ARCH = "lc-vit-t"
 OUR_ARCHS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 
 _registered = False
-
-
-class ModelError(ValueError):
-    """A model that cannot be built, loaded or saved; the message says which and why."""
 
 
 def register_configs() -> None:
@@ -80,14 +84,6 @@ def arch_config(arch: str) -> dict[str, Any]:
     return config
 
 
-def _as_int_size(size: Any) -> int:
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ModelError(f"non-square image size {tuple(size)} is not supported")
-        return int(size[0])
-    return int(size)
-
-
 class ModelSpec(ModelConfig):
     """A :class:`~lightclip.config.ModelConfig` whose architecture is known to open_clip."""
 
@@ -105,7 +101,7 @@ class ModelSpec(ModelConfig):
     @property
     def image_size(self) -> int:
         """Input image side in pixels, from the architecture's ``vision_cfg``."""
-        return _as_int_size(self.config["vision_cfg"].get("image_size", 224))
+        return square_side(self.config["vision_cfg"].get("image_size", 224))
 
     @property
     def context_length(self) -> int:
@@ -143,22 +139,11 @@ def build_from_config(config: Mapping[str, Any], preprocess_cfg: Mapping[str, An
         raise ModelError(f"cannot build a model from this config: {type(exc).__name__}: {exc}") from exc
     preprocess = asdict(PreprocessCfg())  # open_clip's defaults (OpenAI mean/std, bicubic, shortest side)
     size = getattr(getattr(model, "visual", None), "image_size", None) or cfg["vision_cfg"].get("image_size", 224)
-    preprocess["size"] = _as_int_size(size)
+    preprocess["size"] = square_side(size)
     preprocess.update(preprocess_cfg or {})
     open_clip.set_model_preprocess_cfg(model, preprocess)
     model.lightclip_config = deepcopy(dict(config))  # what save_model records
     return model
-
-
-def preprocess_config(model: nn.Module) -> dict[str, Any]:
-    """The model's preprocessing (size, mean, std, interpolation, resize_mode) as plain data."""
-    cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    for key in ("mean", "std"):
-        if key in cfg:
-            cfg[key] = [float(v) for v in cfg[key]]
-    if "size" in cfg:
-        cfg["size"] = _as_int_size(cfg["size"])
-    return cfg
 
 
 def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -231,8 +216,6 @@ def tokenizer_settings(arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
     try:
@@ -294,18 +277,8 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     model.load_state_dict(state, strict=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle); returns it."""
-    from safetensors.torch import save
-
-    from lightclip.models.ensemble import EnsembleCLIP, ensemble_arch_name
-
     arch = spec.arch if isinstance(spec, ModelSpec) else spec
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -337,8 +310,8 @@ def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *
     }
     if extra:
         info["extra"] = dict(extra)
-    _atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": MODEL_FORMAT, "arch": arch}))
-    _atomic_write_bytes(directory / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": MODEL_FORMAT, "arch": arch}))
+    atomic_write_bytes(directory / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return directory
 
 
@@ -363,8 +336,6 @@ def load_model(directory: Path | str) -> nn.Module:
     image = info.get("image", {})
     preprocess = {k: v for k, v in image.items() if v is not None}
     if "ensemble" in info:
-        from lightclip.models.ensemble import EnsembleCLIP
-
         members = []
         for member in info["ensemble"]["members"]:
             members.append(build_from_config(member["open_clip_config"], preprocess))
@@ -380,8 +351,6 @@ def load_model(directory: Path | str) -> nn.Module:
 
 def make_ensemble(member_dirs: Sequence[Path | str]) -> nn.Module:
     """An :class:`~lightclip.models.ensemble.EnsembleCLIP` of saved models (see that module)."""
-    from lightclip.models.ensemble import EnsembleCLIP
-
     members = [load_model(d) for d in member_dirs]
     settings = [read_model_info(d).get("tokenizer") for d in member_dirs]
     for directory, setting in zip(member_dirs[1:], settings[1:]):
@@ -401,7 +370,7 @@ def load_tokenizer(directory: Path | str) -> Callable[..., torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Introspection and fast paths
+# Introspection
 # ----------------------------------------------------------------------------------------------
 
 _POSITIONAL_NAMES = ("positional_embedding", "pos_embed")
@@ -419,40 +388,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             continue
         non_embedding += param.numel()
     return {"total": total, "non_embedding": non_embedding}
-
-
-def _can_trim_text(model: nn.Module) -> bool:
-    return (
-        isinstance(model, open_clip.CLIP)
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and getattr(model, "attn_mask", None) is not None
-        and not getattr(model.transformer, "grad_checkpointing", False)
-    )
-
-
-def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """``model.encode_text`` on the shortest prefix that holds every end-of-text token.
-
-    open_clip's CLIP text tower is causal and pools at the end-of-text token (argmax of the
-    ids), so the padding after it cannot change the output: cutting the batch to its longest
-    sequence gives the same embeddings (up to float rounding) at a fraction of the cost for
-    short titles. Other towers fall back to ``model.encode_text``.
-    """
-    if not _can_trim_text(model) or tokens.shape[1] <= 1:
-        return model.encode_text(tokens, normalize=normalize)
-    length = int(tokens.argmax(dim=-1).max().item()) + 1
-    if length >= tokens.shape[1]:
-        return model.encode_text(tokens, normalize=normalize)
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
-    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 def logit_scale_max() -> float:
