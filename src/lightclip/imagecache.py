@@ -24,13 +24,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from lightclip.data.catalogue import Catalogue, CatalogueError
+from lightclip.errors import LightclipError
+from lightclip.io import atomic_file, atomic_write_bytes
 
 CACHE_VERSION = 1
 
 
-class ImageCacheError(ValueError):
+class ImageCacheError(LightclipError, ValueError):
     """An image that cannot be decoded, or a cache file that does not match its sidecar."""
 
 
@@ -64,8 +68,6 @@ class ImageCache:
 
 def decode_image(path: Path, image_size: int) -> np.ndarray:
     """One image as uint8 ``3 x S x S``: RGB, shortest side -> ``S`` (bicubic), centre crop."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= S
@@ -118,8 +120,6 @@ def build_image_cache(
     progress: bool = True,
 ) -> ImageCache:
     """Decode the images of ``split`` (``None`` = every item) once; reuse the cache while unchanged."""
-    from tqdm.auto import tqdm
-
     items = catalogue.items if split is None else catalogue.split(split)
     if len(items) == 0:
         raise CatalogueError(f"{catalogue.root}: split {split!r} has no items")
@@ -135,25 +135,16 @@ def build_image_cache(
     if cached is not None:
         return cached
 
-    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.tmp")  # concurrent builders never share a temp file
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, image_size, image_size))
-    bar = tqdm(total=len(ids), desc=f"decoding {stem} images", unit="img", disable=not progress)
-    try:
+    with atomic_file(npy) as tmp, tqdm(total=len(ids), desc=f"decoding {stem} images", unit="img", disable=not progress) as bar:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, image_size, image_size))
         with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
             for i, array in enumerate(pool.map(lambda p: decode_image(p, image_size), paths, chunksize=1)):
                 out[i] = array
                 bar.update(1)
         out.flush()
         del out
-        os.replace(tmp, npy)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps({"key": key, "version": CACHE_VERSION, "image_size": image_size, "ids": list(ids)}) + "\n", encoding="utf-8")
-    os.replace(meta_tmp, meta)
+    sidecar = {"key": key, "version": CACHE_VERSION, "image_size": image_size, "ids": list(ids)}
+    atomic_write_bytes(meta, (json.dumps(sidecar) + "\n").encode("utf-8"))
     for stale in cache_dir.glob(f"{stem}-*.npy"):  # older versions of this split at this size
         if stale != npy:
             stale.unlink(missing_ok=True)

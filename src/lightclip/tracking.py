@@ -17,6 +17,7 @@ import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator, Mapping
 
 import yaml
@@ -119,10 +120,17 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def _activate(target: TrackingTarget) -> str:
-    """Point MLflow at ``target`` and return the experiment id (created on first use)."""
+def _mlflow() -> ModuleType:
+    """MLflow, imported on first use: it costs 1.1 s, and every CLI command (``--help`` too)
+    imports this module for :func:`project_root`."""
     import mlflow
 
+    return mlflow
+
+
+def _activate(target: TrackingTarget) -> str:
+    """Point MLflow at ``target`` and return the experiment id (created on first use)."""
+    mlflow = _mlflow()
     mlflow.set_tracking_uri(target.uri)
     experiment = mlflow.get_experiment_by_name(target.experiment)
     if experiment is not None:
@@ -148,30 +156,22 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric values; names are made MLflow-safe (``R@1`` -> ``R_at_1``), others skipped."""
-        import mlflow
-
         clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            _mlflow().log_metrics(clean, step=step)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        import mlflow
-
-        mlflow.log_params(flatten(params))
+        _mlflow().log_params(flatten(params))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        import mlflow
-
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        _mlflow().set_tags({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        import mlflow
-
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            _mlflow().log_artifacts(str(path), artifact_path=artifact_path)
         elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            _mlflow().log_artifact(str(path), artifact_path=artifact_path)
 
 
 @contextmanager
@@ -187,13 +187,11 @@ def stage_run(
 
     The run ends FAILED when the stage raises, so a broken stage is visible as such in the UI.
     """
-    import mlflow
-
     target = TrackingTarget.for_project(project_dir, experiment)
     experiment_id = _activate(target)
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = lineage_tags(project_dir, stage)
-    with mlflow.start_run(
+    with _mlflow().start_run(
         experiment_id=experiment_id,
         run_name=run_name or stage,
         parent_run_id=parent,
