@@ -1,0 +1,333 @@
+"""The alias store: the project's MLflow model registry, with alias moves serialised by a lock.
+
+Aliases (``@staging``, ``@production``; never the deprecated stages) move only inside
+:meth:`ModelRegistry.locked`: an exclusive file lock beside the store, under which the current
+holder is read, the gate checked, the alias moved, both versions tagged, the alias's history kept
+on the registered model (what ``rollback`` pops) and one line appended to the audit log
+(``registry_audit.jsonl``: who, when, action, from, to, why). Two promotions at once are
+serialised, so the aliases always match the end of the audit log.
+
+MLflow is reached only here, in :mod:`lightclip.registry.packaging` (logging a model) and in
+:mod:`lightclip.tracking` (runs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from lightclip.config import PromoteConfig
+from lightclip.errors import LightclipError
+from lightclip.registry.gate import Evidence, GateResult, gate
+from lightclip.tracking import TAG_PREFIX, TrackingTarget
+
+AUDIT_FILE = "registry_audit.jsonl"
+LOCK_FILE = "registry.lock"
+ALIASES: tuple[str, ...] = ("staging", "production")
+HISTORY_LIMIT = 100
+ACTOR_ENV = "LIGHTCLIP_ACTOR"
+
+TAG_WEIGHTS = f"{TAG_PREFIX}weights_sha256"  # a version's identity: registering the same weights reuses it
+ALIAS_TAG_PREFIX = f"{TAG_PREFIX}alias."
+
+
+class RegistryError(LightclipError, ValueError):
+    """A registration or alias move that cannot be done; the message says what and why."""
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def actor() -> str:
+    """Who moves an alias: ``LIGHTCLIP_ACTOR`` (e.g. a CI job) or ``user@host``."""
+    explicit = os.environ.get(ACTOR_ENV)
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in a container
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def state_dir(tracking_uri: str, project_dir: Path) -> Path:
+    """Where the lock and the audit log live: beside a SQLite store, else ``<project>/mlflow``."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :]).parent
+    return Path(project_dir).resolve() / "mlflow"
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float = 120.0, poll: float = 0.05) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` (released when the process dies, even killed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    raise RegistryError(f"{path}: the registry lock is still held after {timeout:.0f}s (by {holder})") from None
+                time.sleep(poll)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} ({actor()}) since {now_utc()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One move of an alias, as written to the audit log and the tags."""
+
+    model: str
+    alias: str
+    from_version: str | None
+    to_version: str
+    action: str  # register | promote | rollback
+    reason: str
+    actor: str
+    at: str
+    gate: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["from"], data["to"] = data.pop("from_version"), data.pop("to_version")
+        return data
+
+
+def history_tag(alias: str) -> str:
+    """The registered-model tag holding ``@alias``'s past holders, oldest first (comma-separated)."""
+    return f"{ALIAS_TAG_PREFIX}{alias}.history"
+
+
+def _parse_history(text: str | None) -> list[str]:
+    return [v for v in (text or "").split(",") if v]
+
+
+def _version_ref(text: str) -> tuple[str | None, str | None]:
+    """``"3"`` -> (version, None); ``"@staging"`` or ``"staging"`` -> (None, alias)."""
+    text = str(text).strip()
+    if text.isdigit():
+        return text, None
+    return None, text.lstrip("@")
+
+
+class ModelRegistry:
+    """The project's MLflow model registry, with alias moves serialised by a file lock."""
+
+    def __init__(self, project_dir: Path | str, tracking_uri: str | None = None, *, lock_timeout: float = 120.0) -> None:
+        self.project_dir = Path(project_dir).resolve()
+        self.uri = tracking_uri or TrackingTarget.for_project(self.project_dir, "lightclip").uri
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.state_dir = state_dir(self.uri, self.project_dir)
+        self.audit_path = self.state_dir / AUDIT_FILE
+        self.lock_path = self.state_dir / LOCK_FILE
+        self.lock_timeout = lock_timeout
+        self._lock_guard = threading.RLock()
+        self._lock_depth = 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.client.get_registered_model(name)
+            return True
+        except MlflowException:
+            return False
+
+    def model(self, name: str) -> RegisteredModel:
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException:
+            known = [m.name for m in self.client.search_registered_models()]
+            raise RegistryError(f"no registered model {name!r} in {self.uri} (registered: {', '.join(known) or 'none'}; run `lightclip register`)") from None
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def aliases(self, name: str) -> dict[str, str]:
+        return {alias: str(version) for alias, version in (self.model(name).aliases or {}).items()}
+
+    def holder(self, name: str, alias: str) -> ModelVersion | None:
+        """The version at ``@alias``, or None when the alias is not set."""
+        version = self.aliases(name).get(alias)
+        return self.client.get_model_version(name, version) if version is not None else None
+
+    def version(self, name: str, ref: str) -> ModelVersion:
+        """A version by number (``3``) or alias (``@staging``); errors name what exists."""
+        number, alias = _version_ref(ref)
+        if alias is not None:
+            aliases = self.aliases(name)
+            if alias not in aliases:
+                listed = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+                raise RegistryError(f"{name}: alias @{alias} is not set (aliases: {listed})")
+            number = aliases[alias]
+        self.model(name)
+        try:
+            return self.client.get_model_version(name, str(number))
+        except MlflowException:
+            have = ", ".join(str(v.version) for v in self.versions(name)) or "none"
+            raise RegistryError(f"{name}: no version {number} (versions: {have})") from None
+
+    def find_by_weights(self, name: str, sha256: str) -> ModelVersion | None:
+        if not self.exists(name):
+            return None
+        for version in self.versions(name):
+            if version.tags.get(TAG_WEIGHTS) == sha256:
+                return version
+        return None
+
+    def history(self, name: str, alias: str) -> list[str]:
+        return _parse_history(self.model(name).tags.get(history_tag(alias)))
+
+    def audit(self) -> list[dict[str, Any]]:
+        """Every alias move recorded in the audit log, oldest first."""
+        if not self.audit_path.is_file():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def ensure_model(self, name: str, description: str) -> None:
+        if self.exists(name):
+            if self.client.get_registered_model(name).description != description:
+                self.client.update_registered_model(name, description=description)
+            return
+        try:
+            self.client.create_registered_model(name, description=description)
+        except MlflowException:  # created meanwhile by another process
+            if not self.exists(name):
+                raise
+
+    def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any], current: Mapping[str, str] | None = None) -> None:
+        """Set tags one by one (the registry has no batch call), skipping those ``current`` already has."""
+        for key, value in tags.items():
+            if current is None or current.get(key) != str(value):
+                self.client.set_model_version_tag(name, str(version), key, str(value))
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the registry lock: alias moves (read holder, check, move, log) happen inside it.
+
+        Re-entrant within one thread, so a caller can hold it around several :meth:`check` calls
+        and a :meth:`promote` that must all see the same alias holders.
+        """
+        with self._lock_guard:  # other threads of this process wait here; this thread re-enters
+            outermost = self._lock_depth == 0
+            with file_lock(self.lock_path, timeout=self.lock_timeout) if outermost else nullcontext():
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+
+    def check(self, name: str, version: str, *, to: str, config: PromoteConfig, at: str | None = None) -> GateResult:
+        """Gate ``version`` for ``@to`` against the alias's current holder; tag the verdict on it.
+
+        The evidence is what is recorded on both versions. Checked under the lock; hold
+        :meth:`locked` around a check and the move that relies on it.
+        """
+        with self.locked():
+            candidate = self.version(name, str(version))
+            current = self.holder(name, to)
+            incumbent = Evidence.from_tags(current.version, current.tags) if current is not None else None
+            result = gate(Evidence.from_tags(candidate.version, candidate.tags), incumbent, config, alias=to)
+            self.set_version_tags(name, candidate.version, result.tags(at=at or now_utc()), current=candidate.tags)
+        return result
+
+    def promote(self, name: str, *, to: str, config: PromoteConfig, version: str | None = None, source: str = "staging",
+                reason: str = "", action: str = "promote") -> tuple[AliasMove | None, GateResult, ModelVersion]:
+        """Move ``@to`` to ``version`` (default: the holder of ``@source``) if it passes the gate.
+
+        The gate is re-checked inside the lock against the current holder of ``@to``, with the
+        evidence recorded on the versions; its verdict is tagged on the candidate either way.
+        ``action`` names the move in the audit log (``promote``; the register stage: ``register``).
+        Returns (the move or None when it failed or was already there, the gate, the candidate).
+        """
+        self.model(name)
+        if version is None and source == to:
+            raise RegistryError(f"promote: the source alias and the target are both @{to}; pass --version or another source")
+        with self.locked():
+            if version is None:
+                holder = self.holder(name, source)
+                if holder is None:
+                    raise RegistryError(f"nothing to promote: {name} has no version at @{source} (run `lightclip register`, or pass --version)")
+                version = str(holder.version)
+            candidate = self.version(name, str(version))
+            result = self.check(name, candidate.version, to=to, config=config)
+            if not result.passed or self.aliases(name).get(to) == str(candidate.version):
+                return None, result, candidate
+            why = reason or f"gate passed for @{to}"
+            move = self._move(name, to, str(candidate.version), action=action, reason=why, gate_verdict=result.verdict)
+        return move, result, candidate
+
+    def rollback(self, name: str, alias: str, *, reason: str = "") -> AliasMove:
+        """Move ``@alias`` back to its previous holder (the alias history is a stack)."""
+        self.model(name)
+        with self.locked():
+            current = self.aliases(name).get(alias)
+            if current is None:
+                listed = ", ".join(f"@{a}" for a in sorted(self.aliases(name))) or "none"
+                raise RegistryError(f"{name}: alias @{alias} is not set, nothing to roll back (aliases: {listed})")
+            history = self.history(name, alias)
+            while history and history[-1] == current:
+                history.pop()
+            if not history:
+                raise RegistryError(f"{name}: @{alias} (v{current}) has no previous holder recorded; nothing to roll back to")
+            target = history[-1]
+            self.version(name, target)
+            return self._move(name, alias, target, action="rollback", reason=reason or f"rollback of v{current}", history=history)
+
+    def _move(self, name: str, alias: str, version: str, *, action: str, reason: str, gate_verdict: str | None = None,
+              history: list[str] | None = None) -> AliasMove:
+        """Move ``@alias`` to ``version``: alias, history, both versions' tags, audit line. Under the lock."""
+        with self.locked():
+            current = self.aliases(name).get(alias)
+            move = AliasMove(model=name, alias=alias, from_version=current, to_version=str(version), action=action, reason=reason,
+                             actor=actor(), at=now_utc(), gate=gate_verdict)
+            self.client.set_registered_model_alias(name, alias, str(version))
+            if history is None:
+                history = self.history(name, alias)
+                if current is not None and (not history or history[-1] != current):
+                    history.append(current)  # set outside lightclip (e.g. in the UI): still a holder to roll back to
+                if not history or history[-1] != str(version):
+                    history.append(str(version))
+            history = history[-HISTORY_LIMIT:]
+            self.client.set_registered_model_tag(name, history_tag(alias), ",".join(history))
+            prefix = f"{ALIAS_TAG_PREFIX}{alias}."
+            self.set_version_tags(name, str(version), {f"{prefix}moved_at": move.at, f"{prefix}moved_by": move.actor,
+                                                       f"{prefix}moved_from": current or "none", f"{prefix}action": action,
+                                                       f"{prefix}reason": reason})
+            if current is not None and current != str(version):
+                self.set_version_tags(name, current, {f"{prefix}replaced_at": move.at,
+                                                      f"{prefix}replaced_by": f"v{version} ({action} by {move.actor})"})
+            self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.audit_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(move.record(), sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        return move

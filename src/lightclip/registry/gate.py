@@ -1,0 +1,137 @@
+"""The promotion gate: a pure function from recorded evidence and the ``promote`` params to
+named checks with reasons.
+
+The gate reads only what is recorded on a version (its tags), so a promotion days later re-checks
+exactly the evidence the register stage wrote. A check that does not apply is ``skipped``
+(``passed is None``) and does not block, which is distinct from ``fail``. One
+:class:`GateResult` renders both the version tags and the model card's gate section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from lightclip.config import PromoteConfig
+from lightclip.tracking import TAG_PREFIX
+
+# The evidence the gate reads, as version tags (all under the lightclip. prefix).
+TAG_MEAN_RECALL = f"{TAG_PREFIX}mean_recall"  # the gate's metric, on the split named by the split tag
+TAG_TEACHER_RECALL = f"{TAG_PREFIX}teacher_mean_recall"
+TAG_ENCODE_MS = f"{TAG_PREFIX}speed.encode_ms_p50"
+TAG_TEST_SET = f"{TAG_PREFIX}test_set"
+GATE_TAG_PREFIX = f"{TAG_PREFIX}gate."
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the gate reads about one version (recorded as its tags, so a promotion re-checks it)."""
+
+    version: str | None
+    mean_recall: float | None
+    teacher_mean_recall: float | None
+    encode_ms: float | None
+    test_set: str | None
+
+    @classmethod
+    def from_tags(cls, version: str, tags: Mapping[str, str]) -> "Evidence":
+        def number(key: str) -> float | None:
+            try:
+                return float(tags[key])
+            except (KeyError, ValueError):
+                return None
+
+        return cls(version=str(version), mean_recall=number(TAG_MEAN_RECALL), teacher_mean_recall=number(TAG_TEACHER_RECALL),
+                   encode_ms=number(TAG_ENCODE_MS), test_set=tags.get(TAG_TEST_SET))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule of the gate: ``passed`` is None when it did not apply (and does not block)."""
+
+    name: str
+    passed: bool | None
+    reason: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "pass", False: "fail", None: "skipped"}[self.passed]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    alias: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{c.name}: {c.verdict}: {c.reason}" for c in self.checks]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.reason}" for c in self.checks if c.passed is False]
+
+    def tags(self, *, at: str) -> dict[str, str]:
+        """The verdict and every reason as version tags, under ``lightclip.gate.<alias>``."""
+        prefix = gate_tag(self.alias)
+        tags = {prefix: self.verdict, f"{prefix}.checked_at": at, f"{prefix}.reasons": "; ".join(self.failures) or "all checks passed"}
+        tags.update({f"{prefix}.{c.name}": f"{c.verdict}: {c.reason}" for c in self.checks})
+        return tags
+
+    def markdown(self) -> str:
+        """The gate's section of the model card."""
+        return "\n".join([f"## Promotion gate (@{self.alias}): {self.verdict}"] + [f"- {r}" for r in self.reasons]) + "\n"
+
+
+def gate_tag(alias: str) -> str:
+    """The tag holding a version's gate verdict for ``@alias`` (its reasons are ``<tag>.<check>``)."""
+    return f"{GATE_TAG_PREFIX}{alias}"
+
+
+def gate(candidate: Evidence, incumbent: Evidence | None, config: PromoteConfig, alias: str = "staging") -> GateResult:
+    """Does ``candidate`` deserve ``@alias``, now held by ``incumbent`` (None: nobody)?"""
+    checks: list[Check] = []
+    recall, teacher = candidate.mean_recall, candidate.teacher_mean_recall
+    if recall is None:
+        checks.append(Check("teacher_fraction", False, f"no test mean recall recorded (tag {TAG_MEAN_RECALL})"))
+    elif teacher is None:
+        checks.append(Check("teacher_fraction", False, f"no teacher mean recall recorded (tag {TAG_TEACHER_RECALL})"))
+    else:
+        bound = config.min_teacher_fraction * teacher
+        ratio = recall / teacher if teacher else float("inf")
+        sign = ">=" if recall >= bound else "<"
+        checks.append(Check("teacher_fraction", recall >= bound,
+                            f"test mean recall {recall:.2f} {sign} {config.min_teacher_fraction:g} x teacher's {teacher:.2f} = {bound:.2f} "
+                            f"(it is {ratio:.1%} of the teacher)"))
+    if candidate.encode_ms is None:
+        checks.append(Check("latency", False, f"no encode latency recorded (tag {TAG_ENCODE_MS})"))
+    else:
+        ok = candidate.encode_ms <= config.max_encode_ms
+        checks.append(Check("latency", ok, f"encode p50 {candidate.encode_ms:.2f} ms {'<=' if ok else '>'} {config.max_encode_ms:g} ms"))
+    if incumbent is None or incumbent.version is None:
+        checks.append(Check("regression", True, f"no version at @{alias} yet"))
+    elif incumbent.version == candidate.version:
+        checks.append(Check("regression", True, f"it is the version at @{alias}"))
+    elif incumbent.test_set != candidate.test_set or incumbent.test_set is None:
+        why = f"@{alias} v{incumbent.version} was evaluated on test set {incumbent.test_set}, this one on {candidate.test_set}"
+        if config.require_same_test_set:
+            checks.append(Check("regression", False, f"not comparable: {why} (promote.require_same_test_set)"))
+        else:
+            checks.append(Check("regression", None, f"not comparable: {why}"))
+    elif recall is None or incumbent.mean_recall is None:
+        checks.append(Check("regression", False, f"no test mean recall recorded on v{candidate.version} or @{alias} v{incumbent.version}"))
+    else:
+        bound = incumbent.mean_recall - config.max_regression
+        ok = recall >= bound
+        checks.append(Check("regression", ok,
+                            f"test mean recall {recall:.2f} {'>=' if ok else '<'} @{alias} v{incumbent.version}'s "
+                            f"{incumbent.mean_recall:.2f} - {config.max_regression:g} = {bound:.2f}"))
+    return GateResult(alias=alias, checks=tuple(checks))

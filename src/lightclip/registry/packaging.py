@@ -1,0 +1,321 @@
+"""What goes into a registered version: the logged pyfunc, its tags, its model card, the evidence.
+
+A version is an MLflow "models from code" pyfunc: ``lightclip/serving.py`` as the code file, the
+model's weights and ``model.json`` as an artifact, the ``lightclip`` package as ``code_paths``,
+explicit pip requirements, a signature and an input example; no pickles. Beside it: lineage and
+metric tags (what the gate and ``lightclip registry`` read), a Markdown model card as its
+description, and the measurements the gate needs (encode latency, test-set fingerprint).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, Schema, TensorSpec
+from PIL import Image, ImageDraw
+
+import lightclip
+from lightclip import serving
+from lightclip.bench import SAMPLE_TITLE, p50_p95_ms, time_calls
+from lightclip.config import Params
+from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.io import torch_threads
+from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_model, load_tokenizer, preprocess_config
+from lightclip.registry.aliases import TAG_WEIGHTS, RegistryError
+from lightclip.registry.gate import TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET
+from lightclip.serving import IMAGE_COLUMN, MODEL_ARTIFACT, TEXT_COLUMN
+from lightclip.tracking import TAG_PREFIX, mlflow_metric_name
+
+# Version tags (all under the lightclip. prefix, so they sort together in the UI); the gate's
+# evidence tags live in lightclip.registry.gate, the weights tag in lightclip.registry.aliases.
+TAG_ROLE = f"{TAG_PREFIX}role"  # teacher | student
+TAG_CANDIDATE = f"{TAG_PREFIX}candidate"  # the model's name in evaluate.models
+TAG_MODEL_DIR = f"{TAG_PREFIX}model_dir"
+TAG_PARAMS_HASH = f"{TAG_PREFIX}params_hash"
+TAG_TEACHER_VERSION = f"{TAG_PREFIX}teacher_version"
+TAG_SPLIT = f"{TAG_PREFIX}split"
+TAG_REGISTERED_AT = f"{TAG_PREFIX}registered_at"
+TAG_REGISTERED_BY = f"{TAG_PREFIX}registered_by"
+EVAL_TAG_PREFIX = f"{TAG_PREFIX}eval."
+SPEED_TAG_PREFIX = f"{TAG_PREFIX}speed."
+
+PIP_PACKAGES: tuple[str, ...] = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "pandas",
+                                 "pyarrow", "pydantic", "pyyaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# The evidence the gate reads
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_encode_latency(model_dir: Path, *, runs: int, warmup: int, threads: int | None) -> dict[str, float]:
+    """Batch-1 latency of one image + one title (tokenisation included): p50/p95 in ms.
+
+    The gate reads ``encode_ms_p50``. Timed here, on the weights being registered, with the
+    helpers of ``lightclip bench``; one thread by default, because on a busy machine OpenMP
+    threads waiting for a core make batch-1 timings meaningless.
+    """
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    size = int(preprocess_config(model)["size"])
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def encode() -> None:
+        model.encode_image(image, normalize=True)
+        encode_text(model, tokenizer([SAMPLE_TITLE]), normalize=True)
+
+    with torch_threads(threads) as used, torch.no_grad():
+        samples = time_calls(encode, warmup=warmup, runs=runs)
+    p50, p95 = p50_p95_ms(samples)
+    return {"encode_ms_p50": p50, "encode_ms_p95": p95, "runs": float(runs), "threads": float(used)}
+
+
+def test_set_fingerprint(catalogue_dir: Path, split: str) -> tuple[str, int]:
+    """A short hash of the evaluated split (ids, titles, image bytes) and its size.
+
+    Two versions are compared by the gate only when they were evaluated on the same fingerprint.
+    """
+    catalogue = Catalogue.load(catalogue_dir)
+    items = catalogue.split(split)
+    if len(items) == 0:
+        raise RegistryError(f"{catalogue.table_path}: split {split!r} has no items (evaluate.split)")
+    digest = hashlib.sha256(f"lightclip-test-set/1:{split}\n".encode())
+    for item_id, title, image in zip(items["id"], items["title"], items["image"]):
+        digest.update(f"{item_id}\t{title}\t{file_sha256(catalogue.image_path(image))}\n".encode())
+    return digest.hexdigest()[:16], len(items)
+
+
+def params_hash(params: Params) -> str:
+    """sha256 (16 hex) of the whole validated params file, canonical JSON."""
+    text = json.dumps(params.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The logged model
+# ----------------------------------------------------------------------------------------------
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc imports, pinned to the versions installed here (inferring them costs seconds)."""
+    out = []
+    for package in PIP_PACKAGES:
+        try:
+            out.append(f"{package}=={installed_version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def signature(embed_dim: int) -> ModelSignature:
+    """Input: ``text`` (titles) and/or ``image`` (base64 image files), one per row; output: embeddings."""
+    inputs = Schema([ColSpec("string", TEXT_COLUMN, required=False), ColSpec("string", IMAGE_COLUMN, required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, int(embed_dim)))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(image_size: int) -> pd.DataFrame:
+    """Two titles and one image (a base64 PNG): the shape of a mixed request."""
+    image = Image.new("RGB", (image_size, image_size), (176, 32, 48))
+    ImageDraw.Draw(image).rectangle([image_size // 4, image_size // 4, 3 * image_size // 4, 3 * image_size // 4], fill=(240, 220, 200))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return pd.DataFrame({TEXT_COLUMN: ["Harbor Lane Women Red Floral Midi Dress", "Maple Row Men Navy Blue Check Shirt", None],
+                         IMAGE_COLUMN: [None, None, encoded]})
+
+
+@contextmanager
+def package_source() -> Iterator[Path]:
+    """A clean copy of the ``lightclip`` package source (no caches) to ship as ``code_paths``."""
+    source = Path(lightclip.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="lightclip-code-") as tmp:
+        target = Path(tmp) / "lightclip"
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        yield target
+
+
+@contextmanager
+def model_files(model_dir: Path) -> Iterator[Path]:
+    """The files that make the model (weights + ``model.json``) in a directory named ``model``.
+
+    Training by-products beside them (history, prototypes) are not shipped; the stable name
+    gives every logged model the same layout (``artifacts/model/``).
+    """
+    with tempfile.TemporaryDirectory(prefix="lightclip-model-") as tmp:
+        target = Path(tmp) / "model"
+        target.mkdir()
+        for name in (WEIGHTS_FILE, INFO_FILE):
+            shutil.copy2(Path(model_dir) / name, target / name)
+        yield target
+
+
+def active_run_id() -> str | None:
+    """The MLflow run models are logged in now (the stage's run), if one is open."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def log_pyfunc(model_dir: Path, *, artifact_name: str, embed_dim: int, image_size: int) -> ModelInfo:
+    """Log one saved model as a models-from-code pyfunc in the active run; returns MLflow's ModelInfo."""
+    with package_source() as code, model_files(model_dir) as files:
+        return mlflow.pyfunc.log_model(
+            name=artifact_name,
+            python_model=str(Path(serving.__file__).resolve()),
+            artifacts={MODEL_ARTIFACT: str(files)},
+            code_paths=[str(code)],
+            signature=signature(embed_dim),
+            input_example=input_example(image_size),
+            pip_requirements=pip_requirements(),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tags and model card
+# ----------------------------------------------------------------------------------------------
+
+
+def version_tags(
+    *,
+    name: str,
+    role: str,
+    arch: Any,
+    model_dir: str,
+    metrics: Mapping[str, float],
+    split: str,
+    speed: Mapping[str, float],
+    lineage: Mapping[str, str],
+    teacher: Mapping[str, Any] | None,
+    run_id: str | None,
+    registered_at: str,
+    registered_by: str,
+) -> dict[str, str]:
+    """Every tag of a version: identity, lineage, the gate's evidence, all eval and speed metrics."""
+    tags: dict[str, str] = {
+        TAG_ROLE: role,
+        TAG_CANDIDATE: name,
+        TAG_MODEL_DIR: model_dir,
+        TAG_WEIGHTS: lineage["weights_sha256"],
+        f"{TAG_PREFIX}arch": str(arch),
+        f"{TAG_PREFIX}git_commit": lineage.get("git_commit", "unknown"),
+        f"{TAG_PREFIX}git_dirty": lineage.get("git_dirty", "unknown"),
+        f"{TAG_PREFIX}data_hash": lineage.get("data_hash", "untracked"),
+        TAG_PARAMS_HASH: lineage.get("params_hash", ""),
+        TAG_TEST_SET: lineage.get("test_set", ""),
+        TAG_SPLIT: split,
+        TAG_MEAN_RECALL: f"{float(metrics[f'{split}/mean_recall']):.6f}",
+        TAG_REGISTERED_AT: registered_at,
+        TAG_REGISTERED_BY: registered_by,
+    }
+    if run_id:
+        tags[f"{TAG_PREFIX}register_run_id"] = run_id
+    tags.update({f"{EVAL_TAG_PREFIX}{mlflow_metric_name(k)}": f"{v:.6g}" for k, v in metrics.items()})
+    tags.update({f"{SPEED_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in speed.items()})
+    if teacher:
+        tags[TAG_TEACHER_VERSION] = str(teacher["ref"])
+        tags[TAG_TEACHER_RECALL] = f"{float(teacher['mean_recall']):.6f}"
+    return tags
+
+
+def _describe_value(value: Any) -> str:
+    """``model.json`` extras in words: a list of dicts (the distillation edges) as ``a/b x1.0, ...``."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        def one(entry: dict) -> str:
+            weight = entry.get("weight")
+            text = "/".join(str(x) for k, x in entry.items() if x is not None and k != "weight")
+            return text + (f" x{weight:g}" if isinstance(weight, (int, float)) else "")
+
+        return ", ".join(one(v) for v in value)
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def model_card(
+    *,
+    name: str,
+    role: str,
+    info: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    split: str,
+    speed: Mapping[str, float],
+    lineage: Mapping[str, str],
+    teacher: Mapping[str, Any] | None,
+    file_mb: float,
+    embed_dim: int,
+) -> str:
+    """The version description (Markdown): what it is, how it was made, how good, how fast, limits."""
+    params = info.get("parameters") or {}
+    extra = info.get("extra") or {}
+    image = info.get("image") or {}
+    tokenizer = info.get("tokenizer") or {}
+    method = "; ".join(f"{k}: {_describe_value(v)}" for k, v in extra.items() if k != "teacher_sha256") or "not recorded"
+    p = f"{split}/"
+    lines = [
+        f"# lightclip {role} `{name}` ({info.get('arch', '?')})",
+        "",
+        f"Text-image retrieval embedder for a product catalogue: titles and images map to one {embed_dim}-d space (cosine similarity).",
+        "",
+        "## Lineage",
+        f"- method: {method}",
+    ]
+    if teacher:
+        ratio = metrics.get(f"{p}mean_recall", 0.0) / teacher["mean_recall"] if teacher.get("mean_recall") else float("nan")
+        lines.append(f"- teacher: `{teacher['ref']}` (test mean recall {_fmt(teacher.get('mean_recall'))}; this student reaches {ratio:.1%} of it)")
+    lines += [
+        f"- data: DVC hash `{lineage.get('data_hash')}` (data.dvc); {split} set `{lineage.get('test_set')}` ({int(metrics.get(f'{p}n_items', 0))} items)",
+        f"- code: git `{lineage.get('git_commit')}` (dirty: {lineage.get('git_dirty')}); params hash `{lineage.get('params_hash')}`",
+        f"- weights: sha256 `{lineage.get('weights_sha256')}`, {file_mb:.1f} MiB; {params.get('total', 0) / 1e6:.2f}M parameters "
+        f"({params.get('non_embedding', 0) / 1e6:.2f}M non-embedding)",
+        "",
+        f"## Metrics ({split} split, percent)",
+        "| metric | value |",
+        "|---|---|",
+        f"| mean recall (i2t and t2i R@1/5/10) | {_fmt(metrics.get(f'{p}mean_recall'))} |",
+    ]
+    for direction in ("i2t", "t2i"):
+        values = [metrics.get(f"{p}{direction}_R@{k}") for k in (1, 5, 10)]
+        if all(v is not None for v in values):
+            lines.append(f"| {direction} R@1 / R@5 / R@10 | {' / '.join(_fmt(v, 1) for v in values)} |")
+    for key in sorted(metrics):
+        if key.startswith(f"{p}t2i_P@"):
+            lines.append(f"| {key[len(p):]} | {_fmt(metrics[key], 1)} |")
+    lines += [
+        "",
+        "## Speed (the registering machine)",
+        f"- encode one image + one title (batch 1, tokenisation included, {int(speed.get('threads', 1))} thread(s)): "
+        f"p50 {speed.get('encode_ms_p50', float('nan')):.2f} ms, p95 {speed.get('encode_ms_p95', float('nan')):.2f} ms over {int(speed.get('runs', 0))} runs",
+        "",
+        "## Use",
+        "`mlflow.pyfunc.load_model(\"models:/<name>@staging\").predict(df)`: `df` has a `text` column (titles) and/or an `image` "
+        "column (base64-encoded image files, or bytes in-process), one of the two per row; the result is a float32 array, one "
+        "L2-normalised embedding per row.",
+        "",
+        "## Limits",
+        f"- images are resized to {image.get('size', '?')} px (shortest side, centre crop): fine detail below that is invisible to the model",
+        f"- titles are cut at {tokenizer.get('context_length', '?')} tokens ({tokenizer.get('name', tokenizer.get('type', '?'))} tokenizer, English)",
+        f"- metrics hold for this catalogue's {split} split only (same distribution as training); other catalogues need their own evaluation",
+        "- latency was measured on the machine that registered the model; it is a relative number, not a serving SLA",
+        "- no evaluation of robustness, fairness or adversarial inputs",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,181 @@
+"""The alias store: promote and rollback with an audit trail, the gate re-checked under the lock,
+concurrent promotions serialised, clear errors. Versions here carry only the tags the gate reads
+(no logged model): the store never looks further."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lightclip.cli import main
+from lightclip.config import PromoteConfig
+from lightclip.errors import LightclipError
+from lightclip.registry.aliases import ModelRegistry, RegistryError, file_lock
+
+STUDENT = "lightclip-student"  # register.model_name in params.yaml
+
+
+def test_promote_to_production_and_rollback_with_audit_trail(project, capsys: pytest.CaptureFixture[str]):
+    reg = project.registry()
+    assert project.fake_version(57.0, "ts") == "1"
+    move, result, candidate = reg.promote(STUDENT, to="staging", version="1", config=PromoteConfig(), reason="first candidate")
+    assert result.passed and str(candidate.version) == "1" and (move.from_version, move.to_version) == (None, "1")
+    assert main(["registry", "promote", "--to", "production", "--reason", "first release"]) == 0
+    assert "@production: none -> v1" in capsys.readouterr().out
+    assert project.fake_version(56.8, "ts") == "2"  # within 1 point of v1
+    assert main(["registry", "promote", "--to", "staging", "--version", "2"]) == 0
+    assert reg.aliases(STUDENT) == {"staging": "2", "production": "1"}
+    assert main(["registry", "promote", "--to", "production"]) == 0  # v2 to production
+    assert main(["registry", "rollback", "--alias", "production", "--reason", "complaints"]) == 0
+    assert main(["registry", "rollback", "--alias", "staging"]) == 0
+    assert reg.aliases(STUDENT) == {"staging": "1", "production": "1"}
+    capsys.readouterr()
+
+    # A candidate that fails the gate is refused and nothing moves.
+    assert project.fake_version(40.0, "ts") == "3"  # far below the teacher
+    assert main(["registry", "promote", "--to", "production", "--version", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "fails the gate for @production (nothing moved): teacher_fraction" in err
+    assert reg.version(STUDENT, "3").tags["lightclip.gate.production"] == "fail"
+    assert reg.aliases(STUDENT) == {"staging": "1", "production": "1"}
+
+    records = reg.audit()
+    assert [(r["action"], r["alias"], r["from"], r["to"]) for r in records] == [
+        ("promote", "staging", None, "1"),
+        ("promote", "production", None, "1"),
+        ("promote", "staging", "1", "2"),
+        ("promote", "production", "1", "2"),
+        ("rollback", "production", "2", "1"),
+        ("rollback", "staging", "2", "1"),
+    ]
+    assert all(r["actor"] == "tester@ci" and r["at"] and r["reason"] for r in records)
+    assert records[1]["reason"] == "first release" and records[4]["reason"] == "complaints"
+    assert [r["gate"] for r in records] == ["pass"] * 4 + [None] * 2
+    v1, v2 = reg.version(STUDENT, "1").tags, reg.version(STUDENT, "2").tags
+    assert v1["lightclip.alias.production.action"] == "rollback" and v1["lightclip.alias.production.reason"] == "complaints"
+    assert v2["lightclip.alias.production.replaced_by"].startswith("v1 (rollback by tester@ci")
+    assert reg.model(STUDENT).tags["lightclip.alias.production.history"] == "1"
+
+    # Nothing left to roll back to; unknown aliases and versions are named.
+    assert main(["registry", "rollback", "--alias", "production"]) == 1
+    assert "no previous holder recorded" in capsys.readouterr().err
+    assert main(["registry", "rollback", "--alias", "canary"]) == 1
+    assert "alias @canary is not set" in capsys.readouterr().err
+    assert main(["registry", "show", "@canary"]) == 1
+    assert "alias @canary is not set (aliases: @production (v1), @staging (v1))" in capsys.readouterr().err
+    assert main(["registry", "show", "9"]) == 1
+    assert "no version 9 (versions: 1, 2, 3)" in capsys.readouterr().err
+
+    # An alias moved outside lightclip (the UI) is still a holder that rollback can return to.
+    reg.client.set_registered_model_alias(STUDENT, "production", "2")
+    assert main(["registry", "promote", "--to", "production", "--version", "1"]) == 0
+    assert main(["registry", "rollback", "--alias", "production"]) == 0
+    assert reg.aliases(STUDENT)["production"] == "2" and reg.history(STUDENT, "production") == ["1", "2"]
+
+
+def test_promote_errors_name_what_exists(project, capsys: pytest.CaptureFixture[str]):
+    def fails(*args: str) -> str:
+        assert main(list(args)) == 1
+        return capsys.readouterr().err
+
+    assert "no registered model 'lightclip-student'" in fails("registry", "promote", "--to", "production")
+    project.fake_version(57.0)  # registered, but nothing at @staging
+    assert "nothing to promote: lightclip-student has no version at @staging" in fails("registry", "promote", "--to", "production")
+    assert "no registered model 'nope'" in fails("registry", "list", "--name", "nope")
+    with pytest.raises(RegistryError, match="the source alias and the target are both @staging"):
+        project.registry().promote(STUDENT, to="staging", config=PromoteConfig())
+
+
+def test_check_tags_the_verdict_and_moves_nothing(project):
+    reg = project.registry()
+    good, bad = project.fake_version(57.0), project.fake_version(40.0)
+    passed = reg.check(STUDENT, good, to="staging", config=PromoteConfig(), at="2030-01-01T00:00:00.000+00:00")
+    failed = reg.check(STUDENT, bad, to="staging", config=PromoteConfig())
+    assert passed.passed and [c.name for c in failed.checks if c.passed is False] == ["teacher_fraction"]
+    assert reg.version(STUDENT, good).tags["lightclip.gate.staging.checked_at"] == "2030-01-01T00:00:00.000+00:00"
+    assert reg.version(STUDENT, bad).tags["lightclip.gate.staging"] == "fail"
+    assert reg.aliases(STUDENT) == {} and reg.audit() == []
+
+
+def test_the_lock_is_reentrant_for_its_holder_and_excludes_everyone_else(project):
+    reg = project.registry()
+    version = project.fake_version(57.0)
+    other = ModelRegistry(project.root, lock_timeout=0.2)
+    entered: list[float] = []
+
+    def same_object_other_thread() -> None:
+        with reg.locked():
+            entered.append(time.monotonic())
+
+    with reg.locked():
+        # The holder checks and promotes under one hold (what the register stage does).
+        result = reg.check(STUDENT, version, to="staging", config=PromoteConfig())
+        move, again, _ = reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig(), action="register", reason="stage")
+        assert result.passed and again.checks == result.checks and move.action == "register"
+        # Another registry object (another process, or another user) waits for the lock.
+        with pytest.raises(RegistryError, match=r"registry lock is still held after 0s \(by pid \d+"):
+            other.promote(STUDENT, to="production", version=version, config=PromoteConfig())
+        # Another thread using the same object waits too.
+        thread = threading.Thread(target=same_object_other_thread)
+        thread.start()
+        time.sleep(0.2)
+        assert entered == []
+        released = time.monotonic()
+    thread.join(timeout=10)
+    assert len(entered) == 1 and entered[0] >= released
+    assert reg.aliases(STUDENT) == {"staging": version} and [r["action"] for r in reg.audit()] == ["register"]
+
+
+def _promote_worker(uri: str, project: str, version: str, rounds: int, barrier) -> None:
+    """One process promoting ``version`` to production ``rounds`` times, with a slow alias write."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["LIGHTCLIP_ACTOR"] = f"worker-v{version}"
+    reg = ModelRegistry(project)
+    write_alias = reg.client.set_registered_model_alias
+
+    def slow_alias(*args, **kwargs):  # widen the read-then-write window a lost update needs
+        time.sleep(0.05)
+        return write_alias(*args, **kwargs)
+
+    reg.client.set_registered_model_alias = slow_alias
+    barrier.wait()
+    for i in range(rounds):
+        reg.promote(STUDENT, to="production", version=version, config=PromoteConfig(), reason=f"round {i}")
+        time.sleep(0.01)
+
+
+def test_concurrent_promotions_keep_aliases_consistent_with_the_audit_log(project):
+    reg = project.registry()
+    assert [project.fake_version(57.0), project.fake_version(56.8)] == ["1", "2"]  # each passes the gate against the other
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_promote_worker, args=(project.uri, str(project.root), v, 3, barrier)) for v in ("1", "2")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+
+    moves = [r for r in reg.audit() if r["alias"] == "production"]
+    assert len(moves) >= 2 and {r["actor"] for r in moves} == {"worker-v1", "worker-v2"}
+    assert moves[0]["from"] is None
+    for before, after in zip(moves, moves[1:]):
+        assert after["from"] == before["to"], f"lost update: {before} then {after}"
+    assert reg.aliases(STUDENT)["production"] == moves[-1]["to"]
+    assert reg.history(STUDENT, "production") == [m["to"] for m in moves]
+
+
+def test_the_lock_times_out_with_a_clear_error(tmp_path: Path):
+    with file_lock(tmp_path / "registry.lock"):
+        with pytest.raises(RegistryError, match=r"registry lock is still held after 0s \(by pid \d+"):
+            with file_lock(tmp_path / "registry.lock", timeout=0.2):
+                pass
+
+
+def test_registry_error_is_a_lightclip_error_and_a_value_error():
+    assert issubclass(RegistryError, LightclipError) and issubclass(RegistryError, ValueError)
