@@ -10,22 +10,15 @@ import pandas as pd
 import pytest
 
 from lightclip.cli import build_parser, main
-from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
+from lightclip.tracking import default_tracking_uri
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project dir with a tiny params.yaml; the CLI runs from inside it."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    params = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
-    params = params.replace("n_items: 3000", "n_items: 60")
-    (root / "params.yaml").write_text(params)
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.chdir(root)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    return root
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, projects) -> Path:
+    """A project dir with the repository's params.yaml at 60 synthetic items; the CLI runs from inside it."""
+    params = projects.repo_params()
+    params["synth"]["n_items"] = 60
+    return projects.enter(projects.create(tmp_path / "proj", params), monkeypatch)
 
 
 def _runs(project: Path) -> pd.DataFrame:
@@ -111,13 +104,21 @@ def test_webdataset_export_import_roundtrip_from_cli(project: Path, tiny_catalog
 
 
 def test_ensemble_command_combines_saved_models(project: Path, capsys: pytest.CaptureFixture[str]):
-    from lightclip.models.zoo import ModelSpec, create_model, load_model, save_model
+    import torch
+
+    from lightclip.models.zoo import ModelSpec, create_model, encode_text, load_model, save_model, tokenizer
 
     for seed in (0, 1):
         model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=seed)
         save_model(model, "lc-test-tiny", project / f"m{seed}")
     assert main(["ensemble", "--member", "m0", "--member", "m1", "--out", "ens"]) == 0
-    assert type(load_model(project / "ens")).__name__ == "EnsembleCLIP"
+    ensemble = load_model(project / "ens")
+    assert type(ensemble).__name__ == "EnsembleCLIP"
+    # it embeds as its members do, in order: their unit embeddings side by side, over sqrt(2)
+    tokens = tokenizer("lc-test-tiny")(["red floral dress", "navy blue shirt"])
+    with torch.no_grad():
+        members = [encode_text(load_model(project / f"m{seed}"), tokens, normalize=True) for seed in (0, 1)]
+        torch.testing.assert_close(encode_text(ensemble, tokens, normalize=True), torch.cat(members, dim=-1) / 2**0.5)
     assert main(["ensemble", "--member", "m0", "--out", "ens2"]) == 1
     assert "at least 2 --member" in capsys.readouterr().err
     assert main(["ensemble", "--member", "m0", "--member", "nowhere", "--out", "ens2"]) == 1

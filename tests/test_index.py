@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from lightclip.config import IndexConfig, SplitConfig, SynthConfig
 from lightclip.data.catalogue import Catalogue
@@ -23,9 +22,6 @@ from lightclip.index import (
     recall_against,
     search_faiss,
 )
-from lightclip.tracking import PARENT_RUN_ENV
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -168,31 +164,17 @@ def test_search_by_text_and_image_and_long_queries(workspace: Path):
     assert len(searcher.text("shirt", k=500).hits) == 48  # k is capped at the catalogue size
 
 
-@pytest.fixture(scope="session")
-def shared_mlflow_uri(tmp_path_factory) -> str:
-    """One MLflow store for the CLI tests of this session (creating one costs seconds)."""
-    path = tmp_path_factory.getbasetemp() / "lightclip-shared-mlflow"
-    path.mkdir(exist_ok=True)
-    return f"sqlite:///{path}/mlflow.db"
-
-
 @pytest.fixture
-def project(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: str) -> Path:
-    root = tmp_path / "proj"
-    root.mkdir()
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+def project(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: str, projects) -> Path:
+    params = projects.repo_params()
     params["index"].update(eval_queries=10, threads=1)
     params["evaluate"]["num_threads"] = 1
     params["evaluate"]["models"] = {"teacher": "models/teacher"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "dvc.yaml").write_text("stages: {}\n")
+    root = projects.create(tmp_path / "proj", params)
     (root / "models").mkdir()
     (root / "models" / "teacher").symlink_to(workspace / "models" / "teacher")
     (root / "split").symlink_to(workspace / "split")
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_mlflow_uri)
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    return root
+    return projects.enter(root, monkeypatch, mlflow_uri=shared_mlflow_uri)
 
 
 def test_cli_index_evaluate_and_search(project: Path, workspace: Path, capsys: pytest.CaptureFixture[str]):

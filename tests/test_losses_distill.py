@@ -118,7 +118,7 @@ def test_gradients_reach_only_the_student_and_projections():
     assert set(out) == {"loss"} | {f"{e}/{loss}" for e, loss in VALID}  # every valid (edge, loss)
     out["loss"].backward()
     assert t_img.grad is None and t_txt.grad is None and teacher_param.grad is None
-    assert s_img.grad.abs().sum() > 0 and s_txt.grad.abs().sum() > 0 and scale.grad is not None
+    assert s_img.grad.abs().sum() > 0 and s_txt.grad.abs().sum() > 0 and scale.grad is not None and scale.grad != 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
     assert all(torch.isfinite(v) for v in out.values())
 
@@ -129,7 +129,7 @@ def test_sd_does_not_train_the_logit_scale():
     scale = torch.tensor(10.0, requires_grad=True)
     out = distillation_losses(s_img, s_txt, t_img, t_txt, [EdgeLoss(edge="intra_ss", loss="sd"), EdgeLoss(edge="intra_ts", loss="sd")], scale)
     out["loss"].backward()
-    assert scale.grad is None and s_img.grad is not None
+    assert scale.grad is None and s_img.grad is not None and s_img.grad.abs().sum() > 0 and s_txt.grad.abs().sum() > 0
 
 
 def test_widths_differ_without_projection_is_an_error():
