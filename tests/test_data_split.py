@@ -9,7 +9,8 @@ import pytest
 
 from lightclip.config import SplitConfig
 from lightclip.data.catalogue import Catalogue, CatalogueError
-from lightclip.data.split import assign_splits, group_items, run_split, split_counts
+from lightclip.data.split import SplitInputs, SplitOutputs, assign_splits, group_items, run_split, split_counts
+from lightclip.stage import StageContext
 
 
 def splits_of(cat: Catalogue) -> dict[str, str]:
@@ -110,7 +111,8 @@ def test_no_training_items_left_is_an_error(tiny_catalogue, val, test):
 
 def test_run_split_writes_catalogue_and_counts(grouped, tmp_path):
     cat, _ = grouped
-    metrics = run_split(cat.root, tmp_path / "split", tmp_path / "split.json", SplitConfig(seed=0, val=0.1, test=0.1))
+    outputs = SplitOutputs(catalogue=tmp_path / "split", metrics=tmp_path / "split.json")
+    metrics = run_split(SplitConfig(seed=0, val=0.1, test=0.1), SplitInputs(catalogue=cat.root), outputs, StageContext(project_dir=tmp_path, progress=False))
     out = Catalogue.load(tmp_path / "split")
     assert all(p.is_file() for p in out.image_paths())
     assert split_counts(out) == {k: metrics[k] for k in ("train", "val", "test")}

@@ -71,8 +71,11 @@ def test_build_writes_graph_links_prototypes_and_stats(split_synth: Catalogue, t
     assert set(links) == set(split_synth.items["id"])
     prototypes = json.loads((out / PROTOTYPES_FILE).read_text())
     train_ids = set(split_synth.split("train")["id"])
+    config = KGConfig(min_count=2)
+    assert json.loads((out / "prototype_selection.json").read_text()) == config.prototype_selection()
+    assert max(len(ids) for ids in prototypes.values()) == config.prototypes_per_concept
     for concept, ids in prototypes.items():
-        assert 1 <= len(ids) <= 4 and len(set(ids)) == len(ids)
+        assert 1 <= len(ids) <= config.prototypes_per_concept and len(set(ids)) == len(ids)
         assert set(ids) <= train_ids
         assert all(concept in links[i] for i in ids), concept  # prototypes show the concept
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from lightclip.data.catalogue import Catalogue
 from lightclip.data.split import assign_splits
 from lightclip.data.synth import generate_catalogue
 from lightclip.models.zoo import ModelSpec, create_model, encode_text, load_model, load_tokenizer, save_model
-from lightclip.teacher_cache import StaleTeacherEmbeddings, embed_with_teacher, load_teacher_embeddings, run_teacher_embed
+from lightclip.stage import StageContext
+from lightclip.teacher_cache import StaleTeacherEmbeddings, TeacherEmbedInputs, TeacherEmbedOutputs, embed_with_teacher, load_teacher_embeddings, run_teacher_embed
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +111,10 @@ def test_wrong_ids_and_wrong_count_are_refused(workspace: Path, cached: Path, tm
 def test_run_teacher_embed_writes_splits_and_teacher_metrics(workspace: Path, tmp_path: Path, saved_model_metrics):
     catalogue = Catalogue.load(workspace / "split")
     out = tmp_path / "teacher_emb"
-    metrics = run_teacher_embed(catalogue, workspace / "teacher", out, TeacherEmbedConfig(splits=["train", "test"], hflip=False, num_threads=1), cache_dir=workspace / "cache", progress=False)
+    config = TeacherEmbedConfig(splits=["train", "test"], hflip=False, num_threads=1)
+    outputs = TeacherEmbedOutputs(embeddings=out, metrics=tmp_path / "teacher_embed.json")
+    metrics = run_teacher_embed(config, TeacherEmbedInputs(catalogue=workspace / "split", teacher=workspace / "teacher"), outputs, StageContext(project_dir=tmp_path, progress=False))
+    assert json.loads(outputs.metrics.read_text()) == pytest.approx(metrics)
     assert sorted(p.name for p in out.iterdir()) == ["test.safetensors", "train.safetensors"]
     assert metrics["train_items"] == 48 and metrics["test_items"] == 8 and metrics["embed_dim"] == 32
     # the teacher's test metrics from the embeddings written are the trainers' metrics of the teacher

@@ -13,7 +13,10 @@ import pytest
 from conftest import make_image
 from lightclip.config import ValidateConfig
 from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, file_sha256
+from lightclip.stage import StageContext
 from lightclip.validation import (
+    ValidateInputs,
+    ValidateOutputs,
     QUARANTINE_FILE,
     ValidationFailed,
     inspect_images,
@@ -38,7 +41,8 @@ def config(**overrides) -> ValidateConfig:
 
 def run(cat: Catalogue, tmp_path: Path, **overrides):
     out = tmp_path / "validated"
-    return run_validation(cat.root, out, tmp_path / "report.md", tmp_path / "metrics.json", config(**overrides), progress=False)
+    outputs = ValidateOutputs(catalogue=out, report=tmp_path / "report.md", metrics=tmp_path / "metrics.json")
+    return run_validation(config(**overrides), ValidateInputs(catalogue=cat.root), outputs, StageContext(project_dir=tmp_path, progress=False))
 
 
 def edit(cat: Catalogue, change: Callable[[pd.DataFrame], None]) -> Catalogue:

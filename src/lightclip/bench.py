@@ -21,7 +21,7 @@ Per model (``bench.models``, default ``evaluate.models``):
 * ``eval_overhead/*``: the evaluate stage's own time (positives and every metric:
   ``evaluation.score_embeddings``) on a split of ``bench.gallery_size`` products rendered by the
   embedded default's generator vs the
-  stage's time to embed it (``evaluation.embed_pairs``: images from an image cache, titles
+  stage's time to embed it (``evaluation.embed_split``: images from an image cache, titles
   tokenised, at ``evaluate.batch_size``); the first must stay under 10% of the second, both
   the median of ``bench.eval_rounds`` embed-then-score rounds.
 
@@ -37,16 +37,29 @@ from __future__ import annotations
 
 import gc
 import math
+import multiprocessing
 import os
 import platform
+import random
+import resource
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
+from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
+from lightclip.io import torch_threads, write_json
+from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
+from lightclip.stage import StageContext
+
+# The serving-memory probe runs this module in a fresh process, so its module-level imports
+# count in the peak RSS it reports: those above are what serving a model loads anyway. The
+# evaluation, the index (FAISS), the image cache and the synthetic renderer each add 90-105 MiB
+# (pandas, pyarrow, FAISS) and are imported in the functions that use them.
 
 SAMPLE_TITLE = "Maple Row Men Pink & Teal Striped Slim Fit V-Neck Long Sleeve T-shirt"
 EVAL_OVERHEAD_LIMIT = 0.10
@@ -83,17 +96,11 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _serving_rss_probe(model_dir: str, batch_size: int) -> float:
     """In a fresh process: load the model, encode a batch of images and of titles; peak RSS in MiB."""
-    import torch
-
-    from lightclip.models.zoo import encode_text, load_model, load_tokenizer, preprocess_config
-
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
     size = int(preprocess_config(model)["size"])
     with torch.no_grad():
@@ -108,15 +115,12 @@ def serving_peak_rss_mb(model_dir: Path, batch_size: int) -> float:
     A fresh (spawned) process per model: in the bench's own process every model would carry
     what the ones before it left in the allocator, and the comparison would say nothing.
     """
-    import multiprocessing
-
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return float(pool.apply(_serving_rss_probe, (str(model_dir), batch_size)))
 
 
 def machine_info() -> dict[str, Any]:
-    import faiss
-    import torch
+    import faiss  # see the note at the imports
 
     cpu = platform.processor() or "unknown"
     try:
@@ -168,19 +172,19 @@ def clustered_vectors(n: int, dim: int, *, seed: int, n_clusters: int = 1024, sp
     return out
 
 
-def _index_config(base: "IndexConfig", kind: str) -> "IndexConfig":
+def _index_config(base: IndexConfig, kind: str) -> IndexConfig:
     return base.model_copy(update={"kind": kind})
 
 
 def bench_index_scaling(
     dim: int,
-    config: "BenchConfig",
-    index_config: "IndexConfig",
+    config: BenchConfig,
+    index_config: IndexConfig,
     *,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Build time, batch-1 query latency and recall@10 vs exact, per index kind and size."""
-    from lightclip.index import build_faiss_index, recall_against, search_faiss
+    from lightclip.index import build_faiss_index, recall_against, search_faiss  # see the note at the imports
 
     rows: list[dict[str, Any]] = []
     hnsw_prev: tuple[int, float] | None = None
@@ -234,9 +238,7 @@ def synthetic_gallery(n: int, image_size: int, *, seed: int = 0) -> tuple[Any, l
     articleType/baseColour attributes. Pixel noise would not do: a model maps noise images to
     nearly one embedding, and the flood of exactly tied similarities that follows is not what
     a real split costs."""
-    import random
-
-    from lightclip.data.synth import compose_title, render_item, sample_spec
+    from lightclip.data.synth import compose_title, render_item, sample_spec  # see the note at the imports
     from lightclip.imagecache import ImageCache
 
     rng = random.Random(seed)
@@ -253,22 +255,22 @@ def synthetic_gallery(n: int, image_size: int, *, seed: int = 0) -> tuple[Any, l
 
 
 def eval_overhead(
-    model: Any, tokenizer: Callable[..., Any], split: tuple[Any, list[str], dict[str, list[list[Any]]]], evaluate_config: "EvaluateConfig", *, rounds: int = 3
+    model: Any, tokenizer: Callable[..., Any], split: tuple[Any, list[str], dict[str, list[list[Any]]]], evaluate_config: EvaluateConfig, *, rounds: int = 3
 ) -> dict[str, Any]:
     """The evaluate stage's own time on ``split`` (from :func:`synthetic_gallery`) vs the time it takes to embed it.
 
-    Both halves are the stage's code: ``embed_pairs`` (images from the cache, normalised;
+    Both halves are the stage's code: ``embed_split`` (images from the cache, normalised;
     titles tokenised; at ``evaluate.batch_size``) and ``score_embeddings`` (positives by the
     ``evaluate.positives`` rules, every metric), on the whole split. Each of ``rounds`` rounds
     embeds the split, then scores it; the check compares the medians, since on a shared
     machine either half alone can be off by a third for a minute.
     """
-    from lightclip.evaluation import embed_pairs, score_embeddings
+    from lightclip.evaluation import embed_split, score_embeddings  # see the note at the imports
 
     cache, titles, attributes = split
     embed_times, metric_times = [], []
     for _ in range(max(1, rounds)):
-        emb = embed_pairs(model, tokenizer, cache, titles, evaluate_config.batch_size)
+        emb = embed_split(model, tokenizer, cache, titles, evaluate_config.batch_size)
         embed_times.append(emb.image_seconds + emb.text_seconds)
         metric_times.append(score_embeddings(emb, titles, cache, attributes, evaluate_config)[2])
     embed_s, metrics_s = float(np.median(embed_times)), float(np.median(metric_times))
@@ -282,7 +284,7 @@ def eval_overhead(
     }
 
 
-def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+def encode_speed(model_dirs: Mapping[str, Path], config: BenchConfig, *, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
     """Batch-1 encode latency and batch throughput of every model, timed in interleaved rounds.
 
     Each of ``bench.rounds`` rounds times every model in turn (a share of the ``bench.runs``
@@ -290,10 +292,6 @@ def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: 
     round: a change of machine state during the bench (another tenant, clock speed) then hits
     every model alike, which keeps the teacher/student ratios honest on a shared machine.
     """
-    import torch
-
-    from lightclip.models.zoo import encode_text, load_model, load_tokenizer, preprocess_config
-
     names = list(model_dirs)
     gen = torch.Generator().manual_seed(config.seed)
     calls: dict[str, dict[str, Callable[[], Any]]] = {}
@@ -345,19 +343,16 @@ def encode_speed(model_dirs: Mapping[str, Path], config: "BenchConfig", *, log: 
 def bench_model(
     name: str,
     model_dir: Path,
-    config: "BenchConfig",
-    evaluate_config: "EvaluateConfig",
-    index_config: "IndexConfig",
+    config: BenchConfig,
+    evaluate_config: EvaluateConfig,
+    index_config: IndexConfig,
     split: tuple[Any, list[str], dict[str, list[list[Any]]]],
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Size, index, search and evaluate-overhead figures of one model (``split``: the rendered
     evaluate-overhead split at the model's image size)."""
-    import torch
-
-    from lightclip.index import build_faiss_index, search_faiss
-    from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
+    from lightclip.index import build_faiss_index, search_faiss  # see the note at the imports
 
     t0 = time.perf_counter()
     model = load_model(model_dir)
@@ -441,30 +436,47 @@ def model_ratios(models: Mapping[str, Mapping[str, Any]], teacher: str) -> dict[
     return ratios
 
 
-def run_bench(
-    config: "BenchConfig",
-    evaluate_config: "EvaluateConfig",
-    index_config: "IndexConfig",
+@dataclass(frozen=True)
+class BenchInputs:
+    """What the bench reads besides ``bench``: the models and metric settings of ``evaluate`` (its
+    models when ``bench.models`` is null; its metrics for the evaluate-overhead check) and the
+    ``index`` settings; ``index_scaling: False`` skips the index kinds x sizes table."""
+
+    evaluate: EvaluateConfig
+    index: IndexConfig
+    index_scaling: bool = True
+
+
+@dataclass(frozen=True)
+class BenchOutputs:
+    report: Path  # metrics/speed.json
+
+
+def run_bench(config: BenchConfig, inputs: BenchInputs, outputs: BenchOutputs, context: StageContext, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``lightclip bench``: the speed report, written to ``outputs.report`` and returned."""
+    report = bench_report(config, inputs.evaluate, inputs.index, project_dir=context.project_dir, index_scaling=inputs.index_scaling, log=log)
+    write_json(outputs.report, report)
+    return report
+
+
+def bench_report(
+    config: BenchConfig,
+    evaluate_config: EvaluateConfig,
+    index_config: IndexConfig,
     *,
     project_dir: Path,
     index_scaling: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Benchmark every model (a missing model dir is an error) and the index kinds at scale."""
-    import torch
-
-    from lightclip.evaluation import check_model_dirs
+    from lightclip.evaluation import check_model_dirs  # see the note at the imports
 
     models = config.models if config.models is not None else evaluate_config.models
     model_dirs = check_model_dirs(models, project_dir)
-    import faiss
-
-    previous, previous_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
     if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-        faiss.omp_set_num_threads(config.num_threads)
         index_config = index_config.model_copy(update={"threads": config.num_threads})
-    try:
+    # without bench.num_threads, torch and FAISS keep the process's own counts
+    with torch_threads(config.num_threads, faiss_too=True) if config.num_threads else nullcontext():
         machine = machine_info()
         log(f"machine: {machine['cpu']}, {machine['cores_usable']} usable cores, torch {machine['torch_threads']} threads, load {machine['load_average_1min']:.2f}")
         log(f"encode speed, {config.rounds} interleaved rounds:")
@@ -486,9 +498,6 @@ def run_bench(
             dim = next(iter(results.values()))["embed_dim"]
             log(f"index scaling at {dim} dims ({', '.join(config.index_kinds)}; {config.index_queries} queries):")
             scaling = bench_index_scaling(dim, config, index_config, log=log)
-    finally:
-        torch.set_num_threads(previous)
-        faiss.omp_set_num_threads(previous_faiss)
     return {
         "machine": machine,
         "models": results,

@@ -1,6 +1,13 @@
 """The ``lightclip`` command line: one subcommand per stage, each a thin wrapper over the library.
 
-``main(argv)`` takes an argument list so tests drive the real CLI in-process.
+A stage handler only turns arguments into the stage's config, inputs and outputs, runs the
+stage function (the contract of :mod:`lightclip.stage`) inside its MLflow run, logs what the
+function returned and prints one summary line. ``main(argv)`` takes an argument list so tests
+drive the real CLI in-process.
+
+Stage modules are imported inside their handler: together they pull in torch, open_clip,
+MLflow, FAISS and Great Expectations, which ``lightclip --help`` and the light commands should
+not pay for (see ``tests/test_cli.py::test_help_is_fast`` for the measured budget).
 """
 
 from __future__ import annotations
@@ -9,207 +16,69 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from lightclip.config import Params, load_params
 from lightclip.env import configure_environment
+from lightclip.errors import LightclipError
+from lightclip.io import read_json
+from lightclip.stage import StageContext
+from lightclip.tracking import project_root, stage_run
 
 
-class CliError(Exception):
-    """An error the user can fix; printed without a traceback."""
+class CliError(LightclipError):
+    """An error in the command line itself; printed without a traceback."""
 
 
-def _params(args: argparse.Namespace):
-    from lightclip.config import load_params
-
+def _params(args: argparse.Namespace) -> Params:
     return load_params(args.params)
 
 
 def _project(args: argparse.Namespace) -> Path:
-    from lightclip.tracking import project_root
-
     return project_root(Path(args.params).resolve().parent)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _context(args: argparse.Namespace) -> StageContext:
+    return StageContext(project_dir=_project(args), progress=not args.quiet, resume=getattr(args, "resume", False))
 
 
-def _run_import(args: argparse.Namespace, stage: str, run_params: dict, importer: Callable[[], tuple]) -> int:
-    """Run an importer inside its MLflow run and print its report."""
-    from lightclip.tracking import stage_run
+def _stage(
+    args: argparse.Namespace,
+    stage: str,
+    run_params: Mapping[str, Any],
+    call: Callable[[StageContext], Any],
+    *,
+    metrics: Callable[[Any], Mapping[str, Any]] = lambda result: result,
+    metrics_file: Path | None = None,
+    artifacts: Iterable[tuple[Path | str, str | None]] = (),
+    tags: Callable[[Any], Mapping[str, Any]] | None = None,
+    run_name: str | None = None,
+) -> Any:
+    """Run one stage function in its MLflow run; log its metrics, tags and output artifacts.
 
+    Artifacts that exist are logged even when the stage fails (a failed validation's report),
+    and so are the numbers of ``metrics_file`` when the stage failed after writing it.
+    """
     params = _params(args)
-    with stage_run(stage, run_params, project_dir=_project(args), experiment=params.tracking.experiment) as run:
-        catalogue, report = importer()
-        run.log_metrics({"rows_read": report.rows_read, "items_written": report.items_written, "rows_skipped": len(report.skipped)})
-        run.log_artifact(Path(args.out) / "import_report.json")
-    print(report.summary())
-    print(f"catalogue written to {catalogue.root} ({len(catalogue)} items); report: {Path(args.out) / 'import_report.json'}")
-    return 0
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from lightclip.data.synth import SYNTH_VERSION, generate_catalogue
-    from lightclip.tracking import stage_run
-
-    params = _params(args)
-    config = params.synth
-    with stage_run("synth", {"synth": params.section("synth"), "synth_version": SYNTH_VERSION}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
-        catalogue = generate_catalogue(Path(args.out), config, progress=not args.quiet)
-        run.log_metrics({"items_written": len(catalogue)})
-    print(f"synthetic catalogue (v{SYNTH_VERSION}, seed {config.seed}): {len(catalogue)} items in {catalogue.root}")
-    return 0
-
-
-def cmd_import_kaggle(args: argparse.Namespace) -> int:
-    from lightclip.data.kaggle import import_kaggle
-
-    return _run_import(
-        args,
-        "import_kaggle",
-        {"source": str(args.source), "out": str(args.out)},
-        lambda: import_kaggle(Path(args.source), Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
-    )
-
-
-def cmd_import_manifest(args: argparse.Namespace) -> int:
-    from lightclip.data.manifest import import_manifest
-
-    image_root = Path(args.image_root) if args.image_root else None
-    return _run_import(
-        args,
-        "import_manifest",
-        {"source": str(args.manifest), "out": str(args.out), "image_root": str(image_root)},
-        lambda: import_manifest(Path(args.manifest), Path(args.out), image_root=image_root, overwrite=args.overwrite, progress=not args.quiet),
-    )
-
-
-def cmd_import_webdataset(args: argparse.Namespace) -> int:
-    from lightclip.data.webdataset import expand_shards, import_webdataset
-
-    shards = [p for spec in args.shards for p in expand_shards(spec)]
-    return _run_import(
-        args,
-        "import_webdataset",
-        {"source": " ".join(args.shards), "out": str(args.out)},
-        lambda: import_webdataset(shards, Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
-    )
-
-
-def cmd_export_webdataset(args: argparse.Namespace) -> int:
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.data.webdataset import export_webdataset
-
-    catalogue = Catalogue.load(args.catalogue)
-    shards = export_webdataset(catalogue, Path(args.out), split=args.split, shard_size=args.shard_size)
-    print(f"wrote {len(shards)} shard(s) to {args.out}")
-    for shard in shards:
-        print(f"  {shard}")
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from lightclip.tracking import stage_run
-    from lightclip.validation import run_validation
-
-    params = _params(args)
-    config = params.validate_
-    if args.on_error:
-        config = config.model_copy(update={"on_error": args.on_error})
-    with stage_run("validate", {"validate": config.model_dump(mode="json"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
+    context = _context(args)
+    with stage_run(stage, run_params, project_dir=context.project_dir, experiment=params.tracking.experiment, run_name=run_name) as run:
+        context = replace(context, log_metrics=lambda values, step: run.log_metrics(values, step=step))
         try:
-            summary = run_validation(Path(args.input), Path(args.out), Path(args.report), Path(args.metrics), config, progress=not args.quiet)
+            result = call(context)
+        except LightclipError:
+            if metrics_file is not None and Path(metrics_file).is_file():
+                run.log_metrics(read_json(metrics_file))
+            raise
+        else:
+            run.log_metrics(metrics(result))
+            if tags is not None:
+                run.set_tags(tags(result))
         finally:
-            # The report and metrics are written in every outcome; log what exists.
-            if Path(args.metrics).is_file():
-                metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
-                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            run.log_artifact(Path(args.report))
-            run.log_artifact(Path(args.out) / "quarantine.csv")
-    print(f"validation passed: {summary.rows_in} rows in, {summary.rows_out} out, {summary.rows_quarantined} quarantined; report: {args.report}")
-    return 0
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from lightclip.data.split import run_split
-    from lightclip.tracking import stage_run
-
-    params = _params(args)
-    with stage_run("split", {"split": params.section("split"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
-        counts = run_split(Path(args.input), Path(args.out), Path(args.metrics), params.split)
-        run.log_metrics({k: v for k, v in counts.items() if isinstance(v, (int, float))})
-    print("split: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return 0
-
-
-def cmd_build_kg(args: argparse.Namespace) -> int:
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.kg.build import build_knowledge_graph
-    from lightclip.tracking import stage_run
-
-    params = _params(args)
-    catalogue = Catalogue.load(args.input)
-    with stage_run("build_kg", {"build_kg": params.section("build_kg"), "in": str(args.input)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
-        stats = build_knowledge_graph(catalogue, params.build_kg, Path(args.out), stats_path=Path(args.metrics), figure_path=Path(args.figure), progress=not args.quiet)
-        run.log_metrics({f"kg/{k}": v for k, v in stats.items()})
-        run.log_artifact(Path(args.metrics))
-        run.log_artifact(Path(args.figure))
-        run.log_artifact(Path(args.out), artifact_path="kg")
-    levels = ", ".join(f"L{k}={v}" for k, v in stats["concepts_per_level"].items())
-    print(f"concept graph: {stats['n_concepts']} concepts ({levels}), depth {stats['max_depth']}, items covered {stats['item_coverage']:.1%}")
-    if "article_types_rooted" in stats:
-        print(f"quality vs articleType: article types rooted {stats['article_types_rooted']:.1%}, items descending from their type {stats['items_descend_from_type']:.1%}")
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.pretrain import run_pretrain, summarise
-    from lightclip.tracking import stage_run
-
-    params = _params(args)
-    config = params.pretrain
-    project = _project(args)
-    catalogue = Catalogue.load(args.input)
-    run_params = {"pretrain": params.section("pretrain"), "build_kg": params.section("build_kg"), "in": str(args.input), "kg": str(args.kg)}
-    with stage_run("pretrain", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=args.run_name) as run:
-        metrics = run_pretrain(
-            catalogue,
-            Path(args.kg),
-            config,
-            params.build_kg,
-            Path(args.out),
-            cache_dir=project / ".cache" / "images",
-            checkpoint_root=project / ".cache" / "checkpoints" / "pretrain",
-            resume=args.resume,
-            log_metrics=lambda values, step: run.log_metrics(values, step=step),
-            progress=not args.quiet,
-        )
-        run.log_metrics(metrics)
-        run.set_tags({"lightclip.model": config.model.arch, "lightclip.concept_weight": config.concept_weight})
-        _write_json(Path(args.metrics), metrics)
-        run.log_artifact(Path(args.metrics))
-        run.log_artifact(Path(args.out), artifact_path="teacher")
-    print(f"teacher ({config.model.arch}, concept weight {config.concept_weight}): {summarise(metrics)}")
-    return 0
-
-
-def cmd_ensemble(args: argparse.Namespace) -> int:
-    """Combine saved models into one ensemble model dir (e.g. teachers trained with other seeds)."""
-    from lightclip.models.zoo import count_parameters, make_ensemble, save_model
-
-    if len(args.member) < 2:
-        raise CliError(f"an ensemble needs at least 2 --member model dirs, got {len(args.member)}")
-    for member in args.member:
-        if not (Path(member) / "model.json").is_file():
-            raise CliError(f"--member {member}: not a saved lightclip model (no model.json)")
-    model = make_ensemble([Path(m) for m in args.member])
-    out = Path(args.out)
-    save_model(model, "ensemble", out, extra={"stage": "ensemble", "members": [str(m) for m in args.member]})
-    print(f"ensemble of {len(args.member)} models -> {out} ({count_parameters(model)['total']:,} parameters)")
-    return 0
+            for path, artifact_path in artifacts:
+                run.log_artifact(Path(path), artifact_path=artifact_path)
+    return result
 
 
 def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -225,133 +94,233 @@ def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
     return models
 
 
-def cmd_teacher_embed(args: argparse.Namespace) -> int:
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.teacher_cache import run_teacher_embed
-    from lightclip.tracking import stage_run
+def _with(config: Any, **updates: Any) -> Any:
+    """``config`` with the given fields replaced, validated again (command-line overrides)."""
+    updates = {k: v for k, v in updates.items() if v is not None}
+    return type(config).model_validate({**config.model_dump(), **updates}) if updates else config
 
-    params = _params(args)
-    project = _project(args)
-    catalogue = Catalogue.load(args.input)
-    run_params = {"teacher_embed": params.section("teacher_embed"), "in": str(args.input), "teacher": str(args.teacher)}
-    with stage_run("teacher_embed", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
-        metrics = run_teacher_embed(catalogue, Path(args.teacher), Path(args.out), params.teacher_embed, cache_dir=project / ".cache" / "images", progress=not args.quiet)
-        run.log_metrics(metrics)
-        _write_json(Path(args.metrics), metrics)
-        run.log_artifact(Path(args.metrics))
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def _run_import(args: argparse.Namespace, stage: str, run_params: dict, importer: Callable[[], tuple]) -> int:
+    """Run an importer inside its MLflow run and print its report."""
+    report_path = Path(args.out) / "import_report.json"
+
+    def call(_: StageContext) -> tuple:
+        return importer()
+
+    catalogue, report = _stage(
+        args, stage, run_params, call,
+        metrics=lambda r: {"rows_read": r[1].rows_read, "items_written": r[1].items_written, "rows_skipped": len(r[1].skipped)},
+        artifacts=[(report_path, None)],
+    )
+    print(report.summary())
+    print(f"catalogue written to {catalogue.root} ({len(catalogue)} items); report: {report_path}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from lightclip.data.synth import SYNTH_VERSION, generate_catalogue
+
+    config = _params(args).synth
+    catalogue = _stage(
+        args, "synth", {"synth": config.model_dump(mode="json"), "synth_version": SYNTH_VERSION},
+        lambda context: generate_catalogue(Path(args.out), config, progress=context.progress),
+        metrics=lambda c: {"items_written": len(c)},
+    )
+    print(f"synthetic catalogue (v{SYNTH_VERSION}, seed {config.seed}): {len(catalogue)} items in {catalogue.root}")
+    return 0
+
+
+def cmd_import_kaggle(args: argparse.Namespace) -> int:
+    from lightclip.data.kaggle import import_kaggle
+
+    return _run_import(
+        args, "import_kaggle", {"source": str(args.source), "out": str(args.out)},
+        lambda: import_kaggle(Path(args.source), Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_import_manifest(args: argparse.Namespace) -> int:
+    from lightclip.data.manifest import import_manifest
+
+    image_root = Path(args.image_root) if args.image_root else None
+    return _run_import(
+        args, "import_manifest", {"source": str(args.manifest), "out": str(args.out), "image_root": str(image_root)},
+        lambda: import_manifest(Path(args.manifest), Path(args.out), image_root=image_root, overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_import_webdataset(args: argparse.Namespace) -> int:
+    from lightclip.data.webdataset import expand_shards, import_webdataset
+
+    shards = [p for spec in args.shards for p in expand_shards(spec)]
+    return _run_import(
+        args, "import_webdataset", {"source": " ".join(args.shards), "out": str(args.out)},
+        lambda: import_webdataset(shards, Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
+    )
+
+
+def cmd_export_webdataset(args: argparse.Namespace) -> int:
+    from lightclip.data.catalogue import Catalogue
+    from lightclip.data.webdataset import export_webdataset
+
+    shards = export_webdataset(Catalogue.load(args.catalogue), Path(args.out), split=args.split, shard_size=args.shard_size)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    for shard in shards:
+        print(f"  {shard}")
+    return 0
+
+
+# -- pipeline stages ---------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lightclip.validation import ValidateInputs, ValidateOutputs, run_validation
+
+    config = _with(_params(args).validate_, on_error=args.on_error)
+    outputs = ValidateOutputs(catalogue=Path(args.out), report=Path(args.report), metrics=Path(args.metrics))
+    summary = _stage(
+        args, "validate", {"validate": config.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_validation(config, ValidateInputs(catalogue=Path(args.input)), outputs, context),
+        metrics=lambda s: s.metrics(),
+        metrics_file=outputs.metrics,
+        artifacts=[(outputs.report, None), (outputs.quarantine, None)],
+    )
+    print(f"validation passed: {summary.rows_in} rows in, {summary.rows_out} out, {summary.rows_quarantined} quarantined; report: {args.report}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from lightclip.data.split import SplitInputs, SplitOutputs, run_split
+
+    config = _params(args).split
+    counts = _stage(
+        args, "split", {"split": config.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_split(config, SplitInputs(catalogue=Path(args.input)), SplitOutputs(catalogue=Path(args.out), metrics=Path(args.metrics)), context),
+    )
+    print("split: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_build_kg(args: argparse.Namespace) -> int:
+    from lightclip.kg.build import BuildKGInputs, BuildKGOutputs, run_build_kg
+
+    config = _params(args).build_kg
+    outputs = BuildKGOutputs(kg=Path(args.out), metrics=Path(args.metrics), figure=Path(args.figure))
+    stats = _stage(
+        args, "build_kg", {"build_kg": config.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_build_kg(config, BuildKGInputs(catalogue=Path(args.input)), outputs, context),
+        metrics=lambda s: {f"kg/{k}": v for k, v in s.items()},
+        artifacts=[(outputs.metrics, None), (outputs.figure, None), (outputs.kg, "kg")],
+    )
+    levels = ", ".join(f"L{k}={v}" for k, v in stats["concepts_per_level"].items())
+    print(f"concept graph: {stats['n_concepts']} concepts ({levels}), depth {stats['max_depth']}, items covered {stats['item_coverage']:.1%}")
+    if "article_types_rooted" in stats:
+        print(f"quality vs articleType: article types rooted {stats['article_types_rooted']:.1%}, items descending from their type {stats['items_descend_from_type']:.1%}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lightclip.pretrain import PretrainInputs, PretrainOutputs, run_pretrain, summarise
+
+    config = _params(args).pretrain
+    inputs = PretrainInputs(catalogue=Path(args.input), kg=Path(args.kg))
+    outputs = PretrainOutputs(model=Path(args.out), metrics=Path(args.metrics))
+    metrics = _stage(
+        args, "pretrain", {"pretrain": config.model_dump(mode="json"), "in": str(args.input), "kg": str(args.kg)},
+        lambda context: run_pretrain(config, inputs, outputs, context),
+        tags=lambda _: {"lightclip.model": config.model.arch, "lightclip.concept_weight": config.concept_weight},
+        artifacts=[(outputs.metrics, None), (outputs.model, "teacher")],
+        run_name=args.run_name,
+    )
+    print(f"teacher ({config.model.arch}, concept weight {config.concept_weight}): {summarise(metrics)}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Combine saved models into one ensemble model dir (e.g. teachers trained with other seeds)."""
+    from lightclip.models.zoo import count_parameters, make_ensemble, save_model
+
+    if len(args.member) < 2:
+        raise CliError(f"an ensemble needs at least 2 --member model dirs, got {len(args.member)}")
+    for member in args.member:
+        if not (Path(member) / "model.json").is_file():
+            raise CliError(f"--member {member}: not a saved lightclip model (no model.json)")
+    model = make_ensemble([Path(m) for m in args.member])
+    save_model(model, "ensemble", Path(args.out), extra={"stage": "ensemble", "members": [str(m) for m in args.member]})
+    print(f"ensemble of {len(args.member)} models -> {args.out} ({count_parameters(model)['total']:,} parameters)")
+    return 0
+
+
+def cmd_teacher_embed(args: argparse.Namespace) -> int:
+    from lightclip.teacher_cache import TeacherEmbedInputs, TeacherEmbedOutputs, run_teacher_embed
+
+    config = _params(args).teacher_embed
+    inputs = TeacherEmbedInputs(catalogue=Path(args.input), teacher=Path(args.teacher))
+    outputs = TeacherEmbedOutputs(embeddings=Path(args.out), metrics=Path(args.metrics))
+    metrics = _stage(
+        args, "teacher_embed", {"teacher_embed": config.model_dump(mode="json"), "in": str(args.input), "teacher": str(args.teacher)},
+        lambda context: run_teacher_embed(config, inputs, outputs, context),
+        artifacts=[(outputs.metrics, None)],
+    )
     print(f"teacher embeddings cached in {args.out}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.distill import run_distill
+    from lightclip.distill import DistillInputs, DistillOutputs, run_distill
     from lightclip.pretrain import summarise
-    from lightclip.tracking import stage_run
 
-    params = _params(args)
-    if args.variant is not None:
-        seed = args.seed if args.seed is not None else params.distill.train.seed
-        student = args.student or params.distill_ablation.students[0]
-        config = params.distill_ablation.config_for(params.distill, args.variant, seed, student)
-    else:
-        student = args.student or next(iter(params.distill.students))
-        config = params.distill.for_student(student)
-        if args.seed is not None:
-            config = config.model_copy(update={"train": config.train.model_copy(update={"seed": args.seed})})
-    project = _project(args)
-    catalogue = Catalogue.load(args.input)
-    run_params = {"distill": config.model_dump(mode="json"), "in": str(args.input), "teacher": str(args.teacher), "student_name": student}
-    if args.variant is not None:
-        run_params["variant"] = args.variant
-    run_name = args.run_name or (f"distill-{student}-{args.variant}-seed{config.train.seed}" if args.variant else f"distill-{student}")
-    with stage_run("distill", run_params, project_dir=project, experiment=params.tracking.experiment, run_name=run_name) as run:
-        metrics = run_distill(
-            catalogue,
-            Path(args.teacher),
-            Path(args.teacher_embeddings),
-            config,
-            Path(args.out),
-            cache_dir=project / ".cache" / "images",
-            checkpoint_root=project / ".cache" / "checkpoints" / "distill",
-            resume=args.resume,
-            log_metrics=lambda values, step: run.log_metrics(values, step=step),
-            progress=not args.quiet,
-        )
-        run.log_metrics(metrics)
-        edges = ",".join(f"{e.edge}/{e.loss}" for e in config.edges)
-        run.set_tags({"lightclip.model": config.student.arch, "lightclip.student": student, "lightclip.distill_edges": edges, "lightclip.variant": args.variant or "pipeline"})
-        _write_json(Path(args.metrics), metrics)
-        run.log_artifact(Path(args.metrics))
-        run.log_artifact(Path(args.out), artifact_path="student")
-    print(f"student ({config.student.arch}, edges {edges}): {summarise(metrics)}")
+    job = _params(args).distill_job(args.student, variant=args.variant, seed=args.seed)
+    inputs = DistillInputs(catalogue=Path(args.input), teacher=Path(args.teacher), teacher_embeddings=Path(args.teacher_embeddings))
+    outputs = DistillOutputs(model=Path(args.out), metrics=Path(args.metrics))
+    edges = ",".join(f"{e.edge}/{e.loss}" for e in job.edges)
+    metrics = _stage(
+        args, "distill",
+        {"distill": job.model_dump(mode="json", exclude={"student_name", "variant"}), "in": str(args.input), "teacher": str(args.teacher),
+         "student_name": job.student_name, **({"variant": job.variant} if job.variant else {})},
+        lambda context: run_distill(job, inputs, outputs, context),
+        tags=lambda _: {"lightclip.model": job.student.arch, "lightclip.student": job.student_name, "lightclip.distill_edges": edges,
+                        "lightclip.variant": job.variant or "pipeline"},
+        artifacts=[(outputs.metrics, None), (outputs.model, "student")],
+        run_name=args.run_name or job.run_name,
+    )
+    print(f"student ({job.student.arch}, edges {edges}): {summarise(metrics)}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lightclip.config import EvaluateConfig
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.evaluation import run_evaluate, summarise
-    from lightclip.tracking import stage_run
+    from lightclip.evaluation import EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
 
-    params = _params(args)
-    config = params.evaluate
-    models = _named_models(args.model)
-    if models is not None:
-        config = EvaluateConfig.model_validate({**config.model_dump(), "models": models})
-    project = _project(args)
-    catalogue = Catalogue.load(args.input)
-    run_params = {"evaluate": config.model_dump(mode="json"), "in": str(args.input)}
-    with stage_run("evaluate", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
-        results, figures = run_evaluate(
-            catalogue,
-            config,
-            project_dir=project,
-            cache_dir=project / ".cache" / "images",
-            metrics_path=Path(args.metrics),
-            plots_dir=Path(args.plots),
-            figures_dir=Path(args.figures),
-            progress=not args.quiet,
-        )
-        for r in results:
-            run.log_metrics({f"{r.name}/{k}": v for k, v in r.metrics.items()})
-            run.log_metrics({f"{r.name}/timing/{k}": v for k, v in r.timings.items()})
-        run.set_tags({"lightclip.models": ",".join(config.models), "lightclip.split": config.split})
-        run.log_artifact(Path(args.metrics))
-        run.log_artifact(Path(args.plots), artifact_path="plots")
-        for figure in figures:
-            run.log_artifact(figure, artifact_path="figures")
-    for r in results:
-        print(summarise(r, config.split))
+    config = _with(_params(args).evaluate, models=_named_models(args.model))
+    outputs = EvaluateOutputs(metrics=Path(args.metrics), plots=Path(args.plots), figures=Path(args.figures))
+    metrics = _stage(
+        args, "evaluate", {"evaluate": config.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_evaluate(config, EvaluateInputs(catalogue=Path(args.input)), outputs, context),
+        tags=lambda _: {"lightclip.models": ",".join(config.models), "lightclip.split": config.split},
+        artifacts=[(outputs.metrics, None), (outputs.plots, "plots"), (outputs.figures, "figures")],
+    )
+    print(summarise(metrics, config.split, list(config.models)))
     print(f"metrics: {args.metrics}; plot data: {args.plots}; figures: {args.figures}")
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from lightclip.config import IndexConfig
-    from lightclip.data.catalogue import Catalogue
-    from lightclip.index import build_catalogue_index
-    from lightclip.tracking import stage_run
+    from lightclip.index import IndexInputs, IndexOutputs, run_index
 
-    params = _params(args)
-    updates = {k: v for k, v in (("model", args.model), ("kind", args.kind)) if v is not None}
-    config = IndexConfig.model_validate({**params.index.model_dump(), **updates}) if updates else params.index
-    project = _project(args)
-    catalogue = Catalogue.load(args.input)
-    run_params = {"index": config.model_dump(mode="json"), "in": str(args.input)}
-    with stage_run("index", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
-        model_dir = Path(config.model) if Path(config.model).is_absolute() else project / config.model
-        index, metrics = build_catalogue_index(catalogue, model_dir, config, cache_dir=project / ".cache" / "images", progress=not args.quiet)
-        index.meta["model"]["dir"] = config.model  # as given: relative to the project, so the index is portable
-        out = index.save(Path(args.out))
-        metrics["index/file_mb"] = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-        _write_json(Path(args.metrics), metrics)
-        run.log_metrics(metrics)
-        run.set_tags({"lightclip.index_kind": config.kind, "lightclip.model_dir": config.model})
-        run.log_artifact(Path(args.metrics))
+    config = _with(_params(args).index, model=args.model, kind=args.kind)
+    outputs = IndexOutputs(index=Path(args.out), metrics=Path(args.metrics))
+    metrics = _stage(
+        args, "index", {"index": config.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_index(config, IndexInputs(catalogue=Path(args.input)), outputs, context),
+        tags=lambda _: {"lightclip.index_kind": config.kind, "lightclip.model_dir": config.model},
+        artifacts=[(outputs.metrics, None)],
+    )
     recall = metrics.get("index/recall@10_vs_flat")
     print(
-        f"{config.kind} index of {metrics['index/count']} items x {metrics['index/dim']} dims ({config.model}) in {out}: "
+        f"{config.kind} index of {metrics['index/count']} items x {metrics['index/dim']} dims ({config.model}) in {args.out}: "
         f"build {metrics['index/build_seconds']:.3f}s, query p50 {metrics.get('index/query_ms_p50', float('nan')):.3f} ms"
         + (f", recall@10 vs flat {recall:.3f}" if recall is not None else "")
     )
@@ -374,71 +343,55 @@ def cmd_search(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.json:
-        payload = {
-            "query": result.query,
-            "truncated": result.truncated,
-            "hits": [{"rank": h.rank, "id": h.id, "title": h.title, "score": h.score, **h.attributes} for h in result.hits],
-        }
-        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        hits = [{"rank": h.rank, "id": h.id, "title": h.title, "score": h.score, **h.attributes} for h in result.hits]
+        print(json.dumps({"query": result.query, "truncated": result.truncated, "hits": hits}, indent=2, ensure_ascii=False))
     else:
         print(format_result(result, searcher))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lightclip.bench import flat_metrics, run_bench
-    from lightclip.config import BenchConfig
-    from lightclip.tracking import stage_run
+    from lightclip.bench import BenchInputs, BenchOutputs, flat_metrics, run_bench
 
     params = _params(args)
-    updates: dict = {}
-    if args.index_sizes is not None:
-        updates["index_sizes"] = args.index_sizes
-    models = _named_models(args.model)
-    if models is not None:
-        updates["models"] = models
-    if args.threads is not None:
-        updates["num_threads"] = args.threads
-    config = BenchConfig.model_validate({**params.bench.model_dump(), **updates}) if updates else params.bench
-    project = _project(args)
-    run_params = {"bench": config.model_dump(mode="json"), "index": params.index.model_dump(mode="json")}
-    with stage_run("bench", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
-        report = run_bench(config, params.evaluate, params.index, project_dir=project, index_scaling=not args.no_index_scaling)
-        _write_json(Path(args.out), report)
-        run.log_metrics(flat_metrics(report))
-        run.set_tags({f"lightclip.machine.{k}": v for k, v in report["machine"].items()})
-        run.log_artifact(Path(args.out))
+    config = _with(params.bench, index_sizes=args.index_sizes, models=_named_models(args.model), num_threads=args.threads)
+    inputs = BenchInputs(evaluate=params.evaluate, index=params.index, index_scaling=not args.no_index_scaling)
+    _stage(
+        args, "bench", {"bench": config.model_dump(mode="json"), "index": params.index.model_dump(mode="json")},
+        lambda context: run_bench(config, inputs, BenchOutputs(report=Path(args.out)), context),
+        metrics=flat_metrics,
+        tags=lambda report: {f"lightclip.machine.{k}": v for k, v in report["machine"].items()},
+        artifacts=[(Path(args.out), None)],
+    )
     print(f"speed report: {args.out}")
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     """The register stage: log and register every model, gate the students, stage the best."""
-    from lightclip.registry import run_register
-    from lightclip.tracking import stage_run
+    from lightclip.registry import RegisterInputs, RegisterOutputs, format_report, run_metrics, run_register, run_tags
 
     params = _params(args)
-    project = _project(args)
-    run_params = {"register": params.section("register"), "promote": params.section("promote"), "models": params.evaluate.models,
-                  "eval": str(args.eval), "in": str(args.input)}
-    with stage_run("register", run_params, project_dir=project, experiment=params.tracking.experiment) as run:
-        report = run_register(params, project_dir=project, eval_path=Path(args.eval), catalogue_dir=Path(args.input), run=run,
-                              auto_promote=False if args.no_promote else None, log=(lambda _: None) if args.quiet else print)
-        _write_json(Path(args.out), report)
-        run.log_artifact(Path(args.out))
-    teacher = report["teacher"]
-    print(f"teacher: {teacher['registered_model']} v{teacher['version']}{' (reused)' if teacher['reused'] else ''}")
-    for name, student in report["students"].items():
-        staged = " -> @staging" if student["staged"] else ""
-        print(f"{name}: {student['registered_model']} v{student['version']}{' (reused)' if student['reused'] else ''}, gate {student['gate']}{staged}")
-        for reason in student["reasons"]:
-            print(f"    {reason}")
-    before, after = report["staging_before"], report["staging_after"]
-    print(f"@staging: {'v' + before if before else 'none'} -> {'v' + after if after else 'none'}; report: {args.out}")
+    teacher = params.register_.teacher
+    inputs = RegisterInputs(eval_metrics=Path(args.eval), catalogue=Path(args.input))
+    outputs = RegisterOutputs(report=Path(args.out))
+    report = _stage(
+        args, "register",
+        {"register": params.section("register"), "promote": params.section("promote"), "models": params.evaluate.models,
+         "eval": str(args.eval), "in": str(args.input)},
+        lambda context: run_register(params, inputs, outputs, context, auto_promote=False if args.no_promote else None),
+        metrics=lambda r: run_metrics(r, teacher=teacher),
+        tags=lambda r: run_tags(r, teacher=teacher),
+        artifacts=[(outputs.report, None)],
+    )
+    print(format_report(report, outputs.report))
     return 0
 
 
-def _registry_and_name(args: argparse.Namespace):
+# -- the registry ------------------------------------------------------------------------------
+
+
+def _registry(args: argparse.Namespace) -> tuple[Params, Any, str]:
     from lightclip.registry import ModelRegistry
 
     params = _params(args)
@@ -448,9 +401,8 @@ def _registry_and_name(args: argparse.Namespace):
 def cmd_registry_list(args: argparse.Namespace) -> int:
     from lightclip.registry import format_versions
 
-    params, registry, _ = _registry_and_name(args)
-    names = [args.name] if args.name else [params.register_.model_name, params.register_.teacher_model_name]
-    for name in names:
+    params, registry, _ = _registry(args)
+    for name in [args.name] if args.name else [params.register_.model_name, params.register_.teacher_model_name]:
         if args.name is None and not registry.exists(name):
             print(f"{name}: not registered yet (run `lightclip register`)\n")
             continue
@@ -461,13 +413,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 def cmd_registry_show(args: argparse.Namespace) -> int:
     from lightclip.registry import format_version
 
-    _, registry, name = _registry_and_name(args)
+    _, registry, name = _registry(args)
     print(format_version(registry, name, args.ref))
     return 0
 
 
 def cmd_registry_promote(args: argparse.Namespace) -> int:
-    params, registry, name = _registry_and_name(args)
+    params, registry, name = _registry(args)
     move, result, candidate = registry.promote(name, to=args.to, config=params.promote, version=args.version, source=args.source, reason=args.reason or "")
     print(f"{name} v{candidate.version}: gate for @{args.to}: {result.verdict}")
     for reason in result.reasons:
@@ -482,7 +434,7 @@ def cmd_registry_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
-    _, registry, name = _registry_and_name(args)
+    _, registry, name = _registry(args)
     move = registry.rollback(name, args.alias.lstrip("@"), reason=args.reason or "")
     print(f"{name} @{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.actor} at {move.at}); audit log: {registry.audit_path}")
     return 0
@@ -493,13 +445,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from lightclip.tracking import pipeline_run
 
     params = _params(args)
-    project = _project(args)
-    command = ["dvc", "repro", *args.targets]
-    if args.force:
-        command.append("--force")
-    with pipeline_run(args.name, {"command": " ".join(command)}, project_dir=project, experiment=params.tracking.experiment) as run:
+    command = ["dvc", "repro", *args.targets] + (["--force"] if args.force else [])
+    with pipeline_run(args.name, {"command": " ".join(command)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
         print(f"pipeline run {run.run_id}: {' '.join(command)}", flush=True)
-        result = subprocess.run(command, cwd=project)
+        result = subprocess.run(command, cwd=_project(args))
         run.set_tags({"lightclip.exit_code": result.returncode})
         if result.returncode != 0:
             raise CliError(f"'{' '.join(command)}' failed with exit code {result.returncode}")
@@ -671,47 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lightclip.tracking import project_root
-
     configure_environment(project_root())
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from lightclip.config import ConfigError
-    from lightclip.data.catalogue import CatalogueError
-
-    from lightclip.kg.concepts import KGError
-
-    known: tuple[type[BaseException], ...] = (CliError, ConfigError, CatalogueError, KGError, FileNotFoundError)
-    if args.command in ("pretrain", "teacher-embed", "distill", "ensemble"):
-        from lightclip.models.zoo import ModelError
-        from lightclip.teacher_cache import StaleTeacherEmbeddings
-        from lightclip.training import TrainingDiverged
-
-        known += (ModelError, TrainingDiverged, StaleTeacherEmbeddings)
-    try:
-        from lightclip.validation import ValidationFailed
-
-        known += (ValidationFailed,)
-    except ImportError:
-        pass
-    if args.command in ("evaluate", "index", "search", "bench"):
-        from lightclip.evaluation import EvaluationError
-        from lightclip.imagecache import ImageCacheError
-        from lightclip.index import CatalogueIndexError
-        from lightclip.models.zoo import ModelError
-
-        known += (EvaluationError, CatalogueIndexError, ModelError, ImageCacheError)
-    if args.command in ("register", "registry"):
-        from lightclip.evaluation import EvaluationError
-        from lightclip.imagecache import ImageCacheError
-        from lightclip.models.zoo import ModelError
-        from lightclip.registry import RegistryError
-        from lightclip.serving import ServingError
-
-        known += (RegistryError, EvaluationError, ModelError, ImageCacheError, ServingError)
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except known as exc:
+    except (LightclipError, FileNotFoundError) as exc:
         print(f"lightclip {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -29,21 +29,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
+from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+import faiss
 import numpy as np
 
-if TYPE_CHECKING:
-    import faiss
-    import torch
-
-    from lightclip.config import IndexConfig
-    from lightclip.data.catalogue import Catalogue
+from lightclip.config import IndexConfig
+from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.errors import LightclipError
+from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
+from lightclip.imagecache import ImageCacheError, build_image_cache, decode_image
+from lightclip.io import staged_dir, torch_threads, write_json
+from lightclip.models.zoo import WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info
+from lightclip.stage import StageContext
 
 INDEX_FORMAT = "lightclip-index/1"
 INDEX_FILE = "index.faiss"
@@ -53,7 +56,7 @@ KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
 ITEM_ATTRIBUTES: tuple[str, ...] = ("articleType", "baseColour")
 
 
-class CatalogueIndexError(ValueError):
+class CatalogueIndexError(LightclipError, ValueError):
     """An index that cannot be built, read or searched; the message says which and why."""
 
 
@@ -88,26 +91,22 @@ def normalise_rows(vectors: Any) -> np.ndarray:
     return x
 
 
-def build_faiss_index(vectors: Any, config: "IndexConfig", *, normalise: bool = True) -> tuple["faiss.Index", dict[str, Any]]:
-    """A FAISS inner-product index of ``config.kind`` over ``vectors``; returns it and build facts."""
-    import faiss
+def _threads(config: IndexConfig, *, faiss_too: bool) -> Any:
+    """``index.threads`` for torch (and FAISS) while a block runs; null leaves the process's counts."""
+    return torch_threads(config.threads, faiss_too=faiss_too) if config.threads else nullcontext()
 
+
+def build_faiss_index(vectors: Any, config: IndexConfig, *, normalise: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
+    """A FAISS inner-product index of ``config.kind`` over ``vectors``; returns it and build facts."""
     x = normalise_rows(vectors) if normalise else _as_vectors(vectors)
     n, dim = x.shape
     if n == 0:
         raise CatalogueIndexError("no vectors to index")
-    previous_threads = faiss.omp_get_max_threads()
-    if config.threads:
-        faiss.omp_set_num_threads(config.threads)
-    try:
+    with _threads(config, faiss_too=True):
         return _build(x, config)
-    finally:
-        faiss.omp_set_num_threads(previous_threads)
 
 
-def _build(x: np.ndarray, config: "IndexConfig") -> tuple["faiss.Index", dict[str, Any]]:
-    import faiss
-
+def _build(x: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, dict[str, Any]]:
     n, dim = x.shape
     info: dict[str, Any] = {"kind": config.kind, "count": int(n), "dim": int(dim)}
     t0 = time.perf_counter()
@@ -138,7 +137,7 @@ def _build(x: np.ndarray, config: "IndexConfig") -> tuple["faiss.Index", dict[st
     return index, info
 
 
-def search_faiss(index: "faiss.Index", queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_faiss(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, rows) per query, ordered by score desc then row asc; missing = (-inf, -1)."""
     q = _as_vectors(queries, "queries")
     if q.shape[1] != index.d:
@@ -164,9 +163,6 @@ def recall_against(reference_rows: np.ndarray, rows: np.ndarray, k: int = 10) ->
 
 def model_fingerprint(model_dir: Path | str) -> dict[str, Any]:
     """What identifies a saved model for the index: weights sha256, architecture, embedding size."""
-    from lightclip.data.catalogue import file_sha256
-    from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
-
     info = read_model_info(model_dir)
     weights = Path(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
@@ -188,7 +184,7 @@ class Hit:
 class CatalogueIndex:
     """A FAISS index with the item of each row and the model that embedded them."""
 
-    index: "faiss.Index"
+    index: faiss.Index
     ids: list[str]
     titles: list[str]
     meta: dict[str, Any]
@@ -213,8 +209,6 @@ class CatalogueIndex:
         if len(self.titles) != len(self.ids):
             problems.append(f"{len(self.titles)} titles for {len(self.ids)} ids")
         if len(set(self.ids)) != len(self.ids):
-            from collections import Counter
-
             dup = sorted(i for i, c in Counter(self.ids).items() if c > 1)
             problems.append(f"{len(dup)} duplicate item id(s), e.g. {dup[:5]}")
         if int(self.meta.get("dim", self.index.d)) != int(self.index.d):
@@ -275,25 +269,14 @@ class CatalogueIndex:
 
     def save(self, directory: Path | str) -> Path:
         """Write ``index.faiss``, ``items.json`` and ``index.json`` (replacing the directory atomically)."""
-        import faiss
-
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        faiss.write_index(self.index, str(tmp / INDEX_FILE))
-        items = {"ids": self.ids, "titles": self.titles, **self.attributes}
-        (tmp / ITEMS_FILE).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        with staged_dir(directory) as tmp:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            write_json(tmp / ITEMS_FILE, {"ids": self.ids, "titles": self.titles, **self.attributes}, indent=None, sort_keys=False)
+            write_json(tmp / META_FILE, self.meta)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: Path | str) -> "CatalogueIndex":
-        import faiss
-
         directory = Path(directory)
         for name in (META_FILE, INDEX_FILE, ITEMS_FILE):
             if not (directory / name).is_file():
@@ -317,9 +300,7 @@ class CatalogueIndex:
         return obj
 
 
-def _apply_search_knobs(index: "faiss.Index", meta: dict[str, Any]) -> None:
-    import faiss
-
+def _apply_search_knobs(index: faiss.Index, meta: dict[str, Any]) -> None:
     params = meta.get("params", {})
     if meta.get("kind") == "ivf" and "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
@@ -332,10 +313,33 @@ def _apply_search_knobs(index: "faiss.Index", meta: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class IndexInputs:
+    catalogue: Path  # the catalogue to index (data/split); the model is ``index.model``
+
+
+@dataclass(frozen=True)
+class IndexOutputs:
+    index: Path  # models/index: the FAISS index, item ids and the index's facts
+    metrics: Path  # metrics/index.json
+
+
+def run_index(config: IndexConfig, inputs: IndexInputs, outputs: IndexOutputs, context: StageContext) -> dict[str, Any]:
+    """The ``index`` stage: embed and index the catalogue, save the index and its metrics."""
+    index, metrics = build_catalogue_index(
+        Catalogue.load(inputs.catalogue), context.resolve(config.model), config, cache_dir=context.image_cache_dir, progress=context.progress
+    )
+    index.meta["model"]["dir"] = config.model  # as given: relative to the project, so the index is portable
+    out = index.save(outputs.index)
+    metrics["index/file_mb"] = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    write_json(outputs.metrics, metrics)
+    return metrics
+
+
 def build_catalogue_index(
-    catalogue: "Catalogue",
+    catalogue: Catalogue,
     model_dir: Path | str,
-    config: "IndexConfig",
+    config: IndexConfig,
     *,
     cache_dir: Path | str,
     progress: bool = False,
@@ -345,23 +349,13 @@ def build_catalogue_index(
     Returns the index and the stage metrics (counts, timings, recall@10 against exact search
     for ``ivf``/``hnsw`` on up to ``config.eval_queries`` of the items' titles as queries).
     """
-    import torch
-
-    from lightclip.data.catalogue import file_sha256
-    from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
-    from lightclip.imagecache import build_image_cache
-    from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
-
     items = catalogue.items if config.split is None else catalogue.split(config.split)
     if len(items) == 0:
         raise CatalogueIndexError(f"{catalogue.table_path}: {'no items' if config.split is None else f'split {config.split!r} has no items'} to index")
     fingerprint = model_fingerprint(model_dir)
     model = load_model(model_dir)
     size = int(preprocess_config(model)["size"])
-    previous = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with _threads(config, faiss_too=False):  # the query latencies below: FAISS on its default threads
         cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress)
         t0 = time.perf_counter()
         vectors = embed_images(model, cache, config.batch_size).numpy()
@@ -407,14 +401,10 @@ def build_catalogue_index(
                 metrics["index/recall@10_vs_flat"] = recall_against(reference, got, 10)
             else:
                 metrics["index/recall@10_vs_flat"] = 1.0
-    finally:
-        torch.set_num_threads(previous)
     return cat_index, metrics
 
 
-def _exact_index(vectors: np.ndarray) -> "faiss.Index":
-    import faiss
-
+def _exact_index(vectors: np.ndarray) -> faiss.Index:
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(normalise_rows(vectors))
     return exact
@@ -438,8 +428,6 @@ class Searcher:
     """A loaded index and the model that embeds queries for it (checked against each other)."""
 
     def __init__(self, index_dir: Path | str, model_dir: Path | str | None = None, *, project_dir: Path | str | None = None) -> None:
-        from lightclip.models.zoo import load_model, load_tokenizer
-
         self.index = CatalogueIndex.load(index_dir)
         self.model_label = str(model_dir) if model_dir is not None else str(self.index.meta.get("model", {}).get("dir"))
         if model_dir is None:
@@ -455,8 +443,6 @@ class Searcher:
         self.tokenizer = load_tokenizer(self.model_dir)
 
     def embed_text(self, text: str) -> tuple[np.ndarray, bool, int, int]:
-        from lightclip.evaluation import embed_texts, tokenize_checked
-
         if not str(text).strip():
             raise CatalogueIndexError("empty query: give some words to search for")
         tokens, truncated = tokenize_checked(self.tokenizer, [str(text)])
@@ -469,11 +455,6 @@ class Searcher:
         return SearchResult(query=query, hits=self.index.search(vector, k)[0], truncated=truncated, tokens=n_tokens, context_length=context)
 
     def image(self, path: Path | str, k: int = 10) -> SearchResult:
-        import torch
-
-        from lightclip.imagecache import ImageCacheError, decode_image, normalise
-        from lightclip.models.zoo import preprocess_config
-
         path = Path(path)
         if not path.is_file():
             raise CatalogueIndexError(f"{path}: image not found")
@@ -482,9 +463,7 @@ class Searcher:
             array = decode_image(path, int(pre["size"]))
         except ImageCacheError as exc:
             raise CatalogueIndexError(str(exc)) from None
-        with torch.no_grad():
-            batch = normalise(torch.from_numpy(array[None].copy()), pre["mean"], pre["std"])
-            vector = self.model.encode_image(batch, normalize=True).float().numpy()
+        vector = embed_images(self.model, array[None]).numpy()
         return SearchResult(query=str(path), hits=self.index.search(vector, k)[0])
 
 

@@ -22,23 +22,30 @@ cache): a different number of items, different ids or order, another catalogue t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
 from lightclip.config import TeacherEmbedConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.errors import LightclipError
+from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
+from lightclip.imagecache import build_image_cache
+from lightclip.io import atomic_write_bytes, staged_dir, torch_threads, write_json
+from lightclip.models.zoo import WEIGHTS_FILE, ModelError, load_model, load_tokenizer, preprocess_config, read_model_info
+from lightclip.stage import StageContext
 
 FORMAT = "lightclip-teacher-embeddings/1"
 REFRESH_HINT = "recompute it: dvc repro teacher_embed (or lightclip teacher-embed)"
 
 
-class StaleTeacherEmbeddings(ValueError):
+class StaleTeacherEmbeddings(LightclipError, ValueError):
     """A teacher-embedding file that does not belong to this catalogue split or teacher."""
 
 
@@ -76,11 +83,6 @@ class TeacherEmbeddings:
 
     def save(self, path: Path | str) -> Path:
         """Write the safetensors file atomically; returns its path."""
-        import torch
-        from safetensors.torch import save
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"image": torch.from_numpy(np.ascontiguousarray(self.image, dtype=np.float32)),
                    "text": torch.from_numpy(np.ascontiguousarray(self.text, dtype=np.float32))}
         if self.image_hflip is not None:
@@ -97,16 +99,11 @@ class TeacherEmbeddings:
             "image_size": str(self.image_size),
             "teacher_logit_scale": repr(float(self.teacher_logit_scale)),
         }
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save(tensors, metadata=metadata))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
 
 
 def teacher_weights_sha256(teacher_dir: Path | str) -> str:
     """sha256 of a saved teacher's ``model.safetensors``."""
-    from lightclip.models.zoo import WEIGHTS_FILE, ModelError
-
     path = Path(teacher_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise ModelError(f"{teacher_dir}: no teacher weights ({WEIGHTS_FILE}); train it first: dvc repro pretrain")
@@ -124,35 +121,19 @@ def embed_with_teacher(
     progress: bool = False,
 ) -> TeacherEmbeddings:
     """The teacher's embeddings of ``split`` (images from the uint8 cache under ``cache_dir``)."""
-    import torch
-
-    from lightclip.imagecache import build_image_cache, normalise
-    from lightclip.models.zoo import encode_text, load_model, load_tokenizer, preprocess_config, read_model_info
-
     teacher_dir = Path(teacher_dir)
     teacher_sha = teacher_weights_sha256(teacher_dir)
     info = read_model_info(teacher_dir)
     model = load_model(teacher_dir)
     model.requires_grad_(False)
-    tok = load_tokenizer(teacher_dir)
-    pre = preprocess_config(model)
-    size = int(pre["size"])
+    size = int(preprocess_config(model)["size"])
     cache = build_image_cache(catalogue, split, size, cache_dir, progress=progress)
-    titles = [str(t) for t in catalogue.split(split)["title"]]
-    images, flipped, texts = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(cache), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(cache)))
-            batch = cache.batch(rows)
-            images.append(model.encode_image(normalise(batch, pre["mean"], pre["std"]), normalize=True).float())
-            if hflip:
-                flipped.append(model.encode_image(normalise(batch.flip(-1), pre["mean"], pre["std"]), normalize=True).float())
-            texts.append(encode_text(model, tok(titles[start : start + batch_size]), normalize=True).float())
+    tokens = load_tokenizer(teacher_dir)([str(t) for t in catalogue.split(split)["title"]])
     return TeacherEmbeddings(
         ids=cache.ids,
-        image=torch.cat(images).numpy(),
-        text=torch.cat(texts).numpy(),
-        image_hflip=torch.cat(flipped).numpy() if hflip else None,
+        image=embed_images(model, cache, batch_size).numpy(),
+        text=embed_texts(model, tokens, batch_size).numpy(),
+        image_hflip=embed_images(model, cache, batch_size, hflip=True).numpy() if hflip else None,
         split=split,
         catalogue_sha256=file_sha256(catalogue.table_path),
         teacher_sha256=teacher_sha,
@@ -174,8 +155,6 @@ def load_teacher_embeddings(path: Path | str, catalogue: Catalogue, split: str, 
     Raises :class:`StaleTeacherEmbeddings` naming what differs (count, ids, catalogue hash,
     teacher hash, split), ``FileNotFoundError`` when there is no file.
     """
-    from safetensors import safe_open
-
     path = embeddings_path(path, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher embeddings for split {split!r}; {REFRESH_HINT}")
@@ -229,38 +208,33 @@ def load_teacher_embeddings(path: Path | str, catalogue: Catalogue, split: str, 
     )
 
 
-def run_teacher_embed(
-    catalogue: Catalogue,
-    teacher_dir: Path | str,
-    out_dir: Path | str,
-    config: TeacherEmbedConfig = TeacherEmbedConfig(),
-    *,
-    cache_dir: Path | str,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The ``teacher_embed`` stage: ``<out_dir>/<split>.safetensors`` for each configured split.
+@dataclass(frozen=True)
+class TeacherEmbedInputs:
+    catalogue: Path  # the split catalogue (data/split)
+    teacher: Path  # the teacher model dir (models/teacher)
 
-    The directory is replaced atomically. Returns metrics: items per split, the embedding width,
-    seconds, and (for a ``val``/``test`` split) the teacher's retrieval metrics from its cached
-    embeddings, as ``teacher/<split>/<metric>``.
+
+@dataclass(frozen=True)
+class TeacherEmbedOutputs:
+    embeddings: Path  # data/teacher_emb: <split>.safetensors per configured split
+    metrics: Path  # metrics/teacher_embed.json
+
+
+def run_teacher_embed(config: TeacherEmbedConfig, inputs: TeacherEmbedInputs, outputs: TeacherEmbedOutputs, context: StageContext) -> dict[str, Any]:
+    """The ``teacher_embed`` stage: ``<embeddings>/<split>.safetensors`` for each configured split.
+
+    The directory is replaced atomically. Returns (and writes) the metrics: items per split, the
+    embedding width, seconds, and (for a ``val``/``test`` split) the teacher's retrieval metrics
+    from its cached embeddings, as ``teacher/<split>/<metric>``.
     """
-    import torch
-
-    from lightclip.evaluation import retrieval_metrics, title_groups
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    catalogue = Catalogue.load(inputs.catalogue)
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     metrics: dict[str, Any] = {}
-    try:
+    with torch_threads(config.num_threads), staged_dir(outputs.embeddings) as tmp:
         for split in config.splits:
             if len(catalogue.split(split)) == 0:
                 raise ValueError(f"{catalogue.table_path}: split {split!r} has no items (teacher_embed.splits)")
-            emb = embed_with_teacher(teacher_dir, catalogue, split, cache_dir, batch_size=config.batch_size, hflip=config.hflip, progress=progress)
+            emb = embed_with_teacher(inputs.teacher, catalogue, split, context.image_cache_dir, batch_size=config.batch_size, hflip=config.hflip, progress=context.progress)
             emb.save(tmp / f"{split}.safetensors")
             metrics[f"{split}_items"] = len(emb)
             metrics["embed_dim"] = emb.embed_dim
@@ -268,14 +242,6 @@ def run_teacher_embed(
                 titles = [str(t) for t in catalogue.split(split)["title"]]
                 recall = retrieval_metrics(emb.image, emb.text, title_groups(titles))
                 metrics.update({f"teacher/{split}/{k}": v for k, v in recall.items()})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     metrics["seconds"] = time.perf_counter() - started
+    write_json(outputs.metrics, metrics)
     return metrics
-

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -43,10 +42,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
 
 from lightclip.config import ValidateConfig
 from lightclip.data.catalogue import CATALOGUE_FILE, SPLITS, Catalogue, CatalogueError, normalise_items, rebase_image_path
 from lightclip.data.split import normalise_title
+from lightclip.errors import LightclipError
+from lightclip.io import write_json
+from lightclip.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,6 @@ def _value(v: Any) -> Any:
 
 
 def _inspect_one(path: Path | None) -> dict[str, Any]:
-    from PIL import Image
-
     row: dict[str, Any] = dict.fromkeys(IMAGE_COLUMNS)
     row["image_exists"] = False
     if path is None or not path.is_file():
@@ -104,8 +106,6 @@ def inspect_images(catalogue: Catalogue, *, progress: bool = True) -> pd.DataFra
     ``image_width``/``image_height``/``image_min_side`` (``None`` unless it decodes) and
     ``image_sha256`` (hash of the file bytes; ``None`` when missing).
     """
-    from tqdm.auto import tqdm
-
     rows = []
     for image in tqdm(catalogue.items["image"], desc="inspect images", unit="img", disable=not progress, leave=False):
         path = None
@@ -197,7 +197,7 @@ class ValidationResult:
         return "\n".join(lines)
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(LightclipError):
     """Error-level checks failed; the message names each one with its count and example ids."""
 
     def __init__(self, message: str, result: ValidationResult | None = None, summary: "ValidationSummary | None" = None):
@@ -306,6 +306,7 @@ def _exception_message(result: Any) -> str | None:
 
 def _run_suite(frame: pd.DataFrame, spec: list[tuple[str, str, dict[str, Any], str]]) -> dict[str, Any]:
     """Run the suite on ``frame`` in an ephemeral GX context; results keyed by check name."""
+    # Imported here: Great Expectations costs 2.4 s to import, and every CLI command imports this module.
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -452,34 +453,48 @@ def _clear_stale_outputs(out_dir: Path, keep: set[str]) -> str | None:
     table = out_dir / CATALOGUE_FILE
     if not table.exists():
         return None
-    ours = {CATALOGUE_FILE, QUARANTINE_FILE, CATALOGUE_FILE + ".tmp"} | keep
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    ours = [p for p in out_dir.iterdir() if p.name in (CATALOGUE_FILE, QUARANTINE_FILE) or _is_table_temp(p.name)]
+    others = sorted(p.name for p in out_dir.iterdir() if p not in ours and p.name not in keep)
     if others:
         return f"a stale {table} was left in place because {out_dir} also holds other files ({others[:5]}): remove it by hand"
-    for name in (CATALOGUE_FILE, QUARANTINE_FILE, CATALOGUE_FILE + ".tmp"):
-        (out_dir / name).unlink(missing_ok=True)
+    for path in ours:
+        path.unlink(missing_ok=True)
     return None
 
 
-def run_validation(
-    in_dir: Path,
-    out_dir: Path,
-    report_path: Path,
-    metrics_path: Path,
-    config: ValidateConfig,
-    *,
-    progress: bool = True,
-) -> ValidationSummary:
-    """The ``validate`` stage: validate ``in_dir``'s catalogue and write the clean one to ``out_dir``.
+def _is_table_temp(name: str) -> bool:
+    """A temporary file of an interrupted catalogue write (``catalogue.parquet.<pid>.tmp``)."""
+    return name.startswith(CATALOGUE_FILE + ".") and name.endswith(".tmp")
 
-    Always writes ``report_path`` (Markdown) and ``metrics_path`` (JSON). With
-    ``on_error: fail`` any failed error-level check raises :class:`ValidationFailed` after the
-    report is written, and ``out_dir`` is left without a catalogue. With ``on_error: quarantine``
-    the clean rows are written as the catalogue and the bad ones, with a ``reasons`` column, to
-    ``out_dir/quarantine.csv`` (header only when there are none). Image paths are rebased so the
-    written catalogue points at the original images.
+
+@dataclass(frozen=True)
+class ValidateInputs:
+    catalogue: Path  # the raw catalogue (data/raw)
+
+
+@dataclass(frozen=True)
+class ValidateOutputs:
+    catalogue: Path  # the clean catalogue (data/validated), with quarantine.csv beside it
+    report: Path  # reports/validation.md
+    metrics: Path  # metrics/validate.json
+
+    @property
+    def quarantine(self) -> Path:
+        return self.catalogue / QUARANTINE_FILE
+
+
+def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: ValidateOutputs, context: StageContext) -> ValidationSummary:
+    """The ``validate`` stage: validate the input catalogue and write the clean one.
+
+    Always writes the report (Markdown) and the metrics (JSON). With ``on_error: fail`` any
+    failed error-level check raises :class:`ValidationFailed` after the report is written, and
+    the output folder is left without a catalogue. With ``on_error: quarantine`` the clean rows
+    are written as the catalogue and the bad ones, with a ``reasons`` column, to
+    ``quarantine.csv`` beside it (header only when there are none). Image paths are rebased so
+    the written catalogue points at the original images.
     """
-    in_dir, out_dir, report_path, metrics_path = Path(in_dir), Path(out_dir), Path(report_path), Path(metrics_path)
+    in_dir, out_dir, report_path, metrics_path = Path(inputs.catalogue), Path(outputs.catalogue), Path(outputs.report), Path(outputs.metrics)
+    progress = context.progress
     if in_dir.resolve() == out_dir.resolve():
         raise CatalogueError(f"{out_dir}: the validated catalogue must go to a different folder than its input")
     catalogue = Catalogue.load(in_dir)
@@ -514,9 +529,8 @@ def run_validation(
         note = _clear_stale_outputs(out_dir, keep)
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(render_report(summary), encoding="utf-8")
-    metrics_path.write_text(json.dumps(summary.metrics(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    write_json(metrics_path, summary.metrics(), sort_keys=False)
 
     for c in result.warnings:
         log.warning("validation warning: %s", c.describe())

@@ -1,7 +1,7 @@
 """The ``split`` stage: a deterministic, leakage-free train/val/test assignment.
 
 Items that are near-certainly the same product are grouped and a group always lands in one
-split: identical titles (compared normalised: lower-case, collapsed whitespace), identical
+split: identical titles (compared folded: :func:`lightclip.data.titles.fold_title`), identical
 image bytes (sha256) and identical ids are joined with union-find, transitively. Groups are
 visited in a seeded order that is stable across platforms and Python versions (sorted by
 ``sha256(f"{seed}:{smallest id}")``); test is filled first, then val, the rest is train.
@@ -14,8 +14,7 @@ Any ``split`` values already in the catalogue are overwritten.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,8 +22,9 @@ import pandas as pd
 
 from lightclip.config import SplitConfig, SplitSize
 from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, file_sha256, normalise_items
-
-_WHITESPACE = re.compile(r"\s+")
+from lightclip.data.titles import fold_title
+from lightclip.io import write_json
+from lightclip.stage import StageContext
 
 
 def _is_null(value: Any) -> bool:
@@ -35,11 +35,11 @@ def _is_null(value: Any) -> bool:
 
 
 def normalise_title(title: Any) -> str | None:
-    """Lower-case and collapse whitespace; ``None`` for a missing or blank title."""
+    """The title's :func:`~lightclip.data.titles.fold_title`; ``None`` for a missing (None, NaN,
+    NA) or blank title, which joins no group."""
     if _is_null(title):
         return None
-    text = _WHITESPACE.sub(" ", str(title)).strip().lower()
-    return text or None
+    return fold_title(str(title)) or None
 
 
 def target_size(size: SplitSize, n_items: int) -> int:
@@ -154,9 +154,20 @@ def split_counts(catalogue: Catalogue) -> dict[str, int]:
     return {name: int(counts.get(name, 0)) for name in SPLITS}
 
 
-def run_split(in_dir: Path, out_dir: Path, metrics_path: Path, config: SplitConfig) -> dict[str, Any]:
-    """The ``split`` stage: load ``in_dir``, assign splits, save to ``out_dir``, write counts JSON."""
-    in_dir, out_dir, metrics_path = Path(in_dir), Path(out_dir), Path(metrics_path)
+@dataclass(frozen=True)
+class SplitInputs:
+    catalogue: Path  # the validated catalogue (data/validated)
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    catalogue: Path  # the split catalogue (data/split)
+    metrics: Path  # metrics/split.json
+
+
+def run_split(config: SplitConfig, inputs: SplitInputs, outputs: SplitOutputs, context: StageContext) -> dict[str, Any]:
+    """The ``split`` stage: load the catalogue, assign splits, save it, write the counts JSON."""
+    in_dir, out_dir, metrics_path = Path(inputs.catalogue), Path(outputs.catalogue), Path(outputs.metrics)
     if in_dir.resolve() == out_dir.resolve():
         raise CatalogueError(f"{out_dir}: the split catalogue must go to a different folder than its input")
     catalogue = Catalogue.load(in_dir)
@@ -177,6 +188,5 @@ def run_split(in_dir: Path, out_dir: Path, metrics_path: Path, config: SplitConf
         "grouped_items": sum(s for s in sizes.values() if s > 1),
         "largest_group": max(sizes.values()),
     }
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json(metrics_path, metrics, sort_keys=False)
     return metrics

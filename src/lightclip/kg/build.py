@@ -7,20 +7,23 @@ the graph never leaks test text into training.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import networkx as nx
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm import tqdm
 
 from lightclip.config import KGConfig
 from lightclip.data.catalogue import Catalogue
+from lightclip.io import staged_dir, write_json
 from lightclip.kg.concepts import KGError, mine_concepts
 from lightclip.kg.graph import build_concept_graph, check_forest, graph_stats, item_concepts, kg_quality, save_graph
 from lightclip.kg.prototypes import bootstrap_prototypes, pixel_descriptors
+from lightclip.stage import StageContext
 
 GRAPH_FILE = "graph.json"
 ITEM_CONCEPTS_FILE = "item_concepts.json"
@@ -31,9 +34,6 @@ DESCRIPTOR_SIZE = 16
 
 
 def _load_small_images(catalogue: Catalogue, images: list[str], size: int, progress: bool) -> np.ndarray:
-    from PIL import Image
-    from tqdm import tqdm
-
     out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for i, image in enumerate(tqdm(images, desc="prototype descriptors", unit="img", disable=not progress)):
         with Image.open(catalogue.image_path(image)) as img:
@@ -48,6 +48,25 @@ def concept_members(ids: list[str], links: Mapping[str, list[str]]) -> dict[str,
         for concept in links.get(item_id, []):
             members.setdefault(concept, []).append(position)
     return members
+
+
+@dataclass(frozen=True)
+class BuildKGInputs:
+    catalogue: Path  # the split catalogue (data/split): concepts are mined from its training titles
+
+
+@dataclass(frozen=True)
+class BuildKGOutputs:
+    kg: Path  # data/kg: graph, item concepts, prototypes and how they were chosen
+    metrics: Path  # metrics/kg.json
+    figure: Path  # reports/kg_sample.png
+
+
+def run_build_kg(config: KGConfig, inputs: BuildKGInputs, outputs: BuildKGOutputs, context: StageContext) -> dict[str, Any]:
+    """The ``build_kg`` stage (:func:`build_knowledge_graph` on the split catalogue); returns the stats."""
+    return build_knowledge_graph(
+        Catalogue.load(inputs.catalogue), config, outputs.kg, stats_path=outputs.metrics, figure_path=outputs.figure, progress=context.progress
+    )
 
 
 def build_knowledge_graph(
@@ -94,30 +113,15 @@ def build_knowledge_graph(
         stats["article_types_rooted"] = quality["article_types_rooted"]
         stats["items_descend_from_type"] = quality["items_descend_from_type"]
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         save_graph(graph, tmp / GRAPH_FILE)
-        _write_json(tmp / ITEM_CONCEPTS_FILE, links)
-        _write_json(tmp / PROTOTYPES_FILE, prototypes)
-        _write_json(tmp / SELECTION_FILE, config.prototype_selection())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(Path(stats_path), stats)
+        write_json(tmp / ITEM_CONCEPTS_FILE, links, indent=1)
+        write_json(tmp / PROTOTYPES_FILE, prototypes, indent=1)
+        write_json(tmp / SELECTION_FILE, config.prototype_selection(), indent=1)
+    write_json(stats_path, stats, indent=1)
     Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
     draw_graph_sample(graph, prototypes, catalogue, Path(figure_path))
     return stats
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _sample_chains(graph: nx.DiGraph, n_chains: int) -> list[list[str]]:
@@ -137,16 +141,11 @@ def _sample_chains(graph: nx.DiGraph, n_chains: int) -> list[list[str]]:
 
 def draw_graph_sample(graph: nx.DiGraph, prototypes: Mapping[str, list[str]], catalogue: Catalogue, path: Path, n_chains: int = 5, thumbs: int = 3) -> Path:
     """A picture of a few is-a chains (general -> specific, left to right) with prototype thumbnails."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
     chains = _sample_chains(graph, n_chains)
     by_id = dict(zip(catalogue.items["id"].astype(str), catalogue.items["image"]))
     columns = 3
-    fig, axes = plt.subplots(len(chains), columns * thumbs, figsize=(columns * thumbs * 1.1, len(chains) * 1.5), squeeze=False)
+    fig = Figure(figsize=(columns * thumbs * 1.1, len(chains) * 1.5))  # no pyplot: no global backend or figure registry
+    axes = fig.subplots(len(chains), columns * thumbs, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for row, chain in enumerate(chains):
@@ -160,5 +159,4 @@ def draw_graph_sample(graph: nx.DiGraph, prototypes: Mapping[str, list[str]], ca
     fig.suptitle("Concept graph sample: product type \u2192 finer concepts, with prototype images", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
