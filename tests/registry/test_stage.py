@@ -10,8 +10,8 @@ import pytest
 
 from lightclip.cli import build_parser, main
 from lightclip.config import ConfigError, parse_params
-from lightclip.registry.aliases import ModelRegistry, RegistryError
-from lightclip.registry.stage import format_report, format_version, format_versions, run_metrics, run_tags
+from lightclip.registry.aliases import ModelRegistry, RegistryError, format_version, format_versions
+from lightclip.registry.stage import format_report, run_metrics, run_tags
 
 STUDENT, TEACHER = "lightclip-student", "lightclip-teacher"  # register.model_name, register.teacher_model_name
 DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"  # the data.dvc of the test projects

@@ -1,4 +1,5 @@
-"""The alias store: the project's MLflow model registry, with alias moves serialised by a lock.
+"""The alias store: the project's MLflow model registry, with alias moves serialised by a lock,
+and the views behind ``lightclip registry list/show``.
 
 Aliases (``@staging``, ``@production``; never the deprecated stages) move only inside
 :meth:`ModelRegistry.locked`: an exclusive file lock beside the store, under which the current
@@ -32,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from lightclip.config import PromoteConfig
 from lightclip.errors import LightclipError
-from lightclip.registry.gate import Evidence, GateResult, gate
+from lightclip.registry.gate import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEST_SET, Evidence, GateResult, gate, gate_tag
 from lightclip.tracking import TAG_PREFIX, TrackingTarget
 
 AUDIT_FILE = "registry_audit.jsonl"
@@ -42,6 +43,7 @@ HISTORY_LIMIT = 100
 ACTOR_ENV = "LIGHTCLIP_ACTOR"
 
 TAG_WEIGHTS = f"{TAG_PREFIX}weights_sha256"  # a version's identity: registering the same weights reuses it
+TAG_CANDIDATE = f"{TAG_PREFIX}candidate"  # the model's name in evaluate.models
 ALIAS_TAG_PREFIX = f"{TAG_PREFIX}alias."
 
 
@@ -331,3 +333,41 @@ class ModelRegistry:
                 handle.flush()
                 os.fsync(handle.fileno())
         return move
+
+
+# ----------------------------------------------------------------------------------------------
+# The views behind `lightclip registry list/show` (beside the store: they need nothing else, so
+# those commands never import torch)
+# ----------------------------------------------------------------------------------------------
+
+
+def format_versions(registry: ModelRegistry, name: str) -> str:
+    """A table of a registered model's versions with aliases, gate verdicts, recall and latency."""
+    aliases = registry.aliases(name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(f"@{alias}")
+    rows = [f"{name}  (aliases: {', '.join(f'@{a}=v{v}' for a, v in sorted(aliases.items())) or 'none'})",
+            f"{'version':>7}  {'aliases':<22} {'gate@staging':<12} {'gate@production':<15} {'mean_recall':>11} {'encode_ms':>9}  "
+            f"{'candidate':<12} {'created (UTC)':<19}  test_set"]
+    for v in registry.versions(name):
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        recall = v.tags.get(TAG_MEAN_RECALL)
+        speed = v.tags.get(TAG_ENCODE_MS)
+        rows.append(
+            f"{v.version:>7}  {' '.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
+            f"{v.tags.get(gate_tag('staging'), '-'):<12} {v.tags.get(gate_tag('production'), '-'):<15} "
+            f"{float(recall) if recall else float('nan'):>11.2f} {float(speed) if speed else float('nan'):>9.2f}  "
+            f"{v.tags.get(TAG_CANDIDATE, '-'):<12} {created:<19}  {v.tags.get(TAG_TEST_SET, '-')}"
+        )
+    return "\n".join(rows)
+
+
+def format_version(registry: ModelRegistry, name: str, ref: str) -> str:
+    """One version: aliases, tags (sorted) and the model card."""
+    v = registry.version(name, ref)
+    aliases = [f"@{a}" for a, n in registry.aliases(name).items() if n == str(v.version)]
+    lines = [f"{name} v{v.version}  aliases: {' '.join(sorted(aliases)) or 'none'}  source: {v.source}", "", "tags:"]
+    lines += [f"  {k} = {val}" for k, val in sorted(v.tags.items())]
+    lines += ["", v.description or "(no description)"]
+    return "\n".join(lines)

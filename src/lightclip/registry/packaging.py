@@ -37,15 +37,15 @@ from lightclip.config import Params
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.io import torch_threads
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_model, load_tokenizer, preprocess_config
-from lightclip.registry.aliases import TAG_WEIGHTS, RegistryError
+from lightclip.registry.aliases import TAG_CANDIDATE, TAG_WEIGHTS, RegistryError
 from lightclip.registry.gate import TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET
 from lightclip.serving import IMAGE_COLUMN, MODEL_ARTIFACT, TEXT_COLUMN
 from lightclip.tracking import TAG_PREFIX, mlflow_metric_name
 
 # Version tags (all under the lightclip. prefix, so they sort together in the UI); the gate's
-# evidence tags live in lightclip.registry.gate, the weights tag in lightclip.registry.aliases.
+# evidence tags live in lightclip.registry.gate, the identity tags (weights, candidate name) that
+# the store reads in lightclip.registry.aliases.
 TAG_ROLE = f"{TAG_PREFIX}role"  # teacher | student
-TAG_CANDIDATE = f"{TAG_PREFIX}candidate"  # the model's name in evaluate.models
 TAG_MODEL_DIR = f"{TAG_PREFIX}model_dir"
 TAG_PARAMS_HASH = f"{TAG_PREFIX}params_hash"
 TAG_TEACHER_VERSION = f"{TAG_PREFIX}teacher_version"

@@ -1,4 +1,4 @@
-"""The ``register`` stage, and the views behind ``lightclip registry list/show``.
+"""The ``register`` stage.
 
 Every model of ``evaluate.models`` is logged and registered (:mod:`lightclip.registry.packaging`):
 the teacher as a version of ``register.teacher_model_name``, every other model as a version of
@@ -12,7 +12,6 @@ lock, so they all see the same ``@staging`` holder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,9 +21,8 @@ from lightclip.evaluation import EvaluationError, check_model_dirs
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
 from lightclip.registry.aliases import AliasMove, ModelRegistry, RegistryError, actor, now_utc
-from lightclip.registry.gate import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEST_SET, GateResult, gate_tag
+from lightclip.registry.gate import GateResult, gate_tag
 from lightclip.registry.packaging import (
-    TAG_CANDIDATE,
     active_run_id,
     TAG_REGISTERED_AT,
     TAG_REGISTERED_BY,
@@ -306,7 +304,7 @@ def _resolve_model_dirs(models: Mapping[str, str], project_dir: Path) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------------
-# What the CLI logs and prints
+# What the CLI logs and prints for the stage
 # ----------------------------------------------------------------------------------------------
 
 
@@ -347,36 +345,4 @@ def format_report(report: Mapping[str, Any], report_path: Path | str) -> str:
         lines += [f"    {reason}" for reason in student["reasons"]]
     before, after = report["staging_before"], report["staging_after"]
     lines.append(f"@staging: {'v' + before if before else 'none'} -> {'v' + after if after else 'none'}; report: {report_path}")
-    return "\n".join(lines)
-
-
-def format_versions(registry: ModelRegistry, name: str) -> str:
-    """A table of a registered model's versions with aliases, gate verdicts, recall and latency."""
-    aliases = registry.aliases(name)
-    by_version: dict[str, list[str]] = {}
-    for alias, version in aliases.items():
-        by_version.setdefault(version, []).append(f"@{alias}")
-    rows = [f"{name}  (aliases: {', '.join(f'@{a}=v{v}' for a, v in sorted(aliases.items())) or 'none'})",
-            f"{'version':>7}  {'aliases':<22} {'gate@staging':<12} {'gate@production':<15} {'mean_recall':>11} {'encode_ms':>9}  "
-            f"{'candidate':<12} {'created (UTC)':<19}  test_set"]
-    for v in registry.versions(name):
-        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        recall = v.tags.get(TAG_MEAN_RECALL)
-        speed = v.tags.get(TAG_ENCODE_MS)
-        rows.append(
-            f"{v.version:>7}  {' '.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
-            f"{v.tags.get(gate_tag('staging'), '-'):<12} {v.tags.get(gate_tag('production'), '-'):<15} "
-            f"{float(recall) if recall else float('nan'):>11.2f} {float(speed) if speed else float('nan'):>9.2f}  "
-            f"{v.tags.get(TAG_CANDIDATE, '-'):<12} {created:<19}  {v.tags.get(TAG_TEST_SET, '-')}"
-        )
-    return "\n".join(rows)
-
-
-def format_version(registry: ModelRegistry, name: str, ref: str) -> str:
-    """One version: aliases, tags (sorted) and the model card."""
-    v = registry.version(name, ref)
-    aliases = [f"@{a}" for a, n in registry.aliases(name).items() if n == str(v.version)]
-    lines = [f"{name} v{v.version}  aliases: {' '.join(sorted(aliases)) or 'none'}  source: {v.source}", "", "tags:"]
-    lines += [f"  {k} = {val}" for k, val in sorted(v.tags.items())]
-    lines += ["", v.description or "(no description)"]
     return "\n".join(lines)
