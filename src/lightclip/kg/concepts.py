@@ -32,9 +32,10 @@ from itertools import combinations
 from typing import Iterable, Sequence
 
 from lightclip.config import KGConfig
+from lightclip.errors import LightclipError
 
 
-class KGError(ValueError):
+class KGError(LightclipError, ValueError):
     """Knowledge-graph input or output that cannot be used; the message says what and why."""
 
 

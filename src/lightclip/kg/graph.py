@@ -11,7 +11,6 @@ construction; :func:`check_forest` verifies it after loading.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ from typing import Any, Mapping
 import networkx as nx
 import pandas as pd
 
+from lightclip.io import write_json
 from lightclip.kg.concepts import (
     ConceptVocabulary,
     KGError,
@@ -237,12 +237,7 @@ def save_graph(graph: nx.DiGraph, path: Path | str) -> Path:
     data["nodes"] = sorted(data["nodes"], key=lambda n: n["id"])
     data["edges"] = sorted(data["edges"], key=lambda e: (e["source"], e["target"]))
     data["format"] = GRAPH_FORMAT
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, data, indent=1)
 
 
 def load_graph(path: Path | str) -> nx.DiGraph:

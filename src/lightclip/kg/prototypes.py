@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import faiss
 import numpy as np
 
 from lightclip.kg.concepts import KGError
-
-PROMPT_TEMPLATE = "a photo of {concept}"
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -81,8 +80,6 @@ def select_prototypes(
     ``candidates[i]``, when given, restricts concept i to those image indices (the images whose
     titles name it); a concept whose pool comes back empty falls back to its candidates.
     """
-    import faiss
-
     queries = l2_normalise(queries)
     image_vectors = l2_normalise(image_vectors)
     if image_vectors.shape[1] != queries.shape[1]:
