@@ -4,7 +4,6 @@ the metrics of a saved model)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

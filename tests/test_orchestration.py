@@ -1,13 +1,13 @@
 """lightclip.orchestration: stage order, params overrides, the up-to-date rule, the report.
 
-No Prefect here (the flow itself: tests/test_retrain_flow.py); DVC runs on tiny fake pipelines
-whose stages are one-line Python scripts, so each check takes a second or two.
+No Prefect here (the flow itself: tests/test_retrain_flow.py); DVC runs on the fake pipeline of
+tests/conftest.py (``fake_project``), whose stages are one-line Python scripts, so each check
+takes a second or two.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,94 +18,6 @@ from lightclip import orchestration as orch
 from lightclip.config import ConfigError, OrchestrationConfig, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-FAKE_DVC_YAML = """\
-stages:
-  prep:
-    cmd: python stage.py prep
-    deps: [stage.py]
-    params: [split.seed]
-    outs: [out/prep]
-  train:
-    foreach: [a, b]
-    do:
-      cmd: python stage.py train-${item}
-      deps: [out/prep]
-      outs: ["out/train-${item}"]
-  register:
-    cmd: python stage.py register
-    deps: [out/train-a, out/train-b]
-    metrics:
-      - metrics/register.json:
-          cache: false
-"""
-
-#: A stage: counts its attempts in attempts/<name>, fails while FAIL_<name> exists, writes its output.
-FAKE_STAGE = """\
-import json, pathlib, sys
-name = sys.argv[1]
-attempts = pathlib.Path("attempts")
-attempts.mkdir(exist_ok=True)
-with open(attempts / name, "a") as f:
-    f.write("x\\n")
-if pathlib.Path(f"FAIL_{name}").exists():
-    sys.exit(f"{name}: injected failure")
-if name == "register":
-    metrics = pathlib.Path("metrics")
-    metrics.mkdir(exist_ok=True)
-    version = str(len((attempts / name).read_text().splitlines()))
-    student = {"registered_model": "fake-student", "version": version, "role": "student", "gate": "pass", "reasons": ["fake gate"], "staged": True}
-    report = {"model_name": "fake-student", "students": {"a": student}, "staging_before": None, "staging_after": version, "aliases": {"staging": version}}
-    (metrics / "register.json").write_text(json.dumps(report))
-else:
-    import yaml
-
-    out = pathlib.Path("out")
-    out.mkdir(exist_ok=True)
-    seed = yaml.safe_load(pathlib.Path("params.yaml").read_text())["split"]["seed"]
-    (out / name).write_text(f"{name} {seed}")  # a new seed changes every output downstream
-"""
-
-FAKE_PARAMS = """\
-split:
-  seed: 0      # the fake prep stage depends on this
-orchestration:
-  cron: "0 3 * * *"   # daily: one run at most could come due while a test serves it (it would just run too)
-  timezone: UTC
-  retries: 2
-  retry_delay_seconds: 0.2
-  exponential_backoff: true
-tracking:
-  experiment: fake
-"""
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=orch.stage_env())
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def make_fake_project(root: Path) -> Path:
-    """A git + DVC project whose pipeline is prep -> train@a, train@b -> register (fast stages)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dvc.yaml").write_text(FAKE_DVC_YAML)
-    (root / "stage.py").write_text(FAKE_STAGE)
-    (root / "params.yaml").write_text(FAKE_PARAMS)
-    (root / ".gitignore").write_text("attempts/\nFAIL_*\nmlflow/\n.prefect/\n")
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "test@example.com"], root)
-    run(["git", "config", "user.name", "lightclip test"], root)
-    run(orch.dvc_command("init", "-q"), root)
-    run(orch.dvc_command("config", "core.analytics", "false"), root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-q", "-m", "fake pipeline"], root)
-    return root
-
-
-@pytest.fixture
-def fake_project(tmp_path: Path) -> Path:
-    return make_fake_project(tmp_path / "fake")
 
 
 # -- stage order -------------------------------------------------------------------------------
@@ -140,9 +52,7 @@ def test_stage_groups_of_this_repository_start_with_validate_and_cover_every_sta
     groups = orch.stage_groups(REPO_ROOT)
     names = [g.name for g in groups]
     top_level = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
-    assert names[0] == "validate" and sorted(names) == sorted(top_level)
-    if "register" in names:
-        assert names[-1] == "register"
+    assert names[0] == "validate" and names[-1] == "register" and sorted(names) == sorted(top_level)
 
 
 # -- params overrides --------------------------------------------------------------------------
