@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,8 +29,6 @@ import yaml
 
 from lightclip import orchestration as orch
 from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
-
-from test_orchestration import make_fake_project, run  # noqa: E402  (tests/ is on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,8 +105,8 @@ def mlflow_runs(uri: str, experiment: str):
 # -- the flow on a fake pipeline -----------------------------------------------------------------
 
 
-def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: str, tmp_path: Path):
-    project = make_fake_project(tmp_path / "fake")
+def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: str, fake_project: Path, projects):
+    project = fake_project
     retrain = load_flow_module().retrain
 
     state = retrain(project_dir=str(project), return_state=True)
@@ -129,7 +126,7 @@ def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: s
     mlflow_id = parent.iloc[0]["run_id"]
     with prefect_client() as client:
         assert orch.mlflow_flow_run_tag(mlflow_id) in client.read_flow_run(flow_run_id).tags
-    assert report["dvc_experiment"] and report["dvc_experiment"] in run(orch.dvc_command("exp", "list", "--name-only"), project)
+    assert report["dvc_experiment"] and report["dvc_experiment"] in projects.run(orch.dvc_command("exp", "list", "--name-only"), project)
     markdown = report_artifact(flow_run_id)
     assert "# Retraining: retrained" in markdown and mlflow_id in markdown and "fake-student v1 (a)" in markdown
 
@@ -143,10 +140,10 @@ def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: s
     assert "# Retraining: up to date" in report_artifact(second.state_details.flow_run_id)
 
 
-def test_a_failing_stage_is_retried_then_fails_the_flow_before_register(prefect_harness, fake_env: str, tmp_path: Path):
-    project = make_fake_project(tmp_path / "fake")
+def test_a_failing_stage_is_retried_then_fails_the_flow_before_register(prefect_harness, fake_env: str, fake_project: Path, projects):
+    project = fake_project
     retrain = load_flow_module().retrain
-    run(orch.dvc_command("repro"), project)  # a model is published (register ran once)
+    projects.run(orch.dvc_command("repro"), project)  # a model is published (register ran once)
     published = (project / "metrics" / "register.json").read_bytes()
 
     (project / "FAIL_train-a").touch()
@@ -167,8 +164,8 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_before_register(prefect_
     assert yaml.safe_load((project / "params.yaml").read_text())["split"]["seed"] == 1  # as `dvc exp run -S` leaves it
 
 
-def test_a_bad_override_fails_before_any_stage(prefect_harness, fake_env: str, tmp_path: Path):
-    project = make_fake_project(tmp_path / "fake")
+def test_a_bad_override_fails_before_any_stage(prefect_harness, fake_env: str, fake_project: Path):
+    project = fake_project
     before = (project / "params.yaml").read_bytes()
     state = load_flow_module().retrain(project_dir=str(project), params_overrides={"split.nope": "1"}, return_state=True)
     assert state.is_failed() and "no such key" in state.message
@@ -229,7 +226,7 @@ def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         stop_group(proc)
 
 
-def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_server, clean_env, tmp_path: Path):
+def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_server, clean_env, fake_project: Path, tmp_path: Path):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
@@ -237,7 +234,7 @@ def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_serv
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, env = prefect_server
-    project = make_fake_project(tmp_path / "fake")
+    project = fake_project
     cron = yaml.safe_load((project / "params.yaml").read_text())["orchestration"]["cron"]
     log = tmp_path / "deploy.log"
     with log.open("wb") as out:
@@ -276,70 +273,17 @@ def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_serv
 # -- the real pipeline end to end (tiny params) ----------------------------------------------------
 
 
-def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The repository's params shrunk for a test: 48 items, 1 epoch, tiny models, one student."""
-    params = json.loads(json.dumps(params))
-    params["synth"].update(n_items=48, image_size=32)
-    params["split"].update(val=8, test=8)
-    params["build_kg"]["min_count"] = 2
-
-    def shrink(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "train" and isinstance(value, dict):
-                    value.update(epochs=1, batch_size=8, num_threads=1)
-                elif key == "arch":
-                    node[key] = "lc-test-tiny"
-                elif key in ("num_threads", "threads"):
-                    node[key] = 1
-                else:
-                    shrink(value)
-        elif isinstance(node, list):
-            for item in node:
-                shrink(item)
-
-    shrink(params)
-    if "ensemble_members" in params["pretrain"]:
-        params["pretrain"]["ensemble_members"] = 1
-    students = params["distill"].get("students")
-    if isinstance(students, dict) and len(students) > 1:
-        keep = next(iter(students))
-        params["distill"]["students"] = {keep: students[keep]}
-        models = params["evaluate"]["models"]
-        params["evaluate"]["models"] = {k: v for k, v in models.items() if not str(v).startswith("models/students/") or v == f"models/students/{keep}"}
-    params["index"]["eval_queries"] = 8
-    if "register" in params:
-        params["register"].update(latency_runs=5, latency_warmup=0)
-    params["orchestration"].update(retries=1, retry_delay_seconds=0.5)
-    return params
-
-
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A copy of this project (dvc.yaml, code, tiny params, synthetic data) in git and DVC."""
-    from lightclip.cli import main
-
+def tiny_project(tmp_path_factory: pytest.TempPathFactory, projects) -> Path:
+    """A copy of this project (pipeline, code, tiny params, synthetic data) committed in git and DVC."""
     root = tmp_path_factory.mktemp("tiny") / "proj"
-    root.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = tiny_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(REPO_ROOT / "src" / "lightclip", root / "src" / "lightclip", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".gitignore").write_text("mlflow/\n.cache/\n.prefect/\n")
+    projects.create(root, projects.tiny_params(), real_pipeline=True, files={".gitignore": "mlflow/\n.cache/\n.prefect/\n"}, dvc=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv(PARENT_RUN_ENV, raising=False)
-        run(["git", "init", "-q"], root)
-        run(["git", "config", "user.email", "test@example.com"], root)
-        run(["git", "config", "user.name", "lightclip test"], root)
-        run(orch.dvc_command("init", "-q"), root)
-        run(orch.dvc_command("config", "core.analytics", "false"), root)
-        assert main(["--params", str(root / "params.yaml"), "-q", "data", "synth", "--out", str(root / "data" / "raw")]) == 0
-        (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
-        run(orch.dvc_command("commit", "-f", "-q", "data.dvc"), root)
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-q", "-m", "tiny project"], root)
-    yield root
+        projects.track_synthetic_data(root)
+    projects.commit(root, "tiny project")
+    return root
 
 
 @pytest.mark.slow
@@ -349,7 +293,7 @@ def test_real_pipeline_end_to_end_then_up_to_date_then_a_failure_leaves_staging(
     root = tiny_project
     retrain = load_flow_module().retrain
     groups = orch.stage_groups(root)
-    has_register = groups[-1].name == "register"
+    assert groups[-1].name == "register"
 
     # 1. Everything runs, with an override that must reach dvc.lock and the stage's MLflow params.
     state = retrain(project_dir=str(root), params_overrides={"pretrain.train.lr": "0.001"}, return_state=True)
@@ -373,19 +317,14 @@ def test_real_pipeline_end_to_end_then_up_to_date_then_a_failure_leaves_staging(
     assert parent["run_id"] in markdown and "## Metrics (metrics/eval.json)" in markdown
 
     client = MlflowClient(tracking_uri=default_tracking_uri(root))
-    staging_before = None
-    if has_register:
-        registered = json.loads((root / orch.REGISTER_METRICS_FILE).read_text())
-        name = registered["model_name"]
-        versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
-        assert {str(r["version"]) for r in registered["students"].values()} <= versions
-        assert report["register"] == registered and "## Registration" in markdown
-        # Make @staging point somewhere, so that "unchanged" below means something.
-        client.set_registered_model_alias(name, "staging", max(versions, key=int))
-        staging_before = str(client.get_model_version_by_alias(name, "staging").version)
-    else:
-        assert not (root / orch.REGISTER_METRICS_FILE).exists()
-        print("no `register` stage in dvc.yaml yet: registry assertions skipped")
+    registered = json.loads((root / orch.REGISTER_METRICS_FILE).read_text())
+    name = registered["model_name"]
+    versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
+    assert registered["students"] and {str(r["version"]) for r in registered["students"].values()} <= versions
+    assert report["register"] == registered and "## Registration" in markdown
+    # Make @staging point somewhere, so that "unchanged" below means something.
+    client.set_registered_model_alias(name, "staging", max(versions, key=int))
+    staging_before = str(client.get_model_version_by_alias(name, "staging").version)
 
     # 2. Nothing changed: up to date, no stage runs.
     lock_before = (root / "dvc.lock").read_bytes()
@@ -396,7 +335,7 @@ def test_real_pipeline_end_to_end_then_up_to_date_then_a_failure_leaves_staging(
 
     # 3. An injected failure (evaluate on a model directory that does not exist): retried, Failed,
     #    register never runs, @staging and metrics/register.json stay as they were.
-    register_json = (root / orch.REGISTER_METRICS_FILE).read_bytes() if has_register else None
+    register_json = (root / orch.REGISTER_METRICS_FILE).read_bytes()
     models = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["models"]
     teacher = next(iter(models))
     failed = retrain(project_dir=str(root), params_overrides={f"evaluate.models.{teacher}": "models/missing"}, return_state=True)
@@ -404,8 +343,7 @@ def test_real_pipeline_end_to_end_then_up_to_date_then_a_failure_leaves_staging(
     tasks = task_runs(failed.state_details.flow_run_id)
     assert tasks["evaluate"].run_count == 1 + 1 and tasks["evaluate"].state.is_failed()  # orchestration.retries: 1
     assert "register" not in tasks
-    if has_register:
-        assert (root / orch.REGISTER_METRICS_FILE).read_bytes() == register_json
-        assert str(client.get_model_version_by_alias(name, "staging").version) == staging_before
-        assert {str(v.version) for v in client.search_model_versions(f"name='{name}'")} == versions  # nothing registered
+    assert (root / orch.REGISTER_METRICS_FILE).read_bytes() == register_json
+    assert str(client.get_model_version_by_alias(name, "staging").version) == staging_before
+    assert {str(v.version) for v in client.search_model_versions(f"name='{name}'")} == versions  # nothing registered
     assert "FAILED at stage `evaluate`" in report_artifact(failed.state_details.flow_run_id)
