@@ -147,6 +147,22 @@ def test_run_tags_summary_and_registry_views(staged, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == shown.strip()
 
 
+def test_the_register_command_runs_the_stage_in_its_mlflow_run(project, capsys: pytest.CaptureFixture[str]):
+    project.write_params(["teacher", "a"])
+    project.write_eval(["teacher", "a"])
+    assert main(["-q", "register", "--no-promote"]) == 0
+    report = json.loads(project.report_path.read_text())
+    assert capsys.readouterr().out == format_report(report, "metrics/register.json") + "\n"
+    assert report["promote"]["auto"] is False and report["staging_after"] is None and not report["students"]["a"]["staged"]
+
+    reg = project.registry()
+    run = reg.client.get_run(reg.version(STUDENT, "1").run_id)  # the models were logged in the stage's own run
+    assert run.data.tags["lightclip.stage"] == "register" and run.data.tags["lightclip.staging"] == "none"
+    assert run.data.tags["lightclip.registered.a"] == f"{STUDENT}/1" and run.data.tags["lightclip.registered.teacher"] == f"{TEACHER}/1"
+    assert run.data.metrics == run_metrics(report, teacher="teacher")
+    assert reg.version(STUDENT, "1").tags["lightclip.register_run_id"] == run.info.run_id
+
+
 def test_bad_inputs_are_clear_errors(project):
     def fails() -> str:
         with pytest.raises(RegistryError) as info:
