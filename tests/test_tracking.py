@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lightclip.tracking import (
-    PARENT_RUN_ENV,
     data_version,
     default_tracking_uri,
     flatten,
@@ -19,20 +17,12 @@ from lightclip.tracking import (
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, projects) -> Path:
     """A tiny git project with params.yaml, dvc.yaml and a data.dvc, and its own SQLite store."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "params.yaml").write_text("tracking:\n  experiment: test\n")
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data/raw\n")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=root, check=True)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    data_dvc = "outs:\n- md5: abc123.dir\n  path: data/raw\n"
+    root = projects.create(tmp_path / "proj", "tracking:\n  experiment: test\n", files={"data.dvc": data_dvc}, git=True, commit="init")
     monkeypatch.setenv("DVC_EXP_NAME", "exp-tiny")
-    return root
+    return projects.enter(root, monkeypatch)
 
 
 def test_project_root_maps_dvc_temp_workspace_back(tmp_path: Path):
