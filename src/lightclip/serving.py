@@ -33,6 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from lightclip.errors import LightclipError
+from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
+from lightclip.imagecache import ImageCacheError, decode_image
+from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
+
 try:  # the engine works without MLflow; the pyfunc class needs it
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - mlflow is a dependency of lightclip
@@ -44,7 +49,7 @@ IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"
 
 
-class ServingError(ValueError):
+class ServingError(LightclipError, ValueError):
     """Input the model cannot embed; the message names the row and the column."""
 
 
@@ -73,8 +78,6 @@ class Embedder:
     """One saved model, ready to embed titles and encoded images (what the pyfunc serves)."""
 
     def __init__(self, model_dir: Path | str, batch_size: int = 64) -> None:
-        from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
-
         self.model_dir = Path(model_dir)
         self.model = load_model(self.model_dir)
         self.model.eval()
@@ -91,15 +94,11 @@ class Embedder:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings of titles (the evaluation's tokenisation and encoder)."""
-        from lightclip.evaluation import embed_texts, tokenize_checked
-
         tokens, _ = tokenize_checked(self.tokenizer, [str(t) for t in texts])
         return embed_texts(self.model, tokens, self.batch_size).numpy().astype(np.float32, copy=False)
 
     def decode(self, data: bytes, row: int = 0) -> np.ndarray:
         """One encoded image as the uint8 ``3 x S x S`` array the model sees (as in the image cache)."""
-        from lightclip.imagecache import ImageCacheError, decode_image
-
         try:
             return decode_image(io.BytesIO(data), int(self.preprocess["size"]))  # type: ignore[arg-type]
         except ImageCacheError as exc:
@@ -107,17 +106,7 @@ class Embedder:
 
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised float32 embeddings of uint8 ``N x 3 x S x S`` images."""
-        import torch
-
-        from lightclip.imagecache import normalise
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
-                batch = normalise(batch, self.preprocess["mean"], self.preprocess["std"])
-                out.append(self.model.encode_image(batch, normalize=True).float().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return embed_images(self.model, images, self.batch_size).numpy()
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
         """L2-normalised float32 embeddings of encoded image files."""
