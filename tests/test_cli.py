@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -124,3 +126,13 @@ def test_ensemble_command_combines_saved_models(project: Path, capsys: pytest.Ca
     assert main(["ensemble", "--member", "m0", "--member", "nowhere", "--out", "ens2"]) == 1
     assert "--member nowhere: not a saved lightclip model" in capsys.readouterr().err
     assert not (project / "ens2").exists()
+
+
+def test_the_parser_imports_no_heavy_library():
+    """`lightclip --help` and argument errors answer at once: stage modules load in their handler."""
+    code = (
+        "import sys, lightclip.cli; lightclip.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'open_clip', 'mlflow', 'faiss', 'great_expectations', 'prefect', 'dvc') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

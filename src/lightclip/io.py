@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 def write_json(path: Path | str, payload: Any, *, indent: int = 2, sort_keys: bool = True) -> Path:
     """Write ``payload`` as JSON atomically (parents created); returns the path."""
@@ -91,11 +89,15 @@ def torch_threads(threads: int | None, *, faiss_too: bool = False) -> Iterator[i
 
     ``faiss_too`` sets FAISS's OpenMP threads the same way. Yields the thread count in force.
     """
+    # Imported here, not at the top: this module is also the CLI's, and torch is about 1.1 s of
+    # the 1.2 s `import lightclip.cli` takes; FAISS is needed only where it is asked for.
+    import torch
+
     count = threads or default_threads()
     previous = torch.get_num_threads()
     previous_faiss = None
     if faiss_too:
-        import faiss  # only where FAISS is used: importing it costs start-up time elsewhere
+        import faiss
 
         previous_faiss = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(count)
