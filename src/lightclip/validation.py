@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import great_expectations as gx
 import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -306,10 +308,6 @@ def _exception_message(result: Any) -> str | None:
 
 def _run_suite(frame: pd.DataFrame, spec: list[tuple[str, str, dict[str, Any], str]]) -> dict[str, Any]:
     """Run the suite on ``frame`` in an ephemeral GX context; results keyed by check name."""
-    # Imported here: Great Expectations costs 2.4 s to import, and every CLI command imports this module.
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     batch_definition = (
