@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from lightclip.cli import main
-from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
+from lightclip.tracking import default_tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -25,58 +24,34 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 
 @pytest.fixture
-def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "proj"
-    root.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["synth"].update(n_items=48, image_size=32)
-    params["split"].update(val=8, test=8)
-    params["build_kg"]["min_count"] = 2
-    params["pretrain"]["model"]["arch"] = "lc-test-tiny"
+def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, projects) -> Path:
+    """A copy of this project (pipeline, code, the ablation) at test size, in git and DVC with a local remote."""
+    params = projects.tiny_params()
     params["pretrain"]["ensemble_members"] = 2  # still an ensemble, one tiny member fewer than the default
-    params["pretrain"]["train"].update(epochs=1, batch_size=8, num_threads=1)
-    params["teacher_embed"]["num_threads"] = 1
-    params["distill"]["students"] = {"s": {"arch": "lc-test-tiny", "pretrained": None}}
-    params["distill"]["train"].update(epochs=1, batch_size=8, num_threads=1)
-    params["distill_ablation"].update(students=["s"], seeds=[0])
     del params["distill_ablation"]["variants"]["intra_ts_fd"]  # the sweep follows params.yaml
-    params["evaluate"]["models"] = {"teacher": "models/teacher", "s": "models/students/s"}
-    params["evaluate"]["num_threads"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(REPO_ROOT / "src" / "lightclip", root / "src" / "lightclip", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO_ROOT / "pipelines" / "ablation", root / "pipelines" / "ablation")
-    (root / "benchmarks").mkdir()
-    shutil.copy(REPO_ROOT / "benchmarks" / "ablation_table.py", root / "benchmarks" / "ablation_table.py")
+    root = projects.create(
+        tmp_path / "proj", params, real_pipeline=True, copy=("pipelines/ablation", "benchmarks/ablation_table.py"),
+        dvc=True, dvc_remote=tmp_path / "remote",
+    )
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    monkeypatch.chdir(root)
-    _run(["git", "init", "-q"], root)
-    _run(["dvc", "init", "-q"], root)
-    shutil.copy(REPO_ROOT / ".dvcignore", root / ".dvcignore")
-    _run(["dvc", "config", "core.analytics", "false"], root)
-    _run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
-    return root
+    return projects.enter(root, monkeypatch)
 
 
-def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
+def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path, projects):
     root = dvc_project
-    assert main(["-q", "data", "synth", "--out", "data/raw"]) == 0
-    (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
-    _run(["dvc", "commit", "-f", "-q", "data.dvc"], root)
-    tracked = (root / "data.dvc").read_text()
+    student = next(iter(yaml.safe_load((root / "params.yaml").read_text())["distill"]["students"]))
+    tracked = projects.track_synthetic_data(root)
 
     assert main(["-q", "pipeline", "--name", "test-repro"]) == 0
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    stages = {"validate", "split", "build_kg", "pretrain", "teacher_embed", "distill@s", "evaluate", "index"}
+    stages = {"validate", "split", "build_kg", "pretrain", "teacher_embed", f"distill@{student}", "evaluate", "index"}
     assert stages <= set(lock["stages"])
     assert (root / "data" / "split" / "catalogue.parquet").is_file()
     assert (root / "data" / "kg" / "graph.json").is_file()
     assert (root / "models" / "teacher" / "model.safetensors").is_file()
     assert yaml.safe_load((root / "models" / "teacher" / "model.json").read_text())["arch"] == "ensemble(lc-test-tiny x2)"
-    assert (root / "models" / "students" / "s" / "model.safetensors").is_file()
-    assert set(yaml.safe_load((root / "metrics" / "eval.json").read_text())) == {"teacher", "s"}
+    assert (root / "models" / "students" / student / "model.safetensors").is_file()
+    assert set(yaml.safe_load((root / "metrics" / "eval.json").read_text())) == {"teacher", student}
 
     status = _run(["dvc", "status", "dvc.yaml"], root)
     assert "up to date" in status
@@ -110,12 +85,12 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
     # of the four here), one MLflow parent.
     assert main(["-q", "pipeline", "--name", "test-ablation", "pipelines/ablation/dvc.yaml"]) == 0
     table = yaml.safe_load((root / "metrics" / "ablation_distill_synthetic.json").read_text())
-    assert [(row["student"], row["variant"]) for row in table["rows"]] == [("s", v) for v in ("no_distill", "sd_ts", "full")]
+    assert [(row["student"], row["variant"]) for row in table["rows"]] == [(student, v) for v in ("no_distill", "sd_ts", "full")]
     runs = mlflow.search_runs(experiment_names=["lightclip"])
     parent = runs[runs["tags.mlflow.runName"] == "test-ablation"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert set(children["tags.lightclip.variant"]) == {"no_distill", "sd_ts", "full"}
-    assert set(children["tags.lightclip.student"]) == {"s"}
+    assert set(children["tags.lightclip.student"]) == {student}
     assert "Running stage" not in _run(["dvc", "repro", "pipelines/ablation/dvc.yaml"], root)
 
     # Two experiments compare with dvc metrics diff / dvc plots diff (metrics and plot data in git).
@@ -124,17 +99,15 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path):
     _run(["dvc", "exp", "run", "dvc.yaml", "-S", "distill.train.lr=0.004", "-n", "lr4"], root)
     diff = _run(["dvc", "metrics", "diff", "HEAD", "--json"], root)
     changed = yaml.safe_load(diff)
-    assert "metrics/eval.json" in changed and any(k.startswith("s.") for k in changed["metrics/eval.json"])
+    assert "metrics/eval.json" in changed and any(k.startswith(f"{student}.") for k in changed["metrics/eval.json"])
     assert not any(k.startswith("teacher.test/") for k in changed["metrics/eval.json"])  # the teacher did not change
     _run(["dvc", "plots", "diff", "HEAD", "-o", str(root / "plots_diff")], root)
     assert (root / "plots_diff" / "index.html").is_file()
 
 
-def test_remote_roundtrip_and_regeneration_match_data_dvc(dvc_project: Path):
+def test_remote_roundtrip_and_regeneration_match_data_dvc(dvc_project: Path, projects):
     root = dvc_project
-    assert main(["-q", "data", "synth", "--out", "data/raw"]) == 0
-    (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
-    _run(["dvc", "commit", "-f", "-q", "data.dvc"], root)
+    projects.track_synthetic_data(root)
     _run(["dvc", "push", "-q", "data.dvc"], root)
 
     shutil.rmtree(root / "data" / "raw")
