@@ -25,6 +25,9 @@ from lightclip.env import configure_environment  # noqa: E402
 
 configure_environment(REPO_ROOT)
 
+from lightclip import orchestration as orch  # noqa: E402
+from lightclip.config import load_params  # noqa: E402
+
 DEPLOYMENT_NAME = "scheduled"
 
 
@@ -35,17 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cron", help="override orchestration.cron of params.yaml")
     args = parser.parse_args(argv)
 
-    from lightclip import orchestration as orch
-    from lightclip.config import load_params
-
     project = Path(args.project).resolve()
     config = load_params(project / orch.PARAMS_FILE).orchestration
     url = orch.resolve_api_url()
     if not url or not orch.server_is_up(url):
         print(f"no Prefect server at {url or orch.local_api_url()}: start one with `make prefect-server` (or set PREFECT_API_URL)", file=sys.stderr)
         return 2
-    os.environ["PREFECT_API_URL"] = url  # before Prefect is imported: the runner and its runs use it
+    os.environ["PREFECT_API_URL"] = url
 
+    # Prefect is imported only now, after PREFECT_API_URL is set: the runner and its runs use it.
     from prefect.schedules import Cron
 
     from retrain import retrain  # noqa: E402  (pipelines/ is on sys.path when run as a script)

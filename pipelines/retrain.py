@@ -26,14 +26,17 @@ from lightclip.env import configure_environment  # noqa: E402
 
 configure_environment(REPO_ROOT)  # before Prefect reads its settings: telemetry off, PREFECT_HOME in the project
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_client, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import deployment as runtime_deployment  # noqa: E402
 from prefect.runtime import flow_run as runtime_flow_run  # noqa: E402
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from lightclip import orchestration as orch  # noqa: E402
+from lightclip.config import load_params  # noqa: E402
+from lightclip.tracking import pipeline_run  # noqa: E402
 
 
 @task(name="prepare", task_run_name="prepare", cache_policy=NO_CACHE, persist_result=False)
@@ -68,8 +71,6 @@ def _tag_flow_run(flow_run_id: str | None, tag: str) -> None:
     """Add ``tag`` to this flow run, so the Prefect UI points at the MLflow run."""
     if not flow_run_id:
         return
-    from prefect import get_client
-
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(flow_run_id)
         client.update_flow_run(flow_run_id, tags=sorted({*(current.tags or []), tag}))
@@ -91,9 +92,6 @@ def retrain(
     ``auto_promote``: sets ``promote.auto`` (None: as in ``params.yaml``). ``force``: run every
     stage even when nothing changed. ``save_experiment``: record the run with ``dvc exp save``.
     """
-    from lightclip.config import load_params
-    from lightclip.tracking import pipeline_run
-
     logger = get_run_logger()
     project = Path(project_dir).resolve() if project_dir else REPO_ROOT
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
@@ -159,8 +157,6 @@ def retrain(
 
 def _ui_url() -> str | None:
     """The flow run's page in the Prefect UI (None on a temporary server)."""
-    from prefect.settings import PREFECT_UI_URL
-
     return runtime_flow_run.ui_url if PREFECT_UI_URL.value() else None
 
 
@@ -183,8 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"-S expects KEY=VALUE, got {bad}")
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = orch.resolve_api_url()
     print(f"Prefect API: {url}" if url else "Prefect API: none found (start `make prefect-server`); using a temporary server, this run will not be kept", flush=True)

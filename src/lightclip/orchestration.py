@@ -27,11 +27,23 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import networkx as nx
 import yaml
+from dvc.repo import Repo
+from dvc.utils.hydra import apply_overrides
+
+from lightclip.config import ConfigError, load_params
+from lightclip.data.catalogue import Catalogue, CatalogueError
+from lightclip.env import TELEMETRY_OFF
+from lightclip.errors import LightclipError
+from lightclip.io import staged_dir
+from lightclip.tracking import data_version, flatten
 
 DVC_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
@@ -49,7 +61,7 @@ ERROR_TAIL_LINES = 40
 Log = Callable[[str], None]
 
 
-class OrchestrationError(RuntimeError):
+class OrchestrationError(LightclipError, RuntimeError):
     """Something the flow cannot do; the message says what and how to fix it."""
 
 
@@ -86,8 +98,6 @@ def order_groups(addresses: list[str], edges: Iterable[tuple[str, str]]) -> list
     pairs. Ties keep the file order, and the :data:`LAST_STAGES` go last (nothing may depend on
     them), so publishing a model is always the final step of a run.
     """
-    import networkx as nx
-
     position: dict[str, int] = {}
     members: dict[str, list[str]] = {}
     for address in addresses:
@@ -114,8 +124,6 @@ def order_groups(addresses: list[str], edges: Iterable[tuple[str, str]]) -> list
 
 def stage_groups(project: Path) -> list[StageGroup]:
     """The pipeline stages of ``project/dvc.yaml`` as tasks, in dependency order (read with DVC)."""
-    from dvc.repo import Repo
-
     dvc_file = (Path(project) / DVC_FILE).resolve()
     if not dvc_file.is_file():
         raise OrchestrationError(f"{dvc_file}: no DVC pipeline here")
@@ -139,8 +147,6 @@ def stage_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     Stage commands call ``lightclip`` from ``PATH``; a flow started by a Prefect runner may
     not have the venv activated. Telemetry stays off (see :mod:`lightclip.env`).
     """
-    from lightclip.env import TELEMETRY_OFF
-
     env = dict(os.environ)
     env.update(TELEMETRY_OFF)
     bin_dir = str(Path(sys.executable).parent)
@@ -272,8 +278,6 @@ def prepare_data(project: Path, data: str | Path | None, env: Mapping[str, str],
     tracked data only). A directory: that catalogue replaces ``data/raw`` and is tracked
     (``dvc commit data.dvc``), exactly as the README's "your own catalogue" recipe.
     """
-    from lightclip.tracking import data_version
-
     project = Path(project)
     raw = project / RAW_DATA_DIR
     dvc_file = project / DATA_DVC_FILE
@@ -281,11 +285,8 @@ def prepare_data(project: Path, data: str | Path | None, env: Mapping[str, str],
         source = Path(data).expanduser().resolve()
         _check_catalogue(source)
         if source != raw.resolve():
-            staging = raw.with_name(raw.name + ".incoming")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging)
-            shutil.rmtree(raw, ignore_errors=True)
-            staging.rename(raw)
+            with staged_dir(raw) as staging:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
             log(f"data: copied the catalogue {source} to {RAW_DATA_DIR}")
         if not dvc_file.is_file():
             dvc_file.write_text(f"outs:\n- path: {RAW_DATA_DIR}\n", encoding="utf-8")
@@ -311,8 +312,6 @@ def prepare_data(project: Path, data: str | Path | None, env: Mapping[str, str],
 
 def _check_catalogue(source: Path) -> None:
     """A catalogue directory whose images all lie inside it (it is copied as a whole)."""
-    from lightclip.data.catalogue import Catalogue, CatalogueError
-
     try:
         catalogue = Catalogue.load(source)
     except (CatalogueError, FileNotFoundError, OSError) as exc:
@@ -454,8 +453,6 @@ def apply_params_overrides(project: Path, overrides: Mapping[str, Any]) -> dict[
     own ``apply_overrides``. The result is validated as a whole (:func:`lightclip.config.load_params`)
     and the file is restored when it is not valid, so a bad override fails before any stage runs.
     """
-    from lightclip.config import ConfigError, load_params
-
     path = Path(project) / PARAMS_FILE
     original = path.read_text(encoding="utf-8")
     data = yaml.safe_load(original) or {}
@@ -480,8 +477,6 @@ def apply_params_overrides(project: Path, overrides: Mapping[str, Any]) -> dict[
     try:
         path.write_text(text, encoding="utf-8")
         if fallback:
-            from dvc.utils.hydra import apply_overrides
-
             apply_overrides(str(path), fallback)
         load_params(path)
     except ConfigError as exc:
@@ -651,8 +646,6 @@ class RetrainReport:
                 out.append(f"| {row['name']} | `{row.get('registered_model', '?')}` v{row.get('version', '?')} | {row.get('gate', '')} | {reasons} | {staged} |")
             out.append("")
         elif self.register:
-            from lightclip.tracking import flatten
-
             out += [f"## Registration ({REGISTER_METRICS_FILE})", "", "| key | value |", "|---|---|"]
             out += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in flatten(self.register).items()]
             out.append("")
@@ -690,9 +683,6 @@ def local_api_url(port: int | None = None) -> str:
 
 def server_is_up(api_url: str, timeout: float = 2.0) -> bool:
     """Whether a Prefect server answers ``GET <api>/health``."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as response:
             return response.status == 200
