@@ -119,3 +119,27 @@ def test_kg_config_checks_and_records_prototype_selection():
     assert kg.prototype_selection() == {"prototypes_per_concept": kg.prototypes_per_concept, "mmr_lambda": kg.mmr_lambda, "prototype_pool": kg.prototype_pool}
     with pytest.raises(ConfigError, match=r"max_run \(2\) must be >= max_modifiers \(4\)"):
         parse_params({"build_kg": {"max_modifiers": 4, "max_run": 2}})
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"pretrain": {"train": {"epochs": True}}}, "pretrain.train.epochs"),
+        ({"split": {"seed": True}}, "split.seed"),  # `seed: yes` in YAML
+        ({"split": {"val": False}}, "split.val"),
+        ({"index": {"ivf": {"nlist": False}}}, "index.ivf.nlist"),
+        ({"distill": {"edges": [{"edge": "inter_ss", "loss": "infonce", "weight": True}]}}, "distill.edges.0.weight"),
+    ],
+)
+def test_booleans_are_not_numbers(data, key):
+    with pytest.raises(ConfigError, match=rf"'{key}': .*must be a number, got .*(True|False)"):
+        parse_params(data)
+
+
+def test_unknown_keys_inside_lists_and_maps_list_the_keys_of_that_entry():
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.edges.0.wieght'; allowed keys here: edge, loss, weight, temperature$"):
+        parse_params({"distill": {"edges": [{"edge": "inter_ss", "loss": "infonce", "wieght": 1}]}})
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.students.xt.arc'; allowed keys here: arch, pretrained$"):
+        parse_params({"distill": {"students": {"xt": {"arc": "lc-vit-xt"}}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'distill_ablation.variants.v.0.foo'; allowed keys here: edge, loss, weight, temperature$"):
+        parse_params({"distill_ablation": {"variants": {"v": [{"edge": "inter_ss", "loss": "infonce", "foo": 1}]}}})

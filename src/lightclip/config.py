@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lightclip.edges import LOSSES, check_edge_loss, expand_edge, needs_teacher
 from lightclip.errors import LightclipError
@@ -34,8 +35,24 @@ class ConfigError(LightclipError, ValueError):
     """A params file that cannot be used; the message names the file, key and what is allowed."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (``int``, ``float``, optionally ``None`` or both)."""
+    args = get_args(annotation)
+    if args and get_origin(annotation) in (Union, UnionType):
+        return any(_numeric(a) for a in args if a is not type(None))
+    return annotation in (int, float)
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1; in YAML `epochs: yes` is a typo, never a count
+        if isinstance(value, bool) and info.field_name is not None and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be a number, got the boolean {value!r}")
+        return value
 
 
 class SynthConfig(StrictModel):
@@ -705,21 +722,23 @@ class Params(StrictModel):
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at ``loc`` (for listing the allowed keys)."""
-    current: type[BaseModel] | None = model
+    """The pydantic model that owns the field at ``loc`` (for listing the allowed keys).
+
+    List positions and dict keys in ``loc`` step into the item type (``distill.edges.0`` is an
+    ``EdgeLossConfig``, ``distill.students.xt`` a ``ModelConfig``).
+    """
+    current: Any = model
     for part in loc:
-        if current is None:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = next((info for name, info in current.model_fields.items() if part in (name, info.alias)), None)
+            if field is None:
+                return current
+            current = field.annotation
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1]
+        else:
             return None
-        field = None
-        for name, info in current.model_fields.items():
-            if part in (name, info.alias):
-                field = info
-                break
-        if field is None:
-            return current
-        annotation = field.annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return current
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
@@ -736,7 +755,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{source}: '{key}' = {error.get('input')!r} is not allowed; allowed values: {expected}"
-    return f"{source}: '{key}': {error['msg']} (got {error.get('input')!r})"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{source}: '{key}': {message} (got {error.get('input')!r})"
 
 
 def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
