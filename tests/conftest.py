@@ -390,3 +390,14 @@ def tiny_pairs(tiny_catalogue, tmp_path):
     items["split"] = ["val" if i >= 32 else "train" for i in range(len(items))]
     catalogue = catalogue.with_items(items).save()
     return tuple(PairSet.from_catalogue(catalogue, split, 32, tmp_path / "cache", progress=False) for split in ("train", "val"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors on one torch thread: spinning pool threads cost seconds on a busy 2-core machine."""
+    import torch  # after pytest_configure (see tiny_pairs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,12 +44,7 @@ def distill(job: DistillJob, workspace: Path, teacher: str | None, embeddings: P
     return run_distill(job, inputs, outputs, StageContext(project_dir=out.parent, progress=False, **context))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ INVALID = [(edge, loss) for edge in EDGES for loss in LOSSES if loss not in VALI
 TEMPERATURE = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread (spinning pool threads cost seconds on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(*shape, seed=0):

@@ -18,12 +18,7 @@ from lightclip.stage import StageContext
 from lightclip.teacher_cache import StaleTeacherEmbeddings, TeacherEmbedInputs, TeacherEmbedOutputs, embed_with_teacher, load_teacher_embeddings, run_teacher_embed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
