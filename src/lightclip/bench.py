@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
-from lightclip.io import torch_threads, write_json
+from lightclip.io import cpu_budget, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
 from lightclip.stage import StageContext
 
@@ -131,10 +131,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    budget = cpu_budget()
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -142,7 +139,10 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "cores_usable": affinity,
+        "cores_usable": budget.usable,  # the affinity mask capped by the cgroup CPU quota
+        "cpu_affinity": budget.affinity,
+        "cpu_quota": budget.quota,
+        "threads_chosen": budget.describe(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "faiss": faiss.__version__,

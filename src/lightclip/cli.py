@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from lightclip.config import Params, load_params
 from lightclip.env import configure_environment
 from lightclip.errors import LightclipError
-from lightclip.io import read_json
+from lightclip.io import log_to_stderr, read_json, usable_cpus
 from lightclip.stage import StageContext
 from lightclip.tracking import project_root, stage_run
 
@@ -623,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_environment(project_root())
     args = build_parser().parse_args(argv)
+    log_to_stderr()  # lightclip's own log lines (the thread choice, warnings) on stderr
     try:
+        # OpenMP libraries (torch, FAISS) start with the CPUs this process may use, not the host's cores
+        os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus().threads))
         return args.handler(args)
     except (LightclipError, FileNotFoundError) as exc:
         print(f"lightclip {args.command}: error: {exc}", file=sys.stderr)

@@ -198,7 +198,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     early_stop_patience: int = Field(5, ge=0, description="epochs without a better val/mean_recall; 0 = off")
     amp: Literal["none", "bf16"] = "none"
-    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
     log_every_n_steps: int = Field(10, ge=1)
 
 
@@ -337,7 +337,7 @@ class TeacherEmbedConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     #: Also store the embeddings of the horizontally flipped images (``distill.hflip`` with the cache).
     hflip: bool = True
-    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
 
     @field_validator("splits")
     @classmethod

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.errors import LightclipError
-from lightclip.io import atomic_file, atomic_write_bytes
+from lightclip.io import atomic_file, atomic_write_bytes, default_threads
 
 CACHE_VERSION = 1
 
@@ -116,10 +116,13 @@ def build_image_cache(
     image_size: int,
     cache_dir: Path | str,
     *,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     progress: bool = True,
 ) -> ImageCache:
-    """Decode the images of ``split`` (``None`` = every item) once; reuse the cache while unchanged."""
+    """Decode the images of ``split`` (``None`` = every item) once; reuse the cache while unchanged.
+
+    ``num_workers``: decoding threads; ``None`` = the CPUs this process may use (:func:`lightclip.io.default_threads`).
+    """
     items = catalogue.items if split is None else catalogue.split(split)
     if len(items) == 0:
         raise CatalogueError(f"{catalogue.root}: split {split!r} has no items")
@@ -137,7 +140,7 @@ def build_image_cache(
 
     with atomic_file(npy) as tmp, tqdm(total=len(ids), desc=f"decoding {stem} images", unit="img", disable=not progress) as bar:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, image_size, image_size))
-        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, num_workers or default_threads())) as pool:
             for i, array in enumerate(pool.map(lambda p: decode_image(p, image_size), paths, chunksize=1)):
                 out[i] = array
                 bar.update(1)

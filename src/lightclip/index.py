@@ -31,7 +31,6 @@ import json
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,8 +91,8 @@ def normalise_rows(vectors: Any) -> np.ndarray:
 
 
 def _threads(config: IndexConfig, *, faiss_too: bool) -> Any:
-    """``index.threads`` for torch (and FAISS) while a block runs; null leaves the process's counts."""
-    return torch_threads(config.threads, faiss_too=faiss_too) if config.threads else nullcontext()
+    """``index.threads`` for torch (and FAISS) while a block runs; null = the CPUs this process may use."""
+    return torch_threads(config.threads, faiss_too=faiss_too)
 
 
 def build_faiss_index(vectors: Any, config: IndexConfig, *, normalise: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
