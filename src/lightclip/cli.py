@@ -16,18 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from lightclip.config import Params, load_params
 from lightclip.env import configure_environment
 from lightclip.errors import LightclipError
 from lightclip.io import log_to_stderr, read_json, usable_cpus
 from lightclip.stage import StageContext
-from lightclip.tracking import project_root, stage_run
+from lightclip.tracking import StageInterrupted, pipeline_run, project_root, stage_run
+
+#: Seconds `lightclip pipeline` gives `dvc repro` and its stage to stop after passing a signal on, then SIGKILL.
+PIPELINE_STOP_GRACE_S = 30.0
 
 
 class CliError(LightclipError):
@@ -65,22 +69,44 @@ def _stage(
     """
     params = _params(args)
     context = _context(args)
-    with stage_run(stage, run_params, project_dir=context.project_dir, experiment=params.tracking.experiment, run_name=run_name) as run:
-        context = replace(context, log_metrics=lambda values, step: run.log_metrics(values, step=step))
-        try:
-            result = call(context)
-        except LightclipError:
-            if metrics_file is not None and Path(metrics_file).is_file():
-                run.log_metrics(read_json(metrics_file))
-            raise
-        else:
-            run.log_metrics(metrics(result))
-            if tags is not None:
-                run.set_tags(tags(result))
-        finally:
-            for path, artifact_path in artifacts:
-                run.log_artifact(Path(path), artifact_path=artifact_path)
+    try:
+        with stage_run(stage, run_params, project_dir=context.project_dir, experiment=params.tracking.experiment, run_name=run_name,
+                       settings=params.tracking) as run:
+            context = replace(context, log_metrics=lambda values, step: run.log_metrics(values, step=step))
+            try:
+                result = call(context)
+            except LightclipError:
+                if metrics_file is not None and Path(metrics_file).is_file():
+                    run.log_metrics(read_json(metrics_file))
+                raise
+            else:
+                run.log_metrics(metrics(result))
+                if tags is not None:
+                    run.set_tags(tags(result))
+            finally:
+                for path, artifact_path in artifacts:
+                    run.log_artifact(Path(path), artifact_path=artifact_path)
+    except StageInterrupted as exc:
+        _stopped(args, exc)
     return result
+
+
+def _stopped(args: argparse.Namespace, exc: StageInterrupted) -> NoReturn:
+    """One line and the shell's exit status for a signal (130 for SIGINT, 143 for SIGTERM)."""
+    print(f"lightclip {args.command}: stopped by {exc.signal_name}; its MLflow run was ended KILLED", file=sys.stderr, flush=True)
+    raise SystemExit(exc.exit_code)
+
+
+def _stop_process_group(process: subprocess.Popen, signum: int, grace: float = PIPELINE_STOP_GRACE_S) -> None:
+    """Pass ``signum`` on to ``process``'s group (dvc and the stage it runs), SIGKILL it after ``grace`` s."""
+    try:
+        os.killpg(process.pid, signum)
+        process.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -443,17 +469,28 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it)."""
-    from lightclip.tracking import pipeline_run
+    """Open the parent MLflow run and run ``dvc repro`` inside it (stages nest under it).
 
+    ``dvc repro`` runs in its own process group: SIGINT or SIGTERM to this process is passed on to
+    it and its stage once (they end their runs KILLED), then the parent run ends KILLED.
+    """
     params = _params(args)
     command = ["dvc", "repro", *args.targets] + (["--force"] if args.force else [])
-    with pipeline_run(args.name, {"command": " ".join(command)}, project_dir=_project(args), experiment=params.tracking.experiment) as run:
-        print(f"pipeline run {run.run_id}: {' '.join(command)}", flush=True)
-        result = subprocess.run(command, cwd=_project(args))
-        run.set_tags({"lightclip.exit_code": result.returncode})
-        if result.returncode != 0:
-            raise CliError(f"'{' '.join(command)}' failed with exit code {result.returncode}")
+    try:
+        with pipeline_run(args.name, {"command": " ".join(command)}, project_dir=_project(args), experiment=params.tracking.experiment,
+                          settings=params.tracking) as run:
+            print(f"pipeline run {run.run_id}: {' '.join(command)}", flush=True)
+            process = subprocess.Popen(command, cwd=_project(args), start_new_session=True)
+            try:
+                returncode = process.wait()
+            except StageInterrupted as exc:
+                _stop_process_group(process, exc.signum)
+                raise
+            run.set_tags({"lightclip.exit_code": returncode})
+            if returncode != 0:
+                raise CliError(f"'{' '.join(command)}' failed with exit code {returncode}")
+    except StageInterrupted as exc:
+        _stopped(args, exc)
     return 0
 
 

@@ -470,9 +470,11 @@ class DistillAblationConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """Where runs go: one MLflow experiment per pipeline."""
+    """Where runs go (one MLflow experiment per pipeline) and how long an unanswering store may take."""
 
     experiment: str = "lightclip"
+    timeout_seconds: int = Field(10, ge=1, le=600)  # one HTTP request, or the wait for a SQLite write lock
+    retries: int = Field(2, ge=0, le=10)  # HTTP retries after the first attempt
 
 
 # -- evaluation, the catalogue index and the speed benchmark ---------------------------------
