@@ -41,7 +41,8 @@ def kaggle_dir(tmp_path: Path) -> Path:
 
 
 def test_parse_styles_csv_repairs_commas_and_nulls(kaggle_dir: Path):
-    frame, skipped = parse_styles_csv(kaggle_dir / "styles.csv")
+    frame, skipped, lines_read, blank_lines = parse_styles_csv(kaggle_dir / "styles.csv")
+    assert (lines_read, blank_lines) == (9, 1)  # lines 2-10 after the header; line 10 is blank
     assert frame["id"].tolist() == ["1", "2", "3", "4", "6", "8"]
     titles = dict(zip(frame["id"], frame["title"]))
     assert titles["2"] == "Newfeel Unisex White, Blue and Orange Shoes"
@@ -65,6 +66,7 @@ def test_import_kaggle_counts_reasons_and_report(kaggle_dir: Path, tmp_path: Pat
     assert catalogue.root == out
     assert catalogue.items["id"].tolist() == ["1", "2", "3", "6", "8"]
     assert report.rows_read == 8 and report.items_written == 5
+    assert (report.lines_read, report.blank_lines) == (9, 1)
     assert report.skipped_by_reason() == {"bad_row": 1, "empty_title": 1, "missing_image": 1}
     missing = [s for s in report.skipped if s.reason.startswith("missing_image")]
     assert missing[0].id == "4" and missing[0].source == "styles.csv:5"
@@ -127,7 +129,8 @@ def test_output_dir_rules_and_atomic_failure(kaggle_dir: Path, tmp_path: Path, m
 
 @pytest.mark.real_catalogue
 def test_real_catalogue(real_catalogue_dir: Path, tmp_path: Path):
-    frame, parse_skipped = parse_styles_csv(real_catalogue_dir / "styles.csv")
+    frame, parse_skipped, lines_read, blank_lines = parse_styles_csv(real_catalogue_dir / "styles.csv")
+    assert (lines_read, blank_lines) == (9646, 0)
     assert parse_skipped == []
     titles = dict(zip(frame["id"], frame["title"]))
     assert titles["4854"] == "Newfeel Unisex White, Blue and Orange Casual Shoes"
@@ -147,3 +150,80 @@ def test_real_catalogue(real_catalogue_dir: Path, tmp_path: Path):
     note = next(n for n in report.notes if n.startswith("rows_with_unquoted_commas"))
     assert note.startswith("rows_with_unquoted_commas: 3") and all(i in note for i in comma_ids)
     assert "rows_with_unquoted_commas: 3" in report.summary()
+
+
+def _kaggle_source(root: Path, rows: list[str], image_ids: list[int]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "styles.csv").write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
+    for i in image_ids:
+        make_image(root / "images" / f"{i}.jpg", colour=(i * 20 % 256, 40, 40), fmt="JPEG")
+    return root
+
+
+def _row(i: int, title: str) -> str:
+    return f"{i},Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,{title}"
+
+
+@pytest.mark.parametrize(("broken", "field"), [('"', 10), ('"Nike Blue Shoe', 10), ('Nike Blue Shoe,"', 11)])
+def test_an_unclosed_quote_costs_its_own_line_only(broken: str, field: int, tmp_path: Path):
+    """A quote left open at the end of line 3 once swallowed the 7 lines after it into one title."""
+    rows = [_row(1, "Plain Red Tshirt"), _row(2, broken)] + [_row(i, f"Tshirt number {i}") for i in range(3, 10)]
+    source = _kaggle_source(tmp_path / "kaggle", rows, list(range(1, 10)))
+    catalogue, report = import_kaggle(source, tmp_path / "out", progress=False)
+
+    physical_data_lines = len((source / "styles.csv").read_text().splitlines()) - 1
+    assert physical_data_lines == 9
+    assert report.items_written + len(report.skipped) + report.blank_lines == physical_data_lines == report.lines_read
+    assert catalogue.items["id"].tolist() == ["1", "3", "4", "5", "6", "7", "8", "9"]
+    assert catalogue.items.set_index("id").loc["3", "title"] == "Tshirt number 3"  # not glued to line 3
+    [bad] = report.skipped
+    assert (bad.source, bad.id) == ("styles.csv:3", "2")
+    assert bad.reason.startswith(f"bad_row: line 3: field {field} opens a quote that is not closed on this line")
+    assert "read 9 rows, wrote 8 items, skipped 1" in report.summary() and "2 (styles.csv:3)" in report.summary()
+
+
+def test_a_quoted_title_with_commas_on_one_line_is_fine(tmp_path: Path):
+    rows = [_row(1, '"Blue, Red and ""Green"" Tshirt"'), _row(2, 'Nike "Air" Shoe')]
+    source = _kaggle_source(tmp_path / "kaggle", rows, [1, 2])
+    catalogue, report = import_kaggle(source, tmp_path / "out", progress=False)
+    assert catalogue.items["title"].tolist() == ['Blue, Red and "Green" Tshirt', 'Nike "Air" Shoe'] and report.skipped == []
+
+
+def test_a_non_utf8_byte_is_named_by_line_and_column(tmp_path: Path):
+    source = _kaggle_source(tmp_path / "kaggle", [_row(1, "Plain Red Tshirt"), _row(2, "Plain Tshirt")], [1, 2])
+    styles = source / "styles.csv"
+    lines = styles.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"Plain Tshirt", "Café Tshirt".encode("latin-1"))  # line 3: é as the byte 0xe9
+    styles.write_bytes(b"".join(lines))
+    column = len(_row(2, "Caf")) + 1
+    with pytest.raises(CatalogueError, match=rf"styles.csv:3: not UTF-8 text: byte 0xe9 at column {column} "):
+        import_kaggle(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_outside_the_source_are_refused_unless_allowed(tmp_path: Path):
+    source = _kaggle_source(tmp_path / "kaggle", [_row(i, f"Tshirt number {i}") for i in range(1, 5)], [1, 2])
+    secret = make_image(tmp_path / "elsewhere" / "secret.png", colour=(1, 2, 3))
+    (source / "images" / "3.jpg").symlink_to(secret)  # a link out of the source
+    make_image(source / "more" / "4.jpg", colour=(9, 9, 9), fmt="JPEG")
+    (source / "images" / "4.jpg").symlink_to(Path("..") / "more" / "4.jpg")  # a link that stays inside: fine
+    catalogue, report = import_kaggle(source, tmp_path / "out", progress=False)
+    assert catalogue.items["id"].tolist() == ["1", "2", "4"]
+    [refused] = report.skipped
+    assert (refused.source, refused.id) == ("styles.csv:4", "3")
+    assert refused.reason == f"outside_root: images/3.jpg is {secret.resolve()}, outside {source}"
+    assert any(n.startswith("outside_root: 1 row(s)") and "--allow-outside-root" in n for n in report.notes)
+    assert b"secret" not in b"".join(p.read_bytes() for p in (tmp_path / "out" / "images").iterdir())
+    assert (tmp_path / "out" / "images" / "3.jpg").exists() is False
+
+    allowed, report = import_kaggle(source, tmp_path / "allowed", allow_outside_root=True, progress=False)
+    assert allowed.items["id"].tolist() == ["1", "2", "3", "4"] and report.skipped == []
+    assert (tmp_path / "allowed" / "images" / "3.jpg").read_bytes() == secret.read_bytes()
+
+    # images/ itself a link to elsewhere: every row is outside
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "styles.csv").write_bytes((source / "styles.csv").read_bytes())
+    (linked / "images").symlink_to(source / "images")
+    _, report = import_kaggle(linked, tmp_path / "out2", progress=False)
+    assert report.items_written == 0 and report.skipped_by_reason() == {"outside_root": 4}

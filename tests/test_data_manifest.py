@@ -113,3 +113,71 @@ def test_unknown_column_or_format_is_an_error(pics: Path, tmp_path: Path):
     with pytest.raises(CatalogueError, match=r"unknown manifest format '.parquet'"):
         import_manifest(pics / "items.parquet", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unclosed_quote_costs_its_own_line_only(pics: Path, tmp_path: Path):
+    """Line 3 opens a quote it never closes: once the rest of the file vanished into its caption."""
+    manifest = pics / "items.csv"
+    rows = ["pics/a.png,Red Shirt,A1", 'pics/a.png,"Blue Shirt,A2', "", "pics/a.png,Green Shirt,A3"]
+    rows += [f"pics/b.jpeg,Shoe {i},S{i}" for i in range(4, 9)]
+    manifest.write_text("image,title,id\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    catalogue, report = import_manifest(manifest, tmp_path / "out", progress=False)
+
+    physical_data_lines = len(manifest.read_text().splitlines()) - 1
+    assert report.items_written + len(report.skipped) + report.blank_lines == physical_data_lines == report.lines_read == 9
+    assert catalogue.items["id"].tolist() == ["A1", "A3", "S4", "S5", "S6", "S7", "S8"]
+    assert reasons(report) == [("items.csv:3", None, "bad_row")]
+    assert report.skipped[0].reason == "bad_row: line 3: field 2 opens a quote that is not closed on this line (a quoted field cannot span lines)"
+    assert report.blank_lines == 1 and "(1 blank line not counted)" in report.summary()
+    assert json.loads((tmp_path / "out" / "import_report.json").read_text())["lines_read"] == 9
+
+
+def test_a_quoted_caption_on_one_line_is_fine_and_a_bare_cr_is_a_bad_row(pics: Path, tmp_path: Path):
+    manifest = pics / "items.csv"
+    manifest.write_bytes(b'image,title\r\npics/a.png,"Red, ""bright"" Shirt"\r\npics/a.png,Half\rline\r\n')
+    catalogue, report = import_manifest(manifest, tmp_path / "out", progress=False)
+    assert catalogue.items["title"].tolist() == ['Red, "bright" Shirt']
+    assert reasons(report) == [("items.csv:3", None, "bad_row")] and "carriage return" in report.skipped[0].reason
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_non_utf8_byte_is_named_by_line_and_column(suffix: str, pics: Path, tmp_path: Path):
+    manifest = pics / f"items{suffix}"
+    if suffix == ".csv":
+        lines = [b"image,title", b"pics/a.png,Red Shirt", "pics/a.png,Café Shirt".encode("latin-1")]
+        column = len("pics/a.png,Caf") + 1
+    else:
+        lines = [json.dumps({"image": "pics/a.png", "title": "Red"}).encode(), '{"image": "pics/a.png", "title": "Café"}'.encode("cp1252")]
+        lines.insert(0, b"")
+        column = len('{"image": "pics/a.png", "title": "Caf') + 1
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(CatalogueError, match=rf"items{suffix}:3: not UTF-8 text: byte 0xe9 at column {column} "):
+        import_manifest(manifest, tmp_path / "out", progress=False)
+
+
+def test_images_outside_the_image_root_are_refused_unless_allowed(pics: Path, tmp_path: Path):
+    secret = make_image(tmp_path / "elsewhere" / "secret.png", colour=(1, 2, 3))
+    (pics / "pics" / "link-out.png").symlink_to(secret)
+    (pics / "pics" / "link-in.png").symlink_to("a.png")
+    manifest = pics / "items.csv"
+    manifest.write_text(
+        "image,title,id\n"
+        "pics/a.png,Inside,A\n"  # line 2
+        f"{secret},Absolute,B\n"  # 3
+        "../elsewhere/secret.png,Dot dot,C\n"  # 4
+        "pics/link-out.png,Link out,D\n"  # 5
+        "pics/link-in.png,Link in,E\n"  # 6
+        f"{pics / 'pics' / 'b.jpeg'},Absolute inside,F\n",  # 7
+        encoding="utf-8",
+    )
+    catalogue, report = import_manifest(manifest, tmp_path / "out", progress=False)
+    assert catalogue.items["id"].tolist() == ["A", "E", "F"]
+    assert reasons(report) == [("items.csv:3", "B", "outside_root"), ("items.csv:4", "C", "outside_root"), ("items.csv:5", "D", "outside_root")]
+    real = secret.resolve()
+    assert report.skipped[1].reason == f"outside_root: ../elsewhere/secret.png is {real}, outside the image root {pics}"
+    assert any(n.startswith("outside_root: 3 row(s)") for n in report.notes)
+    copied = [p.read_bytes() for p in (tmp_path / "out" / "images").iterdir()]
+    assert secret.read_bytes() not in copied
+
+    allowed, report = import_manifest(manifest, tmp_path / "allowed", allow_outside_root=True, progress=False)
+    assert allowed.items["id"].tolist() == ["A", "B", "C", "D", "E", "F"] and report.skipped == []

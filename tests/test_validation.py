@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_image
+from PIL import ImageFile
+from test_imagecache import bomb_png
+
 from lightclip.config import ValidateConfig
-from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, file_sha256
+from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue, file_sha256, new_catalogue
 from lightclip.stage import StageContext
 from lightclip.validation import (
     ValidateInputs,
@@ -247,10 +250,59 @@ def test_null_id_is_named_by_row(tiny_catalogue):
     assert result.reasons[1] == ["id_not_null"] and result.bad_rows == [1]
 
 
-def test_empty_catalogue_passes(tmp_path):
-    from lightclip.data.catalogue import new_catalogue
-
+@pytest.mark.parametrize("mode", ["fail", "quarantine"])
+def test_an_empty_catalogue_fails(mode, tmp_path):
+    """Nothing to validate is an error: an import that skipped every row must not look like a pass."""
     cat = new_catalogue(tmp_path / "empty", [])
-    summary = run(cat, tmp_path)
-    assert summary.passed and (summary.rows_in, summary.rows_out) == (0, 0)
-    assert len(Catalogue.load(tmp_path / "validated")) == 0
+    with pytest.raises(ValidationFailed) as err:
+        run(cat, tmp_path, on_error=mode)
+    message = str(err.value)
+    assert message.startswith("validation failed: 1 check(s)\n  catalogue_not_empty: ")
+    assert f"{cat.table_path} has no rows: nothing to validate" in message and "quarantine impossible" not in message
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+    assert "FAILED" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["checks_failed"] == 1
+
+
+def test_a_quarantine_of_every_row_fails(tiny_catalogue, tmp_path):
+    cat = edit(tiny_catalogue(3), lambda items: items.__setitem__("title", "n/a"))
+    with pytest.raises(ValidationFailed, match=r"every one of the 3 rows failed a check: no catalogue written; reasons in .*quarantine.csv"):
+        run(cat, tmp_path, on_error="quarantine")
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+    assert pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE)["reasons"].tolist() == ["title_not_placeholder"] * 3
+
+
+def test_an_image_too_large_is_quarantined_with_its_size_undecoded(tiny_catalogue, tmp_path, monkeypatch):
+    cat = tiny_catalogue(6)
+    (cat.root / "images" / "2.png").write_bytes(bomb_png())  # 48 KB on disk, 400 megapixels
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)  # records, still decodes
+    info = inspect_images(cat, progress=False)
+    assert decoded == [(48, 48)] * 5  # the large one was judged from its header
+    assert info.loc[2, ["image_exists", "image_too_large", "image_width", "image_height"]].tolist() == [True, True, 20000, 20000]
+    assert info.loc[2, "image_decodes"] is None and info.loc[0, "image_too_large"] is False
+
+    with pytest.raises(ValidationFailed) as err:
+        run(cat, tmp_path)
+    assert [c.name for c in err.value.result.failed] == ["image_too_large"]
+    assert "image_too_large (expect_column_values_to_be_in_set): 1 row(s), e.g. ids ['1002'] (1002: 20000x20000 > 50000000 pixels" in str(err.value)
+
+    summary = run(cat, tmp_path, on_error="quarantine")
+    assert (summary.rows_out, summary.rows_quarantined) == (5, 1)
+    quarantine = pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE, dtype=str)
+    assert dict(zip(quarantine["id"], quarantine["reasons"])) == {"1002": "image_too_large: 20000x20000 > 50000000 pixels"}
+
+
+def test_the_pixel_limit_is_a_param(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(3)  # 48 x 48 = 2304 pixels each
+    assert run(cat, tmp_path, max_image_pixels=2304).passed
+    with pytest.raises(ValidationFailed) as err:
+        run(cat, tmp_path, max_image_pixels=2303)
+    assert err.value.result.check("image_too_large").example_ids == ["1000", "1001", "1002"]
+    assert err.value.result.check("image_decodes").success  # not also reported as undecodable

@@ -79,6 +79,12 @@ _KNOWN_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The most pixels (width x height) an image may have; larger files are refused before decoding.
+MAX_IMAGE_PIXELS: int = 50_000_000
+#: Pillow refuses anything above twice its ``Image.MAX_IMAGE_PIXELS`` as a decompression bomb.
+PIL_PIXEL_LIMIT: int = 2 * 89_478_485
+
+
 class ValidateConfig(StrictModel):
     """The Great Expectations suite run by the ``validate`` stage."""
 
@@ -89,6 +95,8 @@ class ValidateConfig(StrictModel):
         default_factory=lambda: ["n/a", "na", "none", "null", "nan", "title", "untitled", "tbd", "todo", "test", "xxx", "-", "?"]
     )
     min_image_side: int = Field(32, ge=1)
+    #: Larger images are quarantined as ``image_too_large``; the image cache, serving and search use the default.
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=PIL_PIXEL_LIMIT)
     year_min: int = 2000
     year_max: int = 2030
     #: Known values per attribute column; a column not listed is not checked.

@@ -2,7 +2,8 @@
 
 :func:`build_image_cache` decodes the images of one catalogue split (PIL, RGB, shortest side
 resized to ``S`` with bicubic filtering, then centre-cropped to a square; large JPEGs are
-decoded at a reduced scale first, which is what makes this fast) and stores them as
+decoded at a reduced scale first, which is what makes this fast; an image over the pixel limit is
+refused from its header, see :mod:`lightclip.data.imagefile`) and stores them as
 ``<split>-<S>px-<key>.npy`` with a ``.json`` sidecar (ids, key). The key hashes the ordered item
 ids, each image's resolved path, size and mtime, the image size and the cache format version,
 so any change to the catalogue or its images rebuilds the cache; an unchanged one is reused
@@ -20,14 +21,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lightclip.config import MAX_IMAGE_PIXELS
 from lightclip.data.catalogue import Catalogue, CatalogueError
+from lightclip.data.imagefile import ImageTooLarge, open_image
 from lightclip.errors import LightclipError
 from lightclip.io import atomic_file, atomic_write_bytes, default_threads
 
@@ -66,10 +69,13 @@ class ImageCache:
         return cls(path=Path(key), ids=ids, images=images, image_size=int(images.shape[2]), key=key)
 
 
-def decode_image(path: Path, image_size: int) -> np.ndarray:
-    """One image as uint8 ``3 x S x S``: RGB, shortest side -> ``S`` (bicubic), centre crop."""
+def decode_image(path: Path | IO[bytes], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """One image as uint8 ``3 x S x S``: RGB, shortest side -> ``S`` (bicubic), centre crop.
+
+    An image over ``max_pixels`` is refused from its header, before anything is decoded.
+    """
     try:
-        with Image.open(path) as img:
+        with open_image(path, max_pixels) as img:
             img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= S
             img = img.convert("RGB")
             w, h = img.size
@@ -80,6 +86,8 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
             left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
             array = np.asarray(img, dtype=np.uint8)
+    except ImageTooLarge as exc:
+        raise ImageCacheError(f"{path}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise ImageCacheError(f"{path}: cannot decode image: {exc}") from exc
     return array.transpose(2, 0, 1)

@@ -142,8 +142,8 @@ class Embedder:
         out = np.zeros((n, self.embed_dim), dtype=np.float32)
         if text_rows:
             out[text_rows] = self.embed_texts([texts[i] for i in text_rows])
-        if image_rows:
-            out[image_rows] = self.embed_images(image_data)
+        if image_rows:  # decoded here so that an error names the row of the frame
+            out[image_rows] = self.embed_uint8(np.stack([self.decode(data, row) for row, data in zip(image_rows, image_data)]))
         return out
 
 

@@ -17,7 +17,9 @@ title_length           expect_column_value_lengths_to_be_between   stripped titl
 title_not_placeholder  expect_column_values_to_not_be_in_set       "N/A", "none", "tbd", ...
 attribute_in_set:COL   expect_column_values_to_be_in_set           unknown value (non-null only)
 year_in_range          expect_column_values_to_be_between          year outside the bounds
+catalogue_not_empty    (none: checked before the suite runs)       the catalogue has no rows
 image_exists           expect_column_values_to_be_in_set           image file missing
+image_too_large        expect_column_values_to_be_in_set           width x height > max_image_pixels
 image_decodes          expect_column_values_to_be_in_set           PIL cannot decode the file
 image_min_size         expect_column_values_to_be_between          shorter side too small
 image_duplicate        expect_column_values_to_be_unique           WARNING: same bytes, same split
@@ -27,8 +29,11 @@ cross_split_image      expect_column_values_to_be_in_set           same bytes in
 =====================  ==========================================  ===========================
 
 Only the first failing image check fires for a row (a missing file is not also reported as
-undecodable or too small; an undecodable one not as too small), and an empty title is not also
-reported as too short or a placeholder, so each row's reasons stay readable.
+undecodable or too small; an undecodable one not as too small; a too large one is never
+decoded: its size comes from the header), and an empty title is not also reported as too short
+or a placeholder, so each row's reasons stay readable. An empty catalogue fails: there is
+nothing to validate, and nothing downstream could use it; so does a quarantine that leaves no
+clean row.
 """
 
 from __future__ import annotations
@@ -44,11 +49,11 @@ from typing import Any
 import great_expectations as gx
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
-from PIL import Image
 from tqdm.auto import tqdm
 
-from lightclip.config import ValidateConfig
+from lightclip.config import MAX_IMAGE_PIXELS, ValidateConfig
 from lightclip.data.catalogue import CATALOGUE_FILE, SPLITS, Catalogue, CatalogueError, normalise_items, rebase_image_path
+from lightclip.data.imagefile import ImageTooLarge, open_image
 from lightclip.data.split import normalise_title
 from lightclip.errors import LightclipError
 from lightclip.io import write_json
@@ -63,7 +68,9 @@ MAX_EXAMPLES = 10
 ROW_COLUMN = "_row"
 
 #: Columns :func:`inspect_images` adds, in order.
-IMAGE_COLUMNS: tuple[str, ...] = ("image_exists", "image_decodes", "image_width", "image_height", "image_min_side", "image_sha256")
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "image_exists", "image_too_large", "image_decodes", "image_width", "image_height", "image_min_side", "image_sha256",
+)
 
 
 def _value(v: Any) -> Any:
@@ -79,7 +86,7 @@ def _value(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _inspect_one(path: Path | None) -> dict[str, Any]:
+def _inspect_one(path: Path | None, max_pixels: int) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(IMAGE_COLUMNS)
     row["image_exists"] = False
     if path is None or not path.is_file():
@@ -91,21 +98,26 @@ def _inspect_one(path: Path | None) -> dict[str, Any]:
     row["image_exists"] = True
     row["image_sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data), max_pixels) as image:  # the size is checked before decoding
             image.load()  # decode every pixel: truncated or corrupt files fail here
             width, height = image.size
-    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        row["image_decodes"] = False
+    except ImageTooLarge as exc:  # not decoded: image_decodes stays None
+        row.update(image_too_large=True, image_width=exc.width, image_height=exc.height)
         return row
-    row.update(image_decodes=True, image_width=int(width), image_height=int(height), image_min_side=int(min(width, height)))
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ...)
+        row.update(image_too_large=False, image_decodes=False)
+        return row
+    row.update(image_too_large=False, image_decodes=True, image_width=int(width), image_height=int(height), image_min_side=int(min(width, height)))
     return row
 
 
-def inspect_images(catalogue: Catalogue, *, progress: bool = True) -> pd.DataFrame:
+def inspect_images(catalogue: Catalogue, *, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True) -> pd.DataFrame:
     """One row per item (same order): whether its image exists and decodes, its size and hash.
 
-    Columns: ``image_exists`` (bool), ``image_decodes`` (bool; ``None`` when missing),
-    ``image_width``/``image_height``/``image_min_side`` (``None`` unless it decodes) and
+    Columns: ``image_exists`` (bool), ``image_too_large`` (bool, width x height over
+    ``max_pixels`` read from the header; ``None`` when missing), ``image_decodes`` (bool;
+    ``None`` when missing or too large), ``image_width``/``image_height`` (``None`` unless it
+    decodes or is too large), ``image_min_side`` (``None`` unless it decodes) and
     ``image_sha256`` (hash of the file bytes; ``None`` when missing).
     """
     rows = []
@@ -116,14 +128,14 @@ def inspect_images(catalogue: Catalogue, *, progress: bool = True) -> pd.DataFra
                 path = catalogue.image_path(image)
             except (OSError, ValueError):
                 path = None
-        rows.append(_inspect_one(path))
+        rows.append(_inspect_one(path, max_pixels))
     index = pd.RangeIndex(len(rows))
     columns: dict[str, pd.Series] = {}
     for col in IMAGE_COLUMNS:
         values = [row[col] for row in rows]
         if col == "image_exists":
             columns[col] = pd.Series(values, index=index, dtype=bool)
-        elif col in ("image_decodes", "image_sha256"):  # object: keeps None (pandas 3 would make NaN)
+        elif col in ("image_too_large", "image_decodes", "image_sha256"):  # object: keeps None (pandas 3 would make NaN)
             columns[col] = pd.Series(values, index=index, dtype=object)
         else:
             columns[col] = pd.Series(pd.array(values, dtype="Int64"), index=index)
@@ -148,11 +160,15 @@ class CheckResult:
     example_ids: list[str]
     rows: list[int]  # positions in the catalogue's items
     error: str | None = None  # set when GX could not evaluate the expectation
+    details: list[str] = field(default_factory=list)  # what is wrong, for the first rows (or the table)
 
     def describe(self) -> str:
         if self.error is not None:
             return f"{self.name} ({self.expectation}): could not be evaluated: {self.error}"
-        return f"{self.name} ({self.expectation}): {self.unexpected_count} row(s), e.g. ids {self.example_ids!r}"
+        if not self.rows and self.details:  # a check on the whole table
+            return f"{self.name}: " + "; ".join(self.details)
+        text = f"{self.name} ({self.expectation}): {self.unexpected_count} row(s), e.g. ids {self.example_ids!r}"
+        return text + (" (" + "; ".join(self.details) + ")" if self.details else "")
 
 
 @dataclass
@@ -163,6 +179,12 @@ class ValidationResult:
     checks: list[CheckResult]
     reasons: list[list[str]]  # per row: failed error-level checks (these rows are quarantined)
     row_warnings: list[list[str]] = field(default_factory=list)  # per row: warning-level checks
+    row_details: dict[int, dict[str, str]] = field(default_factory=dict)  # row -> check -> what is wrong
+
+    def reason_text(self, row: int) -> str:
+        """The row's failed checks for ``quarantine.csv``: ``check`` or ``check: detail``, ``;``-joined."""
+        details = self.row_details.get(row, {})
+        return ";".join(f"{name}: {details[name]}" if name in details else name for name in self.reasons[row])
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -238,6 +260,7 @@ def build_frame(catalogue: Catalogue, config: ValidateConfig, images: pd.DataFra
     exists = images["image_exists"].astype(bool).tolist()
     decodes = images["image_decodes"].tolist()
     frame["image_exists"] = pd.Series(exists, index=frame.index, dtype=bool)
+    frame["image_too_large"] = obj(t if e else None for e, t in zip(exists, images["image_too_large"].tolist()))
     frame["image_decodes"] = obj(d if e else None for e, d in zip(exists, decodes))
     min_side = [float(s) if (d is True and not pd.isna(s)) else float("nan") for d, s in zip(decodes, images["image_min_side"])]
     frame["image_min_side"] = pd.Series(min_side, index=frame.index, dtype="float64")
@@ -285,6 +308,7 @@ def _suite_spec(config: ValidateConfig) -> list[tuple[str, str, dict[str, Any], 
     spec += [
         ("year_in_range", "ExpectColumnValuesToBeBetween", {"column": "year", "min_value": config.year_min, "max_value": config.year_max}, ERROR),
         ("image_exists", "ExpectColumnValuesToBeInSet", {"column": "image_exists", "value_set": [True]}, ERROR),
+        ("image_too_large", "ExpectColumnValuesToBeInSet", {"column": "image_too_large", "value_set": [False]}, ERROR),
         ("image_decodes", "ExpectColumnValuesToBeInSet", {"column": "image_decodes", "value_set": [True]}, ERROR),
         ("image_min_size", "ExpectColumnValuesToBeBetween", {"column": "image_min_side", "min_value": config.min_image_side}, ERROR),
         ("image_duplicate", "ExpectColumnValuesToBeUnique", {"column": "image_split_key"}, WARNING),
@@ -328,7 +352,7 @@ def _run_suite(frame: pd.DataFrame, spec: list[tuple[str, str, dict[str, Any], s
 
 def validate_catalogue(catalogue: Catalogue, config: ValidateConfig, *, progress: bool = True) -> ValidationResult:
     """Run the whole suite on ``catalogue`` (and its images); never raises for bad data."""
-    images = inspect_images(catalogue, progress=progress)
+    images = inspect_images(catalogue, max_pixels=config.max_image_pixels, progress=progress)
     frame = build_frame(catalogue, config, images)
     n = len(frame)
     spec = _suite_spec(config)
@@ -337,6 +361,12 @@ def validate_catalogue(catalogue: Catalogue, config: ValidateConfig, *, progress
     reasons: list[list[str]] = [[] for _ in range(n)]
     row_warnings: list[list[str]] = [[] for _ in range(n)]
     checks: list[CheckResult] = []
+    if n == 0:
+        checks.append(CheckResult(
+            "catalogue_not_empty", "expect_table_row_count_to_be_between", "*", ERROR, False, 0, [], [],
+            details=[f"{catalogue.table_path} has no rows: nothing to validate (an import that skipped every row? see its import_report.json)"],
+        ))
+    row_details: dict[int, dict[str, str]] = {}
     for name, cls_name, kwargs, severity in spec:
         expectation_type = re.sub(r"(?<!^)(?=[A-Z])", "_", cls_name).lower()
         result = raw.get(name)
@@ -350,11 +380,17 @@ def validate_catalogue(catalogue: Catalogue, config: ValidateConfig, *, progress
         count = int(details.get("unexpected_count") or len(rows))
         examples = [str(ids[r]) if ids[r] is not None else f"<row {r}>" for r in rows[:MAX_EXAMPLES]]
         success = bool(result.success) and error is None
-        checks.append(CheckResult(name, expectation_type, kwargs["column"], severity, success, count, examples, rows, error))
+        details = []
+        if name == "image_too_large":
+            for r in rows:
+                size = f"{int(frame.at[r, 'image_width'])}x{int(frame.at[r, 'image_height'])} > {config.max_image_pixels} pixels"
+                row_details.setdefault(r, {})[name] = size
+            details = [f"{ids[r]}: {row_details[r][name]}" for r in rows[:3]] + ["the limit is validate.max_image_pixels"] if rows else []
+        checks.append(CheckResult(name, expectation_type, kwargs["column"], severity, success, count, examples, rows, error, details))
         target = reasons if severity == ERROR else row_warnings
         for r in rows:
             target[r].append(name)
-    return ValidationResult(rows_in=n, checks=checks, reasons=reasons, row_warnings=row_warnings)
+    return ValidationResult(rows_in=n, checks=checks, reasons=reasons, row_warnings=row_warnings, row_details=row_details)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +436,7 @@ def _md(text: Any) -> str:
 def render_report(summary: ValidationSummary) -> str:
     """The Markdown report: counts, one table row per check, the warnings."""
     result = summary.result
-    status = "PASSED" if summary.passed else ("QUARANTINED" if summary.mode == "quarantine" else "FAILED")
+    status = "PASSED" if summary.passed else ("QUARANTINED" if summary.catalogue_dir is not None else "FAILED")
     lines = [
         "# Catalogue validation",
         "",
@@ -419,7 +455,7 @@ def render_report(summary: ValidationSummary) -> str:
     ]
     for c in result.checks if result else []:
         state = "ok" if c.success else ("WARN" if c.severity == WARNING else "FAIL")
-        examples = c.error if c.error else ", ".join(c.example_ids)
+        examples = c.error or ", ".join(c.example_ids) or "; ".join(c.details)
         lines.append(f"| {_md(c.name)} | {c.expectation} | {_md(c.column)} | {c.severity} | {state} | {c.unexpected_count} | {_md(examples)} |")
     lines += ["", "## Warnings", ""]
     warned = result.warnings if result else []
@@ -437,7 +473,7 @@ def _write_quarantine(catalogue: Catalogue, result: ValidationResult, rows: list
     items = normalise_items(catalogue.items).iloc[rows].reset_index(drop=True)
     if catalogue.root.resolve() != out_dir.resolve():
         items["image"] = [rebase_image_path(p, catalogue.root, out_dir) if isinstance(p, str) else None for p in items["image"]]
-    items["reasons"] = [";".join(result.reasons[r]) for r in rows]
+    items["reasons"] = [result.reason_text(r) for r in rows]
     path = out_dir / QUARANTINE_FILE
     items.to_csv(path, index=False, lineterminator="\n")
     return path
@@ -489,7 +525,8 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
     the output folder is left without a catalogue. With ``on_error: quarantine`` the clean rows
     are written as the catalogue and the bad ones, with a ``reasons`` column, to
     ``quarantine.csv`` beside it (header only when there are none). Image paths are rebased so
-    the written catalogue points at the original images.
+    the written catalogue points at the original images. An empty input fails in either mode,
+    and so does a quarantine of every row (``quarantine.csv`` is written, no catalogue).
     """
     in_dir, out_dir, report_path, metrics_path = Path(inputs.catalogue), Path(outputs.catalogue), Path(outputs.report), Path(outputs.metrics)
     progress = context.progress
@@ -499,8 +536,11 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
     result = validate_catalogue(catalogue, config, progress=progress)
     mode = config.on_error
     bad = result.bad_rows
-    unattributed = [c for c in result.failed if not c.rows]  # failed but no row to blame (GX error)
-    write_catalogue = result.success or (mode == "quarantine" and not unattributed)
+    unattributed = [c for c in result.failed if not c.rows]  # failed but no row to blame (GX error, empty table)
+    clean = result.clean_rows
+    write_catalogue = (result.success or (mode == "quarantine" and not unattributed)) and bool(clean)
+    # quarantine that would leave an empty catalogue: write the quarantine (the reasons), fail
+    quarantine_only = mode == "quarantine" and not unattributed and not clean and bool(bad)
     summary = ValidationSummary(
         mode=mode,
         passed=result.success,
@@ -516,15 +556,19 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
     )
     note = None
     if write_catalogue:
-        clean = result.clean_rows
         out_dir.mkdir(parents=True, exist_ok=True)
         Catalogue(root=catalogue.root, items=catalogue.items.iloc[clean].reset_index(drop=True)).save(out_dir)
         summary.quarantine_path = _write_quarantine(catalogue, result, bad, out_dir)
         summary.catalogue_dir = out_dir
         summary.rows_out, summary.rows_quarantined = len(clean), len(bad)
-    elif out_dir.is_dir():
-        keep = {p.name for p in (report_path, metrics_path) if p.parent.resolve() == out_dir.resolve()}
-        note = _clear_stale_outputs(out_dir, keep)
+    else:
+        if out_dir.is_dir():
+            keep = {p.name for p in (report_path, metrics_path) if p.parent.resolve() == out_dir.resolve()}
+            note = _clear_stale_outputs(out_dir, keep)
+        if quarantine_only:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            summary.quarantine_path = _write_quarantine(catalogue, result, bad, out_dir)
+            summary.rows_quarantined = len(bad)
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(render_report(summary), encoding="utf-8")
@@ -534,7 +578,9 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
         log.warning("validation warning: %s", c.describe())
     if not write_catalogue:
         message = result.message()
-        if unattributed and mode == "quarantine":
+        if quarantine_only:
+            message += f"\n  every one of the {len(bad)} rows failed a check: no catalogue written; reasons in {summary.quarantine_path}"
+        elif unattributed and mode == "quarantine" and result.rows_in:
             message += "\n  (quarantine impossible: these checks could not name their rows)"
         if note:
             message += f"\n  note: {note}"

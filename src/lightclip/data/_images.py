@@ -110,6 +110,24 @@ def _is_inside(path: Path, parent: Path) -> bool:
     return True
 
 
+def outside_root(path: Path, root: Path) -> Path | None:
+    """Where ``path`` really is (symlinks and ``..`` resolved) if that is outside ``root``, else None.
+
+    Importers read and copy only files under the catalogue root unless told otherwise: a
+    manifest row or a symlink must not make them copy any file the user can read elsewhere.
+    """
+    real = Path(path).resolve()
+    return None if _is_inside(real, Path(root).resolve()) else real
+
+
+def outside_root_note(count: int, root: Path) -> str:
+    """The report note for rows skipped as ``outside_root``."""
+    return (
+        f"outside_root: {count} row(s) point at files outside {root} (absolute paths, '..' or symlinks); "
+        f"pass allow_outside_root=True (--allow-outside-root) to import them"
+    )
+
+
 def check_output_dir(out_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse an ``out_dir`` we must not write: non-empty (unless ``overwrite`` and a catalogue)."""
     out_dir = Path(out_dir)
@@ -143,6 +161,7 @@ def finish_import(staging: Path, out_dir: Path | str, records: list[dict], jobs:
     copy_images(jobs, progress=progress, desc=desc)
     catalogue = new_catalogue(staging, records)
     report.items_written = len(catalogue)
+    report.check_complete()
     if not records:
         report.notes.append("no items imported: every row was skipped (see skipped)")
     report.write(staging / "import_report.json")

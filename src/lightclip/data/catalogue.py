@@ -51,13 +51,32 @@ class SkippedRow:
 
 @dataclass
 class ImportReport:
-    """What an importer read, wrote and skipped; nothing is dropped without a line here."""
+    """What an importer read, wrote and skipped; nothing is dropped without a line here.
+
+    Every record read is written or skipped (``rows_read == items_written + len(skipped)``);
+    for a line-based input every physical line after the header is a record or a blank line
+    (``lines_read == rows_read + blank_lines``). :meth:`check_complete` holds an importer to it.
+    """
 
     source: str
     rows_read: int = 0
     items_written: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    lines_read: int | None = None  # physical lines after the header (line-based inputs only)
+    blank_lines: int = 0  # of those, lines holding nothing (no record)
+
+    def check_complete(self) -> None:
+        """Raise :class:`CatalogueError` unless every record and every line is accounted for."""
+        if self.items_written + len(self.skipped) != self.rows_read:
+            raise CatalogueError(
+                f"{self.source}: import lost records: read {self.rows_read}, wrote {self.items_written}, skipped {len(self.skipped)}"
+            )
+        if self.lines_read is not None and self.rows_read + self.blank_lines != self.lines_read:
+            raise CatalogueError(
+                f"{self.source}: import lost lines: {self.lines_read} lines after the header, "
+                f"{self.rows_read} records and {self.blank_lines} blank lines"
+            )
 
     def skipped_by_reason(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -67,9 +86,10 @@ class ImportReport:
         return counts
 
     def summary(self) -> str:
-        lines = [f"{self.source}: read {self.rows_read} rows, wrote {self.items_written} items, skipped {len(self.skipped)}"]
+        blank = f" ({self.blank_lines} blank line{'s' if self.blank_lines != 1 else ''} not counted)" if self.blank_lines else ""
+        lines = [f"{self.source}: read {self.rows_read} rows, wrote {self.items_written} items, skipped {len(self.skipped)}{blank}"]
         for reason, count in sorted(self.skipped_by_reason().items()):
-            ids = [r.id or r.source for r in self.skipped if r.reason.split(":")[0] == reason]
+            ids = [r.source if r.id is None else f"{r.id} ({r.source})" for r in self.skipped if r.reason.split(":")[0] == reason]
             shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
             lines.append(f"  skipped {count} x {reason}: {shown}")
         lines.extend(f"  note: {note}" for note in self.notes)

@@ -4,19 +4,35 @@ Columns (keys): ``image`` (or ``image_path``/``filepath``/``path``), ``title`` (
 ``caption``/``text``), optional ``id`` (default ``row<N>``, N the 1-based record number),
 optional attribute columns and optional ``split``. An unknown column is an error rather than
 data we would silently drop. Image paths are relative to ``image_root`` (default: the
-manifest's directory) or absolute; URLs are not fetched.
+manifest's directory); a path that leads outside it (absolute, ``..``, a symlink out) is
+skipped as ``outside_root`` unless allowed; URLs are not fetched.
+
+One record per physical line, in both formats: a quoted CSV field cannot span lines, so an
+unclosed quote costs its own line (skipped as ``bad_row``, naming the line and the field) and
+never the lines after it. The report accounts for every line: an item, a skipped row with its
+line number and reason, or a blank line.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from lightclip.config import ATTRIBUTE_COLUMNS
-from lightclip.data._images import IMAGE_EXTENSIONS, NameAllocator, finish_import, format_ids, image_extension, parse_year, staged_output
+from lightclip.data._images import (
+    IMAGE_EXTENSIONS,
+    NameAllocator,
+    finish_import,
+    format_ids,
+    image_extension,
+    outside_root,
+    outside_root_note,
+    parse_year,
+    staged_output,
+)
+from lightclip.data._lines import LineError, read_lines, split_csv_line
 from lightclip.data.catalogue import SPLITS, Catalogue, CatalogueError, ImportReport, SkippedRow
 
 IMAGES_DIR = "images"
@@ -56,61 +72,75 @@ def _canonical_keys(keys: list[str], where: str) -> dict[str, str]:
     return mapping
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRecord]]:
-    """Yield ``(line, record)`` for each CSV data row; a row of the wrong width is a _BadRecord."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
+#: What a reader yields per line after the header: a record, a _BadRecord, or None (blank line).
+Entry = tuple[int, "dict[str, Any] | _BadRecord | None"]
+
+
+def _read_csv(path: Path) -> Iterator[Entry]:
+    """Yield ``(line, record)`` for each line after the header; unreadable rows are _BadRecords."""
+    lines = read_lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise CatalogueError(f"{path}: empty file, expected a header row naming the columns")
+    if first.blank:
+        raise CatalogueError(f"{path}:1: blank line; expected a header row naming the columns")
+    try:
+        header = [h.strip() for h in split_csv_line(first.text)]
+    except LineError as exc:
+        raise CatalogueError(f"{path}:1: unreadable header: {exc}") from None
+    mapping = _canonical_keys(header, f"{path}:1")
+    for field in ("image", "title"):
+        if field not in mapping.values():
+            raise CatalogueError(f"{path}:1: no {field} column; name it one of {list(ALIASES[field])}")
+    for entry in lines:
+        line = entry.number
+        if entry.blank:
+            yield line, None
+            continue
         try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise CatalogueError(f"{path}: empty file, expected a header row naming the columns") from None
-        mapping = _canonical_keys(header, f"{path}:1")
-        for field in ("image", "title"):
-            if field not in mapping.values():
-                raise CatalogueError(f"{path}:1: no {field} column; name it one of {list(ALIASES[field])}")
-        last_line = reader.line_num
-        for fields in reader:
-            line, last_line = last_line + 1, reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue
-            if len(fields) != len(header):
-                yield line, _BadRecord(f"line {line} has {len(fields)} fields, expected {len(header)}")
-                continue
-            yield line, {mapping[k]: v for k, v in zip(header, fields)}
+            fields = split_csv_line(entry.text)
+        except LineError as exc:
+            yield line, _BadRecord(f"line {line}: {exc}")
+            continue
+        if len(fields) != len(header):
+            yield line, _BadRecord(f"line {line} has {len(fields)} fields, expected {len(header)}")
+            continue
+        yield line, {mapping[k]: v for k, v in zip(header, fields)}
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRecord]]:
-    """Yield ``(line, record)`` for each JSON line; unparsable lines are _BadRecords."""
-    with open(path, encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            if line == 1 and text.lstrip().startswith("["):
-                raise CatalogueError(f"{path}:1: a JSON array; expected JSON lines (one object per line)")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line, _BadRecord(f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield line, _BadRecord(f"line {line}: expected a JSON object, got {type(obj).__name__}")
-                continue
-            unknown = [k for k in obj if k not in _CANONICAL]
-            if unknown:
-                raise CatalogueError(f"{path}:{line}: unknown key(s) {unknown}; allowed: {list(ALLOWED_COLUMNS)}")
-            record: dict[str, Any] = {}
-            try:
-                for key, value in obj.items():
-                    field = _CANONICAL[key]
-                    if field in record:
-                        raise _BadRecord(f"line {line}: two keys give the {field}")
-                    if isinstance(value, bool) or (value is not None and not isinstance(value, (str, int, float))):
-                        raise _BadRecord(f"line {line}: '{key}' must be a string or number, got {json.dumps(value)[:40]}")
-                    record[field] = value
-            except _BadRecord as bad:
-                yield line, bad
-                continue
-            yield line, record
+def _read_jsonl(path: Path) -> Iterator[Entry]:
+    """Yield ``(line, record)`` for each line; unparsable lines are _BadRecords."""
+    for entry in read_lines(path):
+        line, text = entry.number, entry.text
+        if entry.blank:
+            yield line, None
+            continue
+        if line == 1 and text.lstrip().startswith("["):
+            raise CatalogueError(f"{path}:1: a JSON array; expected JSON lines (one object per line)")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield line, _BadRecord(f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield line, _BadRecord(f"line {line}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        unknown = [k for k in obj if k not in _CANONICAL]
+        if unknown:
+            raise CatalogueError(f"{path}:{line}: unknown key(s) {unknown}; allowed: {list(ALLOWED_COLUMNS)}")
+        record: dict[str, Any] = {}
+        try:
+            for key, value in obj.items():
+                field = _CANONICAL[key]
+                if field in record:
+                    raise _BadRecord(f"line {line}: two keys give the {field}")
+                if isinstance(value, bool) or (value is not None and not isinstance(value, (str, int, float))):
+                    raise _BadRecord(f"line {line}: '{key}' must be a string or number, got {json.dumps(value)[:40]}")
+                record[field] = value
+        except _BadRecord as bad:
+            yield line, bad
+            continue
+        yield line, record
 
 
 def _text(value: Any) -> str | None:
@@ -129,13 +159,16 @@ def import_manifest(
     *,
     image_root: Path | None = None,
     overwrite: bool = False,
+    allow_outside_root: bool = False,
     progress: bool = True,
 ) -> tuple[Catalogue, ImportReport]:
     """Import a CSV/JSONL manifest into ``out_dir``, copying its images into ``out_dir/images/``.
 
-    Skipped (and listed in the report): ``bad_row`` (unreadable record), ``empty_title``,
-    ``missing_image``, ``remote_image`` (URLs are not fetched), ``unsupported_image`` (not
-    jpg/png/webp), ``bad_split`` and ``duplicate_id``.
+    Skipped (and listed in the report with their line): ``bad_row`` (unreadable record, e.g.
+    an unclosed quote), ``empty_title``, ``missing_image``, ``remote_image`` (URLs are not
+    fetched), ``outside_root`` (the image resolves outside ``image_root``; allowed with
+    ``allow_outside_root``), ``unsupported_image`` (not jpg/png/webp), ``bad_split`` and
+    ``duplicate_id``.
     """
     manifest = Path(manifest)
     suffix = manifest.suffix.lower()
@@ -152,12 +185,19 @@ def import_manifest(
         raise CatalogueError(f"{root}: image_root is not a directory")
 
     name = manifest.name
-    report = ImportReport(source=str(manifest))
+    report = ImportReport(source=str(manifest), lines_read=0)
     accepted: list[tuple[dict[str, Any], Path, str]] = []  # item, image file, canonical extension
     seen: dict[str, str] = {}
     bad_years: list[str] = []
+    outside = 0
+    n = 0  # records (non-blank lines) so far
     try:
-        for n, (line, record) in enumerate(reader(manifest), start=1):
+        for line, record in reader(manifest):
+            report.lines_read += 1
+            if record is None:
+                report.blank_lines += 1
+                continue
+            n += 1
             report.rows_read += 1
             source = f"{name}:{line}"
             if isinstance(record, _BadRecord):
@@ -181,7 +221,11 @@ def import_manifest(
             if skip is None:
                 path = root / image
                 ext = image_extension(path)
-                if ext is None:
+                real = None if allow_outside_root else outside_root(path, root)
+                if real is not None:  # checked first: nothing outside the root is even looked at
+                    outside += 1
+                    skip = f"outside_root: {image} is {real}, outside the image root {root}"
+                elif ext is None:
                     skip = f"unsupported_image: {image} (allowed extensions: {sorted(IMAGE_EXTENSIONS)})"
                 elif not path.is_file():
                     skip = f"missing_image: {path} not found"
@@ -197,10 +241,10 @@ def import_manifest(
                 bad_years.append(f"{item_id}={item['year']!r}")
             item["year"] = year
             accepted.append((item, path, ext))
-    except UnicodeDecodeError as exc:
-        raise CatalogueError(f"{manifest}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except csv.Error as exc:
-        raise CatalogueError(f"{manifest}: unreadable CSV: {exc}") from None
+    except OSError as exc:
+        raise CatalogueError(f"{manifest}: cannot read: {exc.strerror or exc}") from None
+    if outside:
+        report.notes.append(outside_root_note(outside, root))
     if bad_years:
         report.notes.append(f"year_not_integer: {len(bad_years)} rows imported with year null ({format_ids(bad_years)})")
 
