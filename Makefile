@@ -77,8 +77,11 @@ mlflow-ui: ## serve the project's MLflow store on 127.0.0.1:$(MLFLOW_PORT)
 
 .PHONY: prefect-server serve retrain
 
+# The UI asks the server for its API URL (GET /ui-settings), which Prefect builds from
+# PREFECT_SERVER_API_PORT (4200), not from --port: set it, and the links' base, from PREFECT_PORT.
 prefect-server: ## Prefect server (UI + API) on http://127.0.0.1:$(PREFECT_PORT), state in .prefect/
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_SERVER_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_UI_URL=http://127.0.0.1:$(PREFECT_PORT) \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: ## serve the deployment retrain/scheduled (cron: params.yaml orchestration) on that server
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python pipelines/deploy.py

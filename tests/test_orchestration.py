@@ -8,7 +8,11 @@ takes a second or two.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +136,72 @@ def test_a_failing_stage_raises_with_the_tail_of_its_output(fake_project: Path):
     with pytest.raises(orch.StageFailed, match="injected failure") as info:
         orch.run_stage_group(fake_project, orch.StageGroup("prep", ("prep",)), env=orch.stage_env(), log=lambda line: None)
     assert info.value.group == "prep" and info.value.returncode != 0
+
+
+#: A process that runs a command through run_logged and turns SIGTERM into an exception, as
+#: Prefect's flow-run process does (TerminationSignal); the command starts a grandchild.
+INTERRUPTIBLE = """\
+import signal, sys
+from pathlib import Path
+from lightclip.orchestration import run_logged
+
+def stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+signal.signal(signal.SIGTERM, stop)
+script = "sh -c 'echo $$ > grandchild.pid; echo started; exec sleep 300'; echo not reached"
+run_logged(["sh", "-c", script], Path.cwd(), {"PATH": "/usr/bin:/bin"}, lambda line: print(line, flush=True))
+"""
+
+
+def alive(pid: int) -> bool:
+    """A live process (a zombie, ended but not yet collected, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_logged_stops_the_command_and_everything_it_started(tmp_path: Path, signum: int):
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE], cwd=tmp_path, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        grandchild = int((tmp_path / "grandchild.pid").read_text())
+        assert alive(grandchild)
+        proc.send_signal(signum)
+        started = time.monotonic()
+        returncode = proc.wait(timeout=orch.STOP_GRACE_S + 10)
+        assert returncode == (128 + signum if signum == signal.SIGTERM else -signal.SIGINT)  # an uncaught KeyboardInterrupt ends Python by SIGINT
+        assert time.monotonic() - started < orch.STOP_GRACE_S  # the command took the signal: no wait for SIGKILL
+        deadline = time.monotonic() + 5
+        while alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(grandchild), "the command's child outlived the interrupted run"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_save_experiment_records_the_flows_pipeline_when_another_pipeline_has_no_outputs(fake_project: Path, projects):
+    """pipelines/ablation's outputs are absent unless its sweep ran: saving must not need them."""
+    (fake_project / "sweep").mkdir()
+    (fake_project / "sweep" / "dvc.yaml").write_text("stages:\n  other:\n    cmd: python -c pass\n    outs: [models/other]\n")
+    projects.commit(fake_project, "a sweep the flow does not run")
+    projects.run(orch.dvc_command("repro", "dvc.yaml"), fake_project)
+    (fake_project / "notes.txt").write_text("not the pipeline's")
+    assert orch.experiment_targets(fake_project) == ["dvc.yaml"]
+    assert orch.experiment_files(fake_project) == ["dvc.lock", "metrics/register.json"]
+
+    orch.save_experiment(fake_project, "exp-one", orch.stage_env())
+    assert "exp-one" in projects.run(orch.dvc_command("exp", "list", "--name-only"), fake_project)
+    refs = projects.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], fake_project).split()
+    ref = next(r for r in refs if r.endswith("/exp-one"))
+    files = projects.run(["git", "ls-tree", "-r", "--name-only", ref], fake_project).split()
+    assert {"dvc.lock", "metrics/register.json", "sweep/dvc.yaml"} <= set(files) and "notes.txt" not in files
+    assert projects.run(["git", "show", f"{ref}:metrics/register.json"], fake_project) == (fake_project / "metrics" / "register.json").read_text()
+    assert not (fake_project / "models" / "other").exists()
 
 
 def test_stage_env_puts_this_venv_first_and_telemetry_off(monkeypatch: pytest.MonkeyPatch):

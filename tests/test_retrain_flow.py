@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,8 +107,36 @@ def mlflow_runs(uri: str, experiment: str):
 # -- the flow on a fake pipeline -----------------------------------------------------------------
 
 
+#: A second pipeline in the repository that the flow does not run, as pipelines/ablation is: its
+#: outputs never exist, so a `dvc exp save` of every pipeline would fail on them.
+SWEEP_DVC_YAML = """\
+stages:
+  sweep:
+    cmd: python -c "raise SystemExit('the flow must not run this')"
+    outs: [models/sweep]
+"""
+
+
+def flow_logs(flow_run_id) -> str:
+    """What the flow run logged to the API, one message a line."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with prefect_client() as client:
+        return "\n".join(entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+
+def experiment_ref(project: Path, name: str) -> str:
+    """The git ref of the DVC experiment ``name`` (refs/exps/<baseline>/<name>)."""
+    refs = [r for r in subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project, capture_output=True, text=True, check=True).stdout.split() if r.endswith("/" + name)]
+    assert len(refs) == 1, f"experiment {name}: refs {refs}"
+    return refs[0]
+
+
 def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: str, fake_project: Path, projects):
     project = fake_project
+    (project / "sweep").mkdir()
+    (project / "sweep" / "dvc.yaml").write_text(SWEEP_DVC_YAML)
+    projects.commit(project, "a sweep the flow does not run")
     retrain = load_flow_module().retrain
 
     state = retrain(project_dir=str(project), return_state=True)
@@ -127,6 +157,12 @@ def test_flow_runs_every_stage_then_ends_up_to_date(prefect_harness, fake_env: s
     with prefect_client() as client:
         assert orch.mlflow_flow_run_tag(mlflow_id) in client.read_flow_run(flow_run_id).tags
     assert report["dvc_experiment"] and report["dvc_experiment"] in projects.run(orch.dvc_command("exp", "list", "--name-only"), project)
+    logs = flow_logs(flow_run_id)
+    assert "not saved as a DVC experiment" not in logs and "does not exist" not in logs, logs
+    ref = experiment_ref(project, report["dvc_experiment"])  # the experiment holds the metrics it reports
+    shown = subprocess.run(["git", "show", f"{ref}:metrics/register.json"], cwd=project, capture_output=True, check=True).stdout
+    assert shown == (project / "metrics" / "register.json").read_bytes()
+    assert not (project / "models" / "sweep").exists() and "sweep" not in report["stages"]
     markdown = report_artifact(flow_run_id)
     assert "# Retraining: retrained" in markdown and mlflow_id in markdown and "fake-student v1 (a)" in markdown
 
@@ -206,24 +242,40 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
     pytest.fail(f"timed out waiting for {what} after {timeout} s\n{tail}")
 
 
-@pytest.fixture
-def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """``prefect server start`` on a free loopback port with its home in tmp_path; stopped by PID."""
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """``make prefect-server`` on a free loopback port with its home in a temp dir; stopped by PID.
+
+    Started through the Makefile, as a user starts it, so that every test here checks the
+    target too. No ``PREFECT_API_URL`` in its environment: the UI must learn its port from the
+    Makefile alone.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = orch.stage_env({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = orch.stage_env({"PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     env.pop("PREFECT_API_URL", None)
-    log = tmp_path / "server.log"
+    log = home / "server.log"
+    command = ["make", "-s", "-C", str(REPO_ROOT), "prefect-server", f"PREFECT_PORT={port}", f"PREFECT_HOME={home / 'prefect'}", f"BIN={Path(sys.executable).parent}"]
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: orch.server_is_up(url, timeout=1), 120, f"the Prefect server on port {port}", proc, log)
-        yield url, {**env, "PREFECT_API_URL": url}
+        yield url, {**env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": url}
     finally:
         stop_group(proc)
+
+
+def test_the_ui_of_make_prefect_server_calls_the_api_on_its_own_port(prefect_server):
+    """The UI reads its API URL from /ui-settings; Prefect's default there is port 4200."""
+    url, _ = prefect_server
+    port = urllib.parse.urlsplit(url).port
+    assert port != 4200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+        settings = json.load(response)
+    assert settings["api_url"] == url
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:  # the UI itself is served
+        assert response.status == 200 and b"<html" in response.read().lower()
 
 
 def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_server, clean_env, fake_project: Path, tmp_path: Path):
@@ -266,6 +318,91 @@ def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_serv
             assert manual.state is not None and manual.state.is_completed(), f"{manual.state}\n{log.read_text()[-4000:]}"
             assert any(tag.startswith("mlflow-run:") for tag in client.read_flow_run(manual.id).tags)
         assert attempts(project, "register") == 1  # it ran in the served project, in the runner's process
+    finally:
+        stop_group(serve)
+
+
+#: Prepended to the fake stage: ``prep`` records its pid and its parent's (``dvc repro``), then
+#: blocks, so a flow run is in flight, inside a stage, when the signal comes.
+BLOCKING_PREP = """\
+import os, pathlib, sys, time
+if sys.argv[1] == "prep":
+    pathlib.Path("prep.pids").write_text(f"{os.getpid()} {os.getppid()}")
+    time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, ended but not yet collected by its parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def session_processes(sid: int) -> list[str]:
+    """The live processes of session ``sid``, as ``pid cmdline``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == sid and running(int(entry.name)):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry.name} {command}")
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_deploy_stops_on_sigint_and_sigterm_with_the_run_in_flight_and_leaves_nothing_running(prefect_server, clean_env, fake_project: Path, tmp_path: Path, signum: int):
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, env = prefect_server
+    project = fake_project
+    stage = project / "stage.py"
+    stage.write_text(BLOCKING_PREP + stage.read_text())
+    name = f"stop-{signal.Signals(signum).name.lower()}"
+    log = tmp_path / "deploy.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "pipelines" / "deploy.py"), "--project", str(project), "--name", name],
+            cwd=REPO_ROOT, env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}), prefect_client() as client:
+
+            def deployment():
+                try:
+                    return client.read_deployment_by_name(f"retrain/{name}")
+                except ObjectNotFound:
+                    return None
+
+            wait_for(deployment, 90, f"the deployment retrain/{name}", serve, log)
+            flow_run = run_deployment(f"retrain/{name}", timeout=0)
+            pids = wait_for(lambda: (project / "prep.pids").is_file() and (project / "prep.pids").read_text().split(), 120, "the prep stage to start", serve, log)
+            stage_pid, dvc_pid = map(int, pids)
+            assert running(stage_pid) and running(dvc_pid)
+
+            started = time.monotonic()
+            os.kill(serve.pid, signum)  # to deploy.py alone, as `kill` or a supervisor sends it
+            try:
+                returncode = serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"deploy.py still runs 60 s after {signal.Signals(signum).name}\n{log.read_text()[-4000:]}")
+            elapsed = time.monotonic() - started
+            assert returncode == 128 + signum, log.read_text()[-4000:]
+            assert elapsed < 45, f"stopping took {elapsed:.0f} s"
+            assert not running(stage_pid) and not running(dvc_pid), "the stage or its dvc repro outlived deploy.py"
+            assert session_processes(serve.pid) == []
+            state = client.read_flow_run(flow_run.id).state
+            assert state is not None and state.is_final() and not state.is_completed(), state
+            assert client.read_deployment_by_name(f"retrain/{name}").paused  # the schedule stops with it
+        assert f"stopped by {signal.Signals(signum).name}" in log.read_text()
     finally:
         stop_group(serve)
 

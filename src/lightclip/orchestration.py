@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,8 @@ REPORT_ARTIFACT_KEY = "retrain-report"
 DEFAULT_PREFECT_PORT = 4200
 #: Lines of a failed command's output kept in the error message.
 ERROR_TAIL_LINES = 40
+#: Seconds an interrupted ``dvc repro`` and its stage get to end (and close their MLflow runs) before SIGKILL.
+STOP_GRACE_S = 10.0
 
 Log = Callable[[str], None]
 
@@ -165,9 +168,14 @@ def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log: Log) 
     """Run ``command``, passing each output line to ``log``; returns the exit code and all lines.
 
     Progress bars redraw with carriage returns: only the last state of each line is logged.
+    The command runs in its own process group: when this process is interrupted (Ctrl-C, or the
+    SIGTERM a Prefect runner sends to cancel a flow run), the signal is passed on to the command
+    and every stage it started, and they are killed if they outlive :data:`STOP_GRACE_S`, so
+    that no ``dvc repro`` or stage keeps running after the flow run has ended.
     """
     lines: list[str] = []
-    with subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    proc = subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    try:
         assert proc.stdout is not None
         for raw in proc.stdout:
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\r")[-1].rstrip()
@@ -175,7 +183,38 @@ def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log: Log) 
                 lines.append(text)
                 log(text)
         returncode = proc.wait()
+    except BaseException as exc:
+        stop_process_group(proc, signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
     return returncode, lines
+
+
+def stop_process_group(proc: subprocess.Popen, signum: int, grace: float | None = None) -> int | None:
+    """Send ``signum`` to ``proc``'s process group, SIGKILL the group after ``grace`` seconds.
+
+    Returns the exit code (None if it could not be reaped). The group is killed once more at the
+    end, so that a stage that ignored the signal while its parent exited does not linger.
+    """
+    grace = STOP_GRACE_S if grace is None else grace
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _run_checked(command: list[str], cwd: Path, env: Mapping[str, str]) -> str:
@@ -504,9 +543,56 @@ def experiment_name(flow_run_name: str | None, now: float | None = None) -> str:
     return f"retrain-{stamp}-{slug}"
 
 
+def experiment_targets(project: Path) -> list[str]:
+    """What a flow run's experiment records: the flow's pipeline (``dvc.yaml``) and ``data.dvc``.
+
+    ``dvc exp save`` without targets commits every pipeline of the repository, and fails on the
+    first one whose outputs are absent (the ablation sweep of ``pipelines/ablation``, which the
+    flow does not run): "output 'models/ablation/...' does not exist".
+    """
+    return [DVC_FILE] + ([DATA_DVC_FILE] if (Path(project) / DATA_DVC_FILE).is_file() else [])
+
+
+def experiment_files(project: Path) -> list[str]:
+    """The untracked files that belong in the experiment commit, as ``dvc exp run`` would stage them.
+
+    For the stages of ``dvc.yaml``: the pipeline and its lock file, the dependencies that no stage
+    produces (code) and the outputs DVC leaves to git (``cache: false``: metrics, plot data,
+    reports). Only files git does not track yet and does not ignore: a tracked file goes into the
+    commit anyway, and an ignored one (``__pycache__``) must not.
+    """
+    project = Path(project).resolve()
+    dvc_file = project / DVC_FILE
+    candidates = [dvc_file, project / "dvc.lock"]
+    with Repo(str(project)) as repo:
+        stages = [s for s in repo.index.stages if Path(s.dvcfile.path).resolve() == dvc_file]
+        produced = {Path(out.fs_path).resolve() for stage in repo.index.stages for out in stage.outs}
+        for stage in stages:
+            candidates += [Path(d.fs_path) for d in stage.deps if d.is_in_repo and Path(d.fs_path).resolve() not in produced]
+            candidates += [Path(o.fs_path) for o in stage.outs if o.is_in_repo and not o.use_cache]
+    wanted = [c.resolve() for c in candidates]
+    result = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=project, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OrchestrationError(f"git ls-files in {project} failed: {result.stderr.strip()}")
+    files = []
+    for name in filter(None, result.stdout.split("\0")):
+        path = (project / name).resolve()
+        if any(path == w or path.is_relative_to(w) for w in wanted):
+            files.append(name)
+    return sorted(files)
+
+
 def save_experiment(project: Path, name: str, env: Mapping[str, str]) -> None:
-    """``dvc exp save``: the run's params, ``dvc.lock`` and metrics as a DVC experiment (``dvc exp show``)."""
-    _run_checked(dvc_command("exp", "save", "--name", name), Path(project), env)
+    """``dvc exp save``: the run's params, ``dvc.lock`` and metrics as a DVC experiment (``dvc exp show``).
+
+    Limited to :func:`experiment_targets` (other pipelines of the repository are not the flow's,
+    and their outputs may be absent), with the pipeline's untracked files included
+    (:func:`experiment_files`), so that the experiment holds the metrics it reports.
+    """
+    project = Path(project)
+    include = [arg for path in experiment_files(project) for arg in ("--include-untracked", path)]
+    message = f"lightclip retrain: experiment {name}"
+    _run_checked(dvc_command("exp", "save", "--name", name, "--message", message, *include, *experiment_targets(project)), project, env)
 
 
 def parent_run_tags(flow_run_id: str | None, flow_run_name: str | None, flow_run_url: str | None, deployment: str | None) -> dict[str, str]:
