@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from lightclip.cli import main
 from lightclip.config import PromoteConfig
 from lightclip.errors import LightclipError
-from lightclip.registry.aliases import ModelRegistry, RegistryError, file_lock
+from lightclip.registry.aliases import CARD_STATUS_MARKER, ModelRegistry, RegistryError, file_lock
+from lightclip.registry.gate import Evidence, GateResult, gate
 
 STUDENT = "lightclip-student"  # register.model_name in params.yaml
 
@@ -179,3 +181,87 @@ def test_the_lock_times_out_with_a_clear_error(tmp_path: Path):
 
 def test_registry_error_is_a_lightclip_error_and_a_value_error():
     assert issubclass(RegistryError, LightclipError) and issubclass(RegistryError, ValueError)
+
+
+# -- the model card follows the tags -----------------------------------------------------------
+
+
+def assert_card_agrees_with_tags(reg: ModelRegistry, version: str, base: str) -> str:
+    """Every gate verdict, check and alias state in ``version``'s tags is stated in its card, the
+    card states no other, and the alias tags say what the registry's aliases are; returns the card."""
+    v = reg.version(STUDENT, version)
+    card, tags = v.description, v.tags
+    assert card.startswith(base), "the registration-time card was lost"
+    if CARD_STATUS_MARKER not in card:  # never checked nor moved: nothing to state
+        assert card == base and not [k for k in tags if k.startswith(("lightclip.gate.", "lightclip.alias."))]
+        return ""
+    status = card.split(CARD_STATUS_MARKER, 1)[1]
+    headings = [line for line in status.splitlines() if line.startswith("## Promotion gate")]
+    verdicts = {k.rsplit(".", 1)[1]: val for k, val in tags.items() if k.startswith("lightclip.gate.") and k.count(".") == 2}
+    assert len(headings) == len(verdicts)
+    for alias, verdict in verdicts.items():
+        heading = f"## Promotion gate (@{alias}): {verdict} (checked {tags[f'lightclip.gate.{alias}.checked_at']})"
+        assert heading in headings, f"v{version}: {heading!r} not in the card:\n{status}"
+        for check in ("teacher_fraction", "latency", "regression"):
+            assert f"- {check}: {tags[f'lightclip.gate.{alias}.{check}']}" in status
+    held = reg.aliases(STUDENT)
+    for alias in ("staging", "production"):
+        holds = tags.get(f"lightclip.alias.{alias}.holds")
+        if holds is None:
+            assert f"- @{alias}:" not in status
+            continue
+        assert (holds == "true") == (held.get(alias) == str(version)), f"v{version}: tag holds={holds} but aliases are {held}"
+        if holds == "true":
+            assert f"- @{alias}: held since {tags[f'lightclip.alias.{alias}.moved_at']} ({tags[f'lightclip.alias.{alias}.action']} by tester@ci" in status
+        else:
+            assert (f"- @{alias}: not held since {tags[f'lightclip.alias.{alias}.replaced_at']}, "
+                    f"replaced by {tags[f'lightclip.alias.{alias}.replaced_by']}") in status
+    return status
+
+
+def test_the_card_and_the_tags_agree_after_every_promote_and_rollback(project):
+    reg = project.registry()
+    v1, v2 = project.fake_version(57.0, "ts"), project.fake_version(56.8, "ts")
+    bases = {v: f"# lightclip student v{v}\n\nLineage, metrics and limits written at registration.\n" for v in (v1, v2)}
+    for v, base in bases.items():
+        reg.client.update_model_version(STUDENT, v, description=base)
+    strict = PromoteConfig(max_regression=0.1)
+
+    def agree() -> dict[str, str]:
+        return {v: assert_card_agrees_with_tags(reg, v, base) for v, base in bases.items()}
+
+    reg.promote(STUDENT, to="staging", version=v1, config=PromoteConfig(), reason="first candidate")
+    assert "- @staging: held since" in agree()[v1]
+    # v2 fails a strict check for @staging (56.8 < 57.0 - 0.1) ...
+    assert not reg.check(STUDENT, v2, to="staging", config=strict).passed
+    assert "## Promotion gate (@staging): fail" in agree()[v2]
+    # ... and a later promotion under the params re-tags it pass: the card must follow.
+    assert main(["registry", "promote", "--to", "staging", "--version", v2, "--reason", "within a point"]) == 0
+    cards = agree()
+    assert "## Promotion gate (@staging): pass" in cards[v2] and "@staging): fail" not in cards[v2]
+    assert "- @staging: not held since" in cards[v1] and "replaced by v2 (promote by tester@ci)" in cards[v1]
+    assert main(["registry", "promote", "--to", "production", "--reason", "release"]) == 0  # v2, from @staging
+    cards = agree()
+    assert "## Promotion gate (@production): pass" in cards[v2] and "(promote by tester@ci, from none: release)" in cards[v2]
+    assert "@production" not in cards[v1]
+    assert main(["registry", "rollback", "--alias", "production", "--reason", "complaints"]) == 1  # nothing before v2
+    assert main(["registry", "promote", "--to", "production", "--version", v1]) == 0
+    assert main(["registry", "rollback", "--alias", "production", "--reason", "complaints"]) == 0
+    cards = agree()
+    assert "- @production: held since" in cards[v2] and "(rollback by tester@ci, from v1: complaints)" in cards[v2]
+    assert "- @production: not held since" in cards[v1] and "replaced by v2 (rollback by tester@ci)" in cards[v1]
+    assert main(["registry", "rollback", "--alias", "staging"]) == 0
+    cards = agree()
+    assert "(rollback by tester@ci, from v2: rollback of v2)" in cards[v1] and "- @staging: not held since" in cards[v2]
+    assert reg.aliases(STUDENT) == {"staging": v1, "production": v2}
+    # `registry show` prints the card: one status section, whatever the number of moves.
+    assert reg.version(STUDENT, v1).description.count(CARD_STATUS_MARKER) == 1
+
+
+def test_a_gate_result_reads_back_from_its_tags():
+    v1 = Evidence(version="1", mean_recall=57.0, teacher_mean_recall=60.0, encode_ms=1.0, test_set="ts")
+    v2 = Evidence(version="2", mean_recall=50.0, teacher_mean_recall=60.0, encode_ms=None, test_set="other")
+    for result in (gate(v1, None, PromoteConfig(), alias="staging"), gate(v2, v1, PromoteConfig(), alias="production")):
+        back = GateResult.from_tags(result.alias, result.tags(at="2030-01-01T00:00:00.000+00:00"))
+        assert back == replace(result, checked_at="2030-01-01T00:00:00.000+00:00") and back.verdict == result.verdict
+    assert GateResult.from_tags("production", {"lightclip.gate.staging": "pass"}) is None

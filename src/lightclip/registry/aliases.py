@@ -8,6 +8,11 @@ on the registered model (what ``rollback`` pops) and one line appended to the au
 (``registry_audit.jsonl``: who, when, action, from, to, why). Two promotions at once are
 serialised, so the aliases always match the end of the audit log.
 
+A version's model card (its description) ends in a status section regenerated from the version's
+tags whenever they change here (a gate check, a move to or away from it): the gate verdicts
+through :meth:`GateResult.from_tags`, the aliases through :class:`AliasState`, the same objects
+that render those tags. The card and the tags cannot disagree after a promote or a rollback.
+
 MLflow is reached only here, in :mod:`lightclip.registry.packaging` (logging a model) and in
 :mod:`lightclip.tracking` (runs).
 """
@@ -45,6 +50,10 @@ ACTOR_ENV = "LIGHTCLIP_ACTOR"
 TAG_WEIGHTS = f"{TAG_PREFIX}weights_sha256"  # a version's identity: registering the same weights reuses it
 TAG_CANDIDATE = f"{TAG_PREFIX}candidate"  # the model's name in evaluate.models
 ALIAS_TAG_PREFIX = f"{TAG_PREFIX}alias."
+#: Where the status section of a model card starts: everything after it is regenerated from the tags.
+CARD_STATUS_MARKER = "<!-- lightclip: registry status, regenerated from this version's tags at every gate check, promote and rollback -->"
+#: A note the register stage tags on a passing student that did not get ``@staging``.
+NOT_STAGED_SUFFIX = "not_staged"
 
 
 class RegistryError(LightclipError, ValueError):
@@ -118,6 +127,91 @@ class AliasMove:
         data = asdict(self)
         data["from"], data["to"] = data.pop("from_version"), data.pop("to_version")
         return data
+
+    def holder_tags(self) -> dict[str, str]:
+        """The tags of the version that gets the alias."""
+        prefix = alias_tag(self.alias)
+        return {f"{prefix}.holds": "true", f"{prefix}.moved_at": self.at, f"{prefix}.moved_by": self.actor,
+                f"{prefix}.moved_from": self.from_version or "none", f"{prefix}.action": self.action, f"{prefix}.reason": self.reason}
+
+    def replaced_tags(self) -> dict[str, str]:
+        """The tags of the version that loses the alias."""
+        prefix = alias_tag(self.alias)
+        return {f"{prefix}.holds": "false", f"{prefix}.replaced_at": self.at,
+                f"{prefix}.replaced_by": f"v{self.to_version} ({self.action} by {self.actor})"}
+
+
+def alias_tag(alias: str) -> str:
+    """The prefix of a version's tags about ``@alias`` (``<prefix>.holds``, ``.moved_at``, ...)."""
+    return f"{ALIAS_TAG_PREFIX}{alias}"
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """What a version's tags say about one alias (read back from :meth:`AliasMove.holder_tags` and
+    :meth:`AliasMove.replaced_tags`), rendered as a line of the model card."""
+
+    alias: str
+    holds: bool
+    moved_at: str
+    moved_by: str
+    moved_from: str
+    action: str
+    reason: str
+    replaced_at: str | None
+    replaced_by: str | None
+
+    @classmethod
+    def from_tags(cls, alias: str, tags: Mapping[str, str]) -> "AliasState | None":
+        prefix = alias_tag(alias)
+        if f"{prefix}.moved_at" not in tags:
+            return None
+        replaced_at = tags.get(f"{prefix}.replaced_at")
+        holds = tags.get(f"{prefix}.holds", "false" if replaced_at and replaced_at >= tags[f"{prefix}.moved_at"] else "true")
+        return cls(alias=alias, holds=holds == "true", moved_at=tags[f"{prefix}.moved_at"],
+                   moved_by=tags.get(f"{prefix}.moved_by", "?"), moved_from=tags.get(f"{prefix}.moved_from", "none"),
+                   action=tags.get(f"{prefix}.action", "?"), reason=tags.get(f"{prefix}.reason", ""),
+                   replaced_at=replaced_at, replaced_by=tags.get(f"{prefix}.replaced_by"))
+
+    def markdown(self) -> str:
+        got = f"{self.moved_at} ({self.action} by {self.moved_by}, from {_as_version(self.moved_from)}: {self.reason})"
+        if self.holds:
+            return f"- @{self.alias}: held since {got}"
+        return f"- @{self.alias}: not held since {self.replaced_at}, replaced by {self.replaced_by}; held from {got}"
+
+
+def _as_version(text: str) -> str:
+    return f"v{text}" if text.isdigit() else text
+
+
+def card_aliases(tags: Mapping[str, str]) -> list[str]:
+    """Every alias a version's tags mention (``@staging``, ``@production`` first)."""
+    found = {key[len(ALIAS_TAG_PREFIX) :].split(".", 1)[0] for key in tags if key.startswith(ALIAS_TAG_PREFIX)}
+    found |= {key[len(gate_tag("")) :].split(".", 1)[0] for key in tags if key.startswith(gate_tag(""))}
+    return [a for a in ALIASES if a in found] + sorted(found - set(ALIASES))
+
+
+def card_status(tags: Mapping[str, str]) -> str:
+    """The model card's status section, from the version's tags only: aliases, then gate verdicts."""
+    aliases = card_aliases(tags)
+    states = [s for s in (AliasState.from_tags(a, tags) for a in aliases) if s is not None]
+    lines = ["## Aliases"] + ([s.markdown() for s in states] or ["- none: this version never held an alias"])
+    for alias in aliases:
+        result = GateResult.from_tags(alias, tags)
+        if result is not None:
+            lines += ["", result.markdown().rstrip("\n")]
+            note = tags.get(f"{gate_tag(alias)}.{NOT_STAGED_SUFFIX}")
+            if note:
+                lines.append(f"- not given @{alias}: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def card_with_status(description: str | None, tags: Mapping[str, str]) -> str:
+    """``description`` with its status section replaced by the one ``tags`` give."""
+    base = (description or "").split(CARD_STATUS_MARKER, 1)[0]
+    if CARD_STATUS_MARKER not in (description or "") and "\n## Promotion gate (@" in base:  # a card written before the marker
+        base = base.split("\n## Promotion gate (@", 1)[0]
+    return f"{base.rstrip()}\n\n{CARD_STATUS_MARKER}\n{card_status(tags)}"
 
 
 def history_tag(alias: str) -> str:
@@ -247,8 +341,28 @@ class ModelRegistry:
                 finally:
                     self._lock_depth -= 1
 
+    def refresh_card(self, name: str, version: str) -> str:
+        """Regenerate the status section of ``version``'s model card from its tags; returns the card."""
+        with self.locked():
+            current = self.client.get_model_version(name, str(version))
+            card = card_with_status(current.description, current.tags)
+            if card != current.description:
+                self.client.update_model_version(name, str(version), description=card)
+        return card
+
+    def tag_version(self, name: str, version: str, tags: Mapping[str, Any], *, drop: tuple[str, ...] = ()) -> None:
+        """Set ``tags`` on ``version`` (deleting those in ``drop`` it has) and regenerate its card's status section."""
+        with self.locked():
+            current = self.client.get_model_version(name, str(version)).tags
+            for key in drop:
+                if key in current:
+                    self.client.delete_model_version_tag(name, str(version), key)
+            self.set_version_tags(name, version, tags, current=current)
+            self.refresh_card(name, version)
+
     def check(self, name: str, version: str, *, to: str, config: PromoteConfig, at: str | None = None) -> GateResult:
-        """Gate ``version`` for ``@to`` against the alias's current holder; tag the verdict on it.
+        """Gate ``version`` for ``@to`` against the alias's current holder; tag the verdict on it
+        and regenerate its card's status section.
 
         The evidence is what is recorded on both versions. Checked under the lock; hold
         :meth:`locked` around a check and the move that relies on it.
@@ -258,7 +372,8 @@ class ModelRegistry:
             current = self.holder(name, to)
             incumbent = Evidence.from_tags(current.version, current.tags) if current is not None else None
             result = gate(Evidence.from_tags(candidate.version, candidate.tags), incumbent, config, alias=to)
-            self.set_version_tags(name, candidate.version, result.tags(at=at or now_utc()), current=candidate.tags)
+            # a new verdict supersedes the register stage's note on the last one
+            self.tag_version(name, candidate.version, result.tags(at=at or now_utc()), drop=(f"{gate_tag(to)}.{NOT_STAGED_SUFFIX}",))
         return result
 
     def promote(self, name: str, *, to: str, config: PromoteConfig, version: str | None = None, source: str = "staging",
@@ -306,7 +421,7 @@ class ModelRegistry:
 
     def _move(self, name: str, alias: str, version: str, *, action: str, reason: str, gate_verdict: str | None = None,
               history: list[str] | None = None) -> AliasMove:
-        """Move ``@alias`` to ``version``: alias, history, both versions' tags, audit line. Under the lock."""
+        """Move ``@alias`` to ``version``: alias, history, both versions' tags and cards, audit line. Under the lock."""
         with self.locked():
             current = self.aliases(name).get(alias)
             move = AliasMove(model=name, alias=alias, from_version=current, to_version=str(version), action=action, reason=reason,
@@ -320,13 +435,9 @@ class ModelRegistry:
                     history.append(str(version))
             history = history[-HISTORY_LIMIT:]
             self.client.set_registered_model_tag(name, history_tag(alias), ",".join(history))
-            prefix = f"{ALIAS_TAG_PREFIX}{alias}."
-            self.set_version_tags(name, str(version), {f"{prefix}moved_at": move.at, f"{prefix}moved_by": move.actor,
-                                                       f"{prefix}moved_from": current or "none", f"{prefix}action": action,
-                                                       f"{prefix}reason": reason})
+            self.tag_version(name, str(version), move.holder_tags(), drop=(f"{gate_tag(alias)}.{NOT_STAGED_SUFFIX}",))
             if current is not None and current != str(version):
-                self.set_version_tags(name, current, {f"{prefix}replaced_at": move.at,
-                                                      f"{prefix}replaced_by": f"v{version} ({action} by {move.actor})"})
+                self.tag_version(name, current, move.replaced_tags())
             self.audit_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.audit_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(move.record(), sort_keys=True) + "\n")

@@ -4,7 +4,9 @@ named checks with reasons.
 The gate reads only what is recorded on a version (its tags), so a promotion days later re-checks
 exactly the evidence the register stage wrote. A check that does not apply is ``skipped``
 (``passed is None``) and does not block, which is distinct from ``fail``. One
-:class:`GateResult` renders both the version tags and the model card's gate section.
+:class:`GateResult` renders both the version tags and the model card's gate section, and is read
+back from those tags (:meth:`GateResult.from_tags`), so the card is regenerated from what the
+tags say after every check, never from a verdict remembered elsewhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ TAG_TEACHER_RECALL = f"{TAG_PREFIX}teacher_mean_recall"
 TAG_ENCODE_MS = f"{TAG_PREFIX}speed.encode_ms_p50"
 TAG_TEST_SET = f"{TAG_PREFIX}test_set"
 GATE_TAG_PREFIX = f"{TAG_PREFIX}gate."
+#: The checks :func:`gate` makes, in the order it makes (and the card lists) them.
+CHECK_NAMES: tuple[str, ...] = ("teacher_fraction", "latency", "regression")
+_VERDICTS = {"pass": True, "fail": False, "skipped": None}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,23 @@ class Check:
 class GateResult:
     alias: str
     checks: tuple[Check, ...]
+    checked_at: str | None = None  # set when read back from a version's tags
+
+    @classmethod
+    def from_tags(cls, alias: str, tags: Mapping[str, str]) -> "GateResult | None":
+        """The result :meth:`tags` recorded on a version (None when it was never checked for ``@alias``).
+
+        The inverse of :meth:`tags`: ``from_tags(a, r.tags(at=t)) == replace(r, checked_at=t)``.
+        """
+        prefix = gate_tag(alias)
+        if prefix not in tags:
+            return None
+        checks = []
+        for name in CHECK_NAMES:
+            verdict, _, reason = tags.get(f"{prefix}.{name}", "").partition(": ")
+            if verdict in _VERDICTS:
+                checks.append(Check(name, _VERDICTS[verdict], reason))
+        return cls(alias=alias, checks=tuple(checks), checked_at=tags.get(f"{prefix}.checked_at"))
 
     @property
     def passed(self) -> bool:
@@ -88,7 +110,8 @@ class GateResult:
 
     def markdown(self) -> str:
         """The gate's section of the model card."""
-        return "\n".join([f"## Promotion gate (@{self.alias}): {self.verdict}"] + [f"- {r}" for r in self.reasons]) + "\n"
+        when = f" (checked {self.checked_at})" if self.checked_at else ""
+        return "\n".join([f"## Promotion gate (@{self.alias}): {self.verdict}{when}"] + [f"- {r}" for r in self.reasons]) + "\n"
 
 
 def gate_tag(alias: str) -> str:

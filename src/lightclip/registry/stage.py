@@ -20,7 +20,7 @@ from lightclip.data.catalogue import file_sha256
 from lightclip.evaluation import EvaluationError, check_model_dirs
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
-from lightclip.registry.aliases import AliasMove, ModelRegistry, RegistryError, actor, now_utc
+from lightclip.registry.aliases import NOT_STAGED_SUFFIX, AliasMove, ModelRegistry, RegistryError, actor, now_utc
 from lightclip.registry.gate import GateResult, gate_tag
 from lightclip.registry.packaging import (
     active_run_id,
@@ -171,16 +171,16 @@ def gate_and_stage(registry: ModelRegistry, name: str, students: Sequence[Regist
 
     The checks and the move happen under one hold of the registry lock, so they all see the same
     ``@staging`` holder; the move goes through :meth:`ModelRegistry.promote`, which re-checks
-    the gate like ``lightclip registry promote`` does. Each student's ``gate``/``staged`` is set,
-    its card gets the gate section. Returns the ``@staging`` holder before and after, the moves.
+    the gate like ``lightclip registry promote`` does. Each student's ``gate``/``staged`` is set;
+    its card's status section is regenerated from its tags at each tag change. Returns the
+    ``@staging`` holder before and after, the moves.
     """
     moves: list[AliasMove] = []
     with registry.locked():
         before = registry.aliases(name).get("staging")
         at = now_utc()
         for student in students:
-            student.gate = registry.check(name, student.version, to="staging", config=config, at=at)
-            registry.client.update_model_version(name, student.version, description=student.card + "\n" + student.gate.markdown())
+            student.gate = registry.check(name, student.version, to="staging", config=config, at=at)  # tags it, rewrites its card
         best = best_passing(students)
         if best is not None and auto and best.version != before:
             reason = f"register stage: gate passed ({best.name}, test mean recall {best.mean_recall:.2f})"
@@ -192,10 +192,10 @@ def gate_and_stage(registry: ModelRegistry, name: str, students: Sequence[Regist
             best.staged = True
         for student in students:
             if student is not best and student.gate is not None and student.gate.passed:
-                note = {f"{gate_tag('staging')}.not_staged": f"v{best.version if best else '?'} scored higher"}
-                registry.set_version_tags(name, student.version, note)
+                note = {f"{gate_tag('staging')}.{NOT_STAGED_SUFFIX}": f"v{best.version if best else '?'} scored higher"}
+                registry.tag_version(name, student.version, note)
         if best is not None and not auto:
-            registry.set_version_tags(name, best.version, {f"{gate_tag('staging')}.not_staged": "promote.auto is false"})
+            registry.tag_version(name, best.version, {f"{gate_tag('staging')}.{NOT_STAGED_SUFFIX}": "promote.auto is false"})
             best.staged = False
         after = registry.aliases(name).get("staging")
     return before, after, moves
