@@ -21,6 +21,7 @@ import pytest
 
 from lightclip.cli import main
 from lightclip.config import TrackingConfig
+from lightclip.orchestration import stage_env
 from lightclip.tracking import (
     TAG_CLOSED_STALE,
     TAG_HOST,
@@ -57,8 +58,11 @@ def call(context):
         time.sleep(0.05)
     return {}
 
-_stage(argparse.Namespace(params="params.yaml", quiet=True, command="sleeper"), "sleeper", {}, call)
+_stage(argparse.Namespace(params="params.yaml", project=None, quiet=True, command="sleeper"), "sleeper", {}, call)
 """
+
+#: A one-stage DVC pipeline whose stage is the sleeper above.
+SLEEPER_PIPELINE = "stages:\n  sleep:\n    cmd: python sleeper.py\n    outs: [out.txt]\n"
 
 #: Holds SQLite's exclusive lock on argv[1] until its stdin closes (another process, as in real life).
 LOCK_HOLDER = """\
@@ -239,7 +243,7 @@ def test_a_signalled_stage_ends_its_run_killed_and_exits_non_zero(project: Path,
 def test_in_process_signal_ends_the_run_killed_and_restores_the_previous_handler(project: Path):
     calls: list[int] = []
 
-    def previous(signum, frame):
+    def previous(signum, frame):  # e.g. a flow runner that wants to hear of cancellations
         calls.append(signum)
 
     old = signal.signal(signal.SIGTERM, previous)
@@ -250,10 +254,10 @@ def test_in_process_signal_ends_the_run_killed_and_restores_the_previous_handler
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
                 pytest.fail("SIGTERM did not stop the stage")
-        assert caught.value.exit_code == 143 and calls == []
+        assert caught.value.exit_code == 143 and calls == [signal.SIGTERM]  # chained, then the stage stopped
         assert signal.getsignal(signal.SIGTERM) is previous
-        os.kill(os.getpid(), signal.SIGTERM)  # the restored handler gets it again
-        assert calls == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)  # the restored handler gets it again, alone
+        assert calls == [signal.SIGTERM, signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, old)
     assert client(project).get_run(run.run_id).info.status == "KILLED"
@@ -290,6 +294,27 @@ def test_a_sigkilled_stage_run_is_closed_killed_when_the_pipeline_starts(project
         alive.send_signal(signal.SIGTERM)
         alive.communicate(timeout=30)
     assert store.get_run(alive_run).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_signalled_pipeline_stops_dvc_and_its_stage_and_ends_both_runs_killed(tmp_path: Path, monkeypatch, projects):
+    root = projects.create(tmp_path / "pipe", PARAMS, files={"dvc.yaml": SLEEPER_PIPELINE, "sleeper.py": SLEEPER}, dvc=True, commit="a pipeline")
+    projects.enter(root, monkeypatch)
+    pipeline = subprocess.Popen([sys.executable, "-m", "lightclip.cli", "pipeline"], cwd=root, env=stage_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    line = ""
+    deadline = time.monotonic() + 120
+    while not line.startswith("ready ") and time.monotonic() < deadline:
+        line = read_line(pipeline, timeout=deadline - time.monotonic())
+    stage_run_id = line.split()[1]
+    pipeline.send_signal(signal.SIGTERM)  # to lightclip only, as a service manager or `kill` does
+    _, err = pipeline.communicate(timeout=60)
+    assert pipeline.returncode == 143 and "lightclip pipeline: stopped by SIGTERM" in err, err
+    store = client(root)
+    stage = store.get_run(stage_run_id)
+    parent = store.get_run(stage.data.tags["mlflow.parentRunId"])
+    assert (parent.data.tags["lightclip.stage"], parent.info.status, stage.info.status) == ("pipeline", "KILLED", "KILLED")
+    assert not process_alive(int(stage.data.tags[TAG_PID])), "the stage outlived the pipeline"
 
 
 def test_process_alive_tells_a_reused_pid_and_another_boot_from_the_running_process():

@@ -19,6 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
@@ -98,15 +100,23 @@ def _stopped(args: argparse.Namespace, exc: StageInterrupted) -> NoReturn:
 
 
 def _stop_process_group(process: subprocess.Popen, signum: int, grace: float = PIPELINE_STOP_GRACE_S) -> None:
-    """Pass ``signum`` on to ``process``'s group (dvc and the stage it runs), SIGKILL it after ``grace`` s."""
+    """Pass ``signum`` on to ``process``'s group (dvc and the stage it runs) and wait until every
+    member is gone (a stage outliving dvc is still ending its run); SIGKILL the group after ``grace`` s."""
     try:
         os.killpg(process.pid, signum)
-        process.wait(timeout=grace)
     except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()  # reap dvc itself
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
 
 
 def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:

@@ -414,31 +414,43 @@ def close_stale_runs(client: Any, experiment_id: str, *, host: str | None = None
 
 class _Interrupts:
     """Turns the first stop signal into :class:`StageInterrupted`; later ones (during cleanup) are
-    remembered, not raised, so the run can still be ended."""
+    remembered, not raised, so the run can still be ended.
+
+    A handler installed before (a flow runner's cancellation, say) is called first, so whoever
+    set it still hears of the signal; if it raises, its exception stops the stage instead.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.armed = True
+        self.previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-        if self.armed:
-            self.armed = False
-            raise StageInterrupted(signum)
+        if not self.armed:
+            return
+        self.armed = False
+        chained = self.previous.get(signum)
+        if callable(chained) and chained is not signal.default_int_handler:
+            chained(signum, frame)
+        raise StageInterrupted(signum)
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[_Interrupts]:
     """SIGINT/SIGTERM raise :class:`StageInterrupted` inside the block; the previous handlers
-    come back after it. Only the main thread can handle signals: elsewhere nothing changes."""
+    come back after it. A signal that was ignored (SIG_IGN) stays ignored. Only the main thread
+    can handle signals: elsewhere nothing changes."""
     interrupts = _Interrupts()
     if threading.current_thread() is not threading.main_thread():
         yield interrupts
         return
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, interrupts)
+    interrupts.previous = {int(sig): handler for sig, handler in previous.items()}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, interrupts)
     try:
         yield interrupts
     finally:
@@ -610,8 +622,8 @@ def stage_run(
         except KeyboardInterrupt:  # StageInterrupted (SIGINT/SIGTERM) or a plain Ctrl-C
             status = "KILLED"
             raise
-        except BaseException as exc:
-            status, failure = "FAILED", exc
+        except BaseException as exc:  # after a signal, whatever a chained handler raised means KILLED
+            status, failure = ("KILLED" if interrupts.received is not None else "FAILED"), exc
             raise
         finally:
             interrupts.armed = False  # a second signal must not cut the end of the run short
