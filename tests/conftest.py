@@ -292,7 +292,7 @@ class Projects:
     def track_synthetic_data(self, root: Path) -> str:
         """Render the project's synthetic catalogue (params ``synth``) into data/raw and track it
         with data.dvc, as ``make data`` does; returns data.dvc's text."""
-        assert cli_main(["--params", str(root / "params.yaml"), "-q", "data", "synth", "--out", str(root / "data" / "raw")]) == 0
+        assert cli_main(["--project", str(root), "-q", "data", "synth", "--out", str(root / "data" / "raw")]) == 0
         (root / "data.dvc").write_text("outs:\n- path: data/raw\n")
         self.run(dvc_command("commit", "-f", "-q", "data.dvc"), root)
         return (root / "data.dvc").read_text()

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
+from lightclip.cli import main
 from lightclip.data import _images as images_module
 from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.data.kaggle import import_kaggle, parse_styles_csv
+from lightclip.tracking import PARENT_RUN_ENV
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 STYLES = "\n".join(
@@ -227,3 +229,17 @@ def test_images_outside_the_source_are_refused_unless_allowed(tmp_path: Path):
     (linked / "images").symlink_to(source / "images")
     _, report = import_kaggle(linked, tmp_path / "out2", progress=False)
     assert report.items_written == 0 and report.skipped_by_reason() == {"outside_root": 4}
+
+
+def test_cli_import_kaggle_refuses_outside_images_unless_allowed(tmp_path: Path, monkeypatch, capsys):
+    source = _kaggle_source(tmp_path / "kaggle", [_row(1, "Plain Red Tshirt"), _row(2, "Linked Tshirt")], [1])
+    (source / "images" / "2.jpg").symlink_to(make_image(tmp_path / "elsewhere" / "2.jpg", fmt="JPEG"))
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the importer needs none
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    assert main(["-q", "data", "import-kaggle", "kaggle", "--out", "out"]) == 0
+    assert "wrote 1 items, skipped 1" in capsys.readouterr().out
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by MLflow in this process; a new command starts without it
+    assert main(["-q", "data", "import-kaggle", "kaggle", "--out", "out2", "--allow-outside-root"]) == 0
+    assert "wrote 2 items, skipped 0" in capsys.readouterr().out
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file()

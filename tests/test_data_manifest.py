@@ -8,9 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import make_image
+from mlflow import MlflowClient
 
+from lightclip.cli import main as cli_main
 from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.data.manifest import import_manifest
+from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
 
 
 @pytest.fixture
@@ -181,3 +184,48 @@ def test_images_outside_the_image_root_are_refused_unless_allowed(pics: Path, tm
 
     allowed, report = import_manifest(manifest, tmp_path / "allowed", allow_outside_root=True, progress=False)
     assert allowed.items["id"].tolist() == ["A", "B", "C", "D", "E", "F"] and report.skipped == []
+
+
+def _runs(project: Path, experiment: str) -> list:
+    client = MlflowClient(tracking_uri=default_tracking_uri(project))
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def test_cli_import_needs_no_params_and_the_store_follows_the_project_not_the_params(pics: Path, tmp_path: Path, monkeypatch, capsys):
+    """No params.yaml in the working directory: the import runs and logs there; --params elsewhere moves nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+
+    def main(argv: list[str]) -> int:
+        # each command is a process of its own: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI in this one
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return cli_main(argv)
+    manifest = pics / "items.csv"
+    manifest.write_text("image,title,id\npics/a.png,Red Shirt,A\n../outside.png,Escapes,B\n", encoding="utf-8")
+    make_image(tmp_path / "outside.png")
+
+    assert main(["-q", "data", "import-manifest", str(manifest), "--out", "cat"]) == 0
+    out = capsys.readouterr().out
+    assert "read 2 rows, wrote 1 items, skipped 1" in out and "outside_root" in out and "--allow-outside-root" in out
+    [run] = _runs(work, "lightclip")  # the default experiment: there is no params file
+    assert run.info.status == "FINISHED" and run.data.tags["lightclip.stage"] == "import_manifest"
+    assert run.data.metrics == {"rows_read": 2.0, "items_written": 1.0, "rows_skipped": 1.0}
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "p.yaml").write_text("tracking:\n  experiment: elsewhere\n")
+    assert main(["--params", "../other/p.yaml", "-q", "data", "import-manifest", str(manifest), "--out", "cat2", "--allow-outside-root"]) == 0
+    assert "wrote 2 items, skipped 0" in capsys.readouterr().out
+    assert sorted(p.name for p in other.iterdir()) == ["p.yaml"]  # no mlflow/ or .cache/ beside the params file
+    assert len(_runs(work, "elsewhere")) == 1  # the params file's experiment, in the working directory's store
+
+    assert main(["--params", "../other/missing.yaml", "-q", "data", "import-manifest", str(manifest), "--out", "cat3"]) == 1
+    assert "missing.yaml: params file not found" in capsys.readouterr().err
+    assert main(["--project", str(other), "-q", "data", "import-manifest", str(manifest), "--out", "cat4"]) == 0
+    assert len(_runs(other, "lightclip")) == 1 and len(_runs(work, "lightclip")) == 1
+    assert main(["--project", str(tmp_path / "nowhere"), "-q", "data", "import-manifest", str(manifest), "--out", "cat5"]) == 1
+    assert f"--project {tmp_path / 'nowhere'}: not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
-from lightclip.config import Params, load_params
+from lightclip.config import Params, TrackingConfig, load_params
 from lightclip.env import configure_environment
 from lightclip.errors import LightclipError
 from lightclip.io import log_to_stderr, read_json, usable_cpus
@@ -40,12 +40,31 @@ class CliError(LightclipError):
     """An error in the command line itself; printed without a traceback."""
 
 
-def _params(args: argparse.Namespace) -> Params:
-    return load_params(args.params)
-
-
 def _project(args: argparse.Namespace) -> Path:
-    return project_root(Path(args.params).resolve().parent)
+    """Where the MLflow store and ``.cache`` live: ``--project``, else found from the working
+    directory (:func:`lightclip.tracking.project_root`), never from where the params file is."""
+    if args.project is None:
+        return project_root(Path.cwd())
+    if not Path(args.project).is_dir():
+        raise CliError(f"--project {args.project}: not a directory")
+    return Path(args.project).resolve()
+
+
+def _params_path(args: argparse.Namespace) -> Path:
+    """``--params``, else the project's ``params.yaml``."""
+    return Path(args.params) if args.params else _project(args) / "params.yaml"
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(_params_path(args))
+
+
+def _tracking(args: argparse.Namespace) -> TrackingConfig:
+    """The ``tracking`` section; its defaults when no params file was given and the project has
+    none, so that commands reading no other params (the importers) run without one."""
+    if args.params is None and not _params_path(args).is_file():
+        return TrackingConfig()
+    return _params(args).tracking
 
 
 def _context(args: argparse.Namespace) -> StageContext:
@@ -69,11 +88,11 @@ def _stage(
     Artifacts that exist are logged even when the stage fails (a failed validation's report),
     and so are the numbers of ``metrics_file`` when the stage failed after writing it.
     """
-    params = _params(args)
+    tracking = _tracking(args)
     context = _context(args)
     try:
-        with stage_run(stage, run_params, project_dir=context.project_dir, experiment=params.tracking.experiment, run_name=run_name,
-                       settings=params.tracking) as run:
+        with stage_run(stage, run_params, project_dir=context.project_dir, experiment=tracking.experiment, run_name=run_name,
+                       settings=tracking) as run:
             context = replace(context, log_metrics=lambda values, step: run.log_metrics(values, step=step))
             try:
                 result = call(context)
@@ -176,7 +195,8 @@ def cmd_import_kaggle(args: argparse.Namespace) -> int:
 
     return _run_import(
         args, "import_kaggle", {"source": str(args.source), "out": str(args.out)},
-        lambda: import_kaggle(Path(args.source), Path(args.out), overwrite=args.overwrite, progress=not args.quiet),
+        lambda: import_kaggle(Path(args.source), Path(args.out), overwrite=args.overwrite, allow_outside_root=args.allow_outside_root,
+                              progress=not args.quiet),
     )
 
 
@@ -186,7 +206,8 @@ def cmd_import_manifest(args: argparse.Namespace) -> int:
     image_root = Path(args.image_root) if args.image_root else None
     return _run_import(
         args, "import_manifest", {"source": str(args.manifest), "out": str(args.out), "image_root": str(image_root)},
-        lambda: import_manifest(Path(args.manifest), Path(args.out), image_root=image_root, overwrite=args.overwrite, progress=not args.quiet),
+        lambda: import_manifest(Path(args.manifest), Path(args.out), image_root=image_root, overwrite=args.overwrite,
+                                allow_outside_root=args.allow_outside_root, progress=not args.quiet),
     )
 
 
@@ -506,7 +527,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightclip", description="Small, fast text-image retrieval models from a product catalogue.")
-    parser.add_argument("--params", default="params.yaml", help="the run configuration (default: params.yaml)")
+    parser.add_argument("--params", help="the run configuration (default: params.yaml in the project directory)")
+    parser.add_argument(
+        "--project", metavar="DIR",
+        help="the project directory: its mlflow/ store and .cache/ (default: the nearest directory up from the working "
+             "directory holding params.yaml and dvc.yaml, else the working directory)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -521,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     kaggle.add_argument("source", help="directory holding styles.csv and images/")
     kaggle.add_argument("--out", required=True, help="catalogue directory to write")
     kaggle.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --out")
+    kaggle.add_argument("--allow-outside-root", action="store_true", help="read and copy images that resolve outside the source directory (absolute paths, '..', symlinks); refused by default")
     kaggle.set_defaults(handler=cmd_import_kaggle)
 
     manifest = data_commands.add_parser("import-manifest", help="import a CSV or JSONL manifest (image, title[, id, attributes, split])")
@@ -528,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--out", required=True, help="catalogue directory to write")
     manifest.add_argument("--image-root", help="directory image paths are relative to (default: the manifest's)")
     manifest.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --out")
+    manifest.add_argument("--allow-outside-root", action="store_true", help="read and copy images that resolve outside the image root (--image-root, default the manifest's directory): absolute paths, '..', symlinks; refused by default")
     manifest.set_defaults(handler=cmd_import_manifest)
 
     wds_in = data_commands.add_parser("import-webdataset", help="import WebDataset tar shards (<key>.jpg + <key>.txt/.json)")
@@ -669,10 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    configure_environment(project_root())
     args = build_parser().parse_args(argv)
     log_to_stderr()  # lightclip's own log lines (the thread choice, warnings) on stderr
     try:
+        configure_environment(_project(args))
         # OpenMP libraries (torch, FAISS) start with the CPUs this process may use, not the host's cores
         os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus().threads))
         return args.handler(args)
