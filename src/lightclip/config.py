@@ -609,14 +609,18 @@ class RegisterConfig(StrictModel):
 
     The model named ``teacher`` goes to ``teacher_model_name``; every other one is a student and
     a version of ``model_name``. The encode latency the gate reads is measured here, on the
-    registered weights: batch 1, one image + one title (tokenisation included), p50 of
-    ``latency_runs`` timed calls after ``latency_warmup``, on ``latency_threads`` torch threads.
+    registered weights: batch 1, one image + one title (tokenisation included), ``latency_rounds``
+    rounds of ``latency_runs`` calls (each beside a reference matmul) after ``latency_warmup``, on
+    ``latency_threads`` torch threads; up to ``latency_max_rounds`` rounds when the machine is busy
+    (see ``lightclip.registry.packaging.measure_encode_latency``).
     """
 
     model_name: str = "lightclip-student"
     teacher_model_name: str = "lightclip-teacher"
     teacher: str = "teacher"  # the name of the teacher in evaluate.models
-    latency_runs: int = Field(30, ge=5)
+    latency_runs: int = Field(20, ge=5, description="timed calls per round")
+    latency_rounds: int = Field(5, ge=1, description="rounds; the figure is the lowest per-round p50")
+    latency_max_rounds: int = Field(15, ge=1, description="rounds at most, when the machine is busy")
     latency_warmup: int = Field(5, ge=0)
     latency_threads: int | None = Field(1, ge=1, description="torch threads while timing; null = all cores")
 
@@ -631,6 +635,8 @@ class RegisterConfig(StrictModel):
     def _distinct(self) -> "RegisterConfig":
         if self.model_name == self.teacher_model_name:
             raise ValueError(f"model_name and teacher_model_name are both {self.model_name!r}; students and the teacher need their own names")
+        if self.latency_max_rounds < self.latency_rounds:
+            raise ValueError(f"latency_max_rounds ({self.latency_max_rounds}) is below latency_rounds ({self.latency_rounds})")
         return self
 
 

@@ -12,7 +12,7 @@ tags say after every check, never from a verdict remembered elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from lightclip.config import PromoteConfig
 from lightclip.tracking import TAG_PREFIX
@@ -20,7 +20,8 @@ from lightclip.tracking import TAG_PREFIX
 # The evidence the gate reads, as version tags (all under the lightclip. prefix).
 TAG_MEAN_RECALL = f"{TAG_PREFIX}mean_recall"  # the gate's metric, on the split named by the split tag
 TAG_TEACHER_RECALL = f"{TAG_PREFIX}teacher_mean_recall"
-TAG_ENCODE_MS = f"{TAG_PREFIX}speed.encode_ms_p50"
+SPEED_TAG_PREFIX = f"{TAG_PREFIX}speed."  # the latency and how it was measured (registry.packaging)
+TAG_ENCODE_MS = f"{SPEED_TAG_PREFIX}encode_ms_p50"
 TAG_TEST_SET = f"{TAG_PREFIX}test_set"
 GATE_TAG_PREFIX = f"{TAG_PREFIX}gate."
 #: The checks :func:`gate` makes, in the order it makes (and the card lists) them.
@@ -37,6 +38,7 @@ class Evidence:
     teacher_mean_recall: float | None
     encode_ms: float | None
     test_set: str | None
+    latency_conditions: str | None = None  # how and under what load encode_ms was measured
 
     @classmethod
     def from_tags(cls, version: str, tags: Mapping[str, str]) -> "Evidence":
@@ -46,8 +48,26 @@ class Evidence:
             except (KeyError, ValueError):
                 return None
 
+        speed = {k[len(SPEED_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(SPEED_TAG_PREFIX)}
         return cls(version=str(version), mean_recall=number(TAG_MEAN_RECALL), teacher_mean_recall=number(TAG_TEACHER_RECALL),
-                   encode_ms=number(TAG_ENCODE_MS), test_set=tags.get(TAG_TEST_SET))
+                   encode_ms=number(TAG_ENCODE_MS), test_set=tags.get(TAG_TEST_SET),
+                   latency_conditions=latency_conditions(speed) if "method" in speed else None)
+
+
+def latency_conditions(speed: Mapping[str, Any]) -> str:
+    """How a latency was measured, in one line: method, rounds, threads, load, CPUs, contention.
+
+    ``speed`` is the measurement (numbers) or its version tags without the prefix (strings).
+    """
+    def number(key: str) -> float:
+        try:
+            return float(speed[key])
+        except (KeyError, ValueError):
+            return float("nan")
+
+    busy = ", busy" if number("busy") == 1 else ""
+    return (f"{speed.get('method', '?')}, {number('rounds'):.0f} rounds x {number('runs'):.0f} runs, {number('threads'):.0f} thread(s); "
+            f"load {number('load_1min'):.2f} on {number('cpus'):.0f} CPUs, contention x{number('contention'):.2f}{busy}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +158,8 @@ def gate(candidate: Evidence, incumbent: Evidence | None, config: PromoteConfig,
         checks.append(Check("latency", False, f"no encode latency recorded (tag {TAG_ENCODE_MS})"))
     else:
         ok = candidate.encode_ms <= config.max_encode_ms
-        checks.append(Check("latency", ok, f"encode p50 {candidate.encode_ms:.2f} ms {'<=' if ok else '>'} {config.max_encode_ms:g} ms"))
+        measured = f" ({candidate.latency_conditions})" if candidate.latency_conditions else ""
+        checks.append(Check("latency", ok, f"encode p50 {candidate.encode_ms:.2f} ms {'<=' if ok else '>'} {config.max_encode_ms:g} ms{measured}"))
     if incumbent is None or incumbent.version is None:
         checks.append(Check("regression", True, f"no version at @{alias} yet"))
     elif incumbent.version == candidate.version:

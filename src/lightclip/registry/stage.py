@@ -21,7 +21,7 @@ from lightclip.evaluation import EvaluationError, check_model_dirs
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
 from lightclip.registry.aliases import NOT_STAGED_SUFFIX, AliasMove, ModelRegistry, RegistryError, actor, now_utc
-from lightclip.registry.gate import GateResult, gate_tag
+from lightclip.registry.gate import GateResult, gate_tag, latency_conditions
 from lightclip.registry.packaging import (
     active_run_id,
     TAG_REGISTERED_AT,
@@ -247,8 +247,9 @@ def run_register(
 
     speeds = {}
     for name, directory in model_dirs.items():
-        speeds[name] = measure_encode_latency(directory, runs=cfg.latency_runs, warmup=cfg.latency_warmup, threads=cfg.latency_threads)
-        log(f"  {name}: encode p50 {speeds[name]['encode_ms_p50']:.2f} ms (image + title, batch 1)")
+        speeds[name] = measure_encode_latency(directory, runs=cfg.latency_runs, warmup=cfg.latency_warmup, threads=cfg.latency_threads,
+                                              rounds=cfg.latency_rounds, max_rounds=cfg.latency_max_rounds)
+        log(f"  {name}: encode p50 {speeds[name]['encode_ms_p50']:.2f} ms (image + title, batch 1; {latency_conditions(speeds[name])})")
 
     teacher = register_one(registry, registered_name=cfg.teacher_model_name, name=cfg.teacher, role="teacher", model_dir=model_dirs[cfg.teacher],
                            eval_entry=entries[cfg.teacher], split=split, speed=speeds[cfg.teacher], lineage=lineage, teacher=None,
