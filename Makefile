@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help install venv data data-update test pipeline mlflow-ui clean
+.PHONY: help install venv data data-update test pipeline plots mlflow-ui clean chromium
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,7 +38,22 @@ $(BIN)/lightclip: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-install: venv data ## create .venv with the pinned stack and materialise the default catalogue
+install: venv data chromium ## create .venv with the pinned stack, materialise the default catalogue, get Chromium
+
+# Chromium renders the offline plots page in the tests and takes the MLflow UI screenshots. As
+# root on Debian (CI) apt-get installs it when /usr/bin/chromium is missing (a failure is reported,
+# not fatal: the rest of the install stands); without root or apt-get this says how, and the
+# browser tests skip with that reason.
+chromium: ## install Debian's chromium when /usr/bin/chromium is missing (apt-get, as root)
+	@if [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "chromium is missing: install it (Debian: sudo apt-get install -y chromium); the browser tests skip until then" >&2; exit 0; \
+	fi; \
+	echo "installing chromium (apt-get)"; mkdir -p .cache; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	if ! { apt-get update -qq && apt-get install -y -qq chromium; } >.cache/apt-chromium.log 2>&1; then \
+	  echo "apt-get install chromium failed (see .cache/apt-chromium.log): the browser tests will fail until it is installed" >&2; \
+	fi
 
 data: venv ## get data/raw: dvc pull when the remote has it, else regenerate it bit-for-bit
 	@if [ -n "$$($(BIN)/dvc status data.dvc --json 2>/dev/null | tr -d '{} \n')" ] || [ ! -d data/raw ]; then \
@@ -69,6 +84,9 @@ test: ## run the test suite
 
 pipeline: ## run the whole pipeline on the embedded default (dvc repro inside one MLflow parent run)
 	$(BIN)/lightclip pipeline
+
+plots: ## the DVC plots of dvc.yaml as one offline page, reports/plots.html (REV=HEAD~1 compares, as dvc plots diff)
+	$(BIN)/lightclip plots $(if $(REV),--rev $(REV))
 
 mlflow-ui: ## serve the project's MLflow store on 127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \

@@ -525,6 +525,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plots(args: argparse.Namespace) -> int:
+    """The DVC plots of dvc.yaml as one self-contained HTML page (inline SVG: no CDN, works offline)."""
+    from lightclip.plots import render
+
+    report = render(_project(args), args.rev or (), dvc_file=args.dvc_file, out=args.out)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightclip", description="Small, fast text-image retrieval models from a product catalogue.")
     parser.add_argument("--params", help="the run configuration (default: params.yaml in the project directory)")
@@ -693,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
     pipeline.add_argument("--force", action="store_true", help="pass --force to dvc repro")
     pipeline.set_defaults(handler=cmd_pipeline)
+
+    plots = commands.add_parser("plots", help="draw the DVC plots of dvc.yaml as one offline HTML page (inline SVG; --rev compares, as dvc plots diff)")
+    plots.add_argument("--rev", action="append", metavar="REV", help="also draw the data at this git revision (repeatable)")
+    plots.add_argument("--dvc-file", default="dvc.yaml", help="the pipeline file whose top-level plots to draw (default: dvc.yaml)")
+    plots.add_argument("--out", help="HTML page to write (default: reports/plots.html in the project)")
+    plots.set_defaults(handler=cmd_plots)
     return parser
 
 
