@@ -130,23 +130,59 @@ class Page:
         time.sleep(1.0)
         data = self.send("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
-        print(f"wrote {path.relative_to(ROOT)} ({width}x{height})")
+        print(f"wrote {display_path(path)} ({width}x{height})")
 
 
-def main() -> None:
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it, else absolute (``--out`` may be anywhere)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)
+
+
+def start_chromium(binary: str, profile: str, width: int = 1400, height: int = 900) -> tuple[subprocess.Popen, Page]:
+    """Headless Chromium on a free DevTools port and its first tab, sized ``width`` x ``height``."""
+    debug_port = free_port()
+    browser = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={debug_port}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{debug_port}/json/version", browser)
+        target = next(t for t in wait_http(f"http://127.0.0.1:{debug_port}/json/list", browser) if t["type"] == "page")
+        page = Page(target["webSocketDebuggerUrl"])
+        page.send("Page.enable")
+        page.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+    except BaseException:
+        stop(browser)
+        raise
+    return browser, page
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Terminate a process we started; kill it if it outlives 15 s."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lightclip-student")
     parser.add_argument("--version", default="1")
     parser.add_argument("--compare", default="tags.`lightclip.ablation` = 'concepts' and attributes.run_name LIKE 'synthetic-cw%'",
                         help="MLflow search filter of the runs to compare (default: the synthetic concept-ablation runs)")
     parser.add_argument("--experiment", default="lightclip")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="directory for the PNGs, anywhere (default: docs/ of the repository)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.out = args.out.expanduser().resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
     env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    port, debug_port = free_port(), free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}",
@@ -162,13 +198,7 @@ def main() -> None:
             "filter": f"{args.compare} and attributes.status = 'FINISHED'"})  # no parentheses in MLflow filters
         runs = [r["info"]["run_id"] for r in found.get("runs", [])]
 
-        browser = subprocess.Popen([args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={debug_port}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"http://127.0.0.1:{debug_port}/json/version", browser)
-        target = next(t for t in wait_http(f"http://127.0.0.1:{debug_port}/json/list", browser) if t["type"] == "page")
-        page = Page(target["webSocketDebuggerUrl"])
-        page.send("Page.enable")
-        page.send("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+        browser, page = start_chromium(args.chromium, profile)
 
         model_url = f"{base}/#/models/{urllib.parse.quote(args.model)}"
         page.open(model_url, args.model)
@@ -190,13 +220,8 @@ def main() -> None:
                 page.scroll_to_text(scroll_to)
             page.screenshot(args.out / name, width, height)
     finally:
-        for process in (browser, server):
-            if process is not None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop(browser)
+        stop(server)
         shutil.rmtree(profile, ignore_errors=True)
 
 
