@@ -121,7 +121,7 @@ def retrain(
         exp_name = orch.experiment_name(runtime_flow_run.name) if save_experiment and orch.git_has_commit(project) else None
         tags = orch.parent_run_tags(flow_run_id, runtime_flow_run.name, _ui_url(), runtime_deployment.name)
         run_params = {"flow": "retrain", "stages": ",".join(report.stages), "force": force, "data": data or "tracked", "overrides": overrides}
-        with pipeline_run(f"retrain-{runtime_flow_run.name or 'local'}", run_params, project_dir=project, experiment=params.tracking.experiment, tags=tags) as run:
+        with pipeline_run(f"retrain-{runtime_flow_run.name or 'local'}", run_params, project_dir=project, experiment=params.tracking.experiment, tags=tags, settings=params.tracking) as run:
             report.mlflow_run_id, report.mlflow_experiment = run.run_id, params.tracking.experiment
             _tag_flow_run(flow_run_id, orch.mlflow_flow_run_tag(run.run_id))
             logger.info("MLflow parent run %s (experiment %s)", run.run_id, params.tracking.experiment)
