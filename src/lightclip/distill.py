@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lightclip.config import ConfigError, DistillJob
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.imagecache import build_image_cache
 from lightclip.io import write_json
+from lightclip.models.common import canonical_safetensors
 from lightclip.models.zoo import ModelError, ModelSpec, create_model, load_model, load_tokenizer, preprocess_config, read_model_info, tokenizer
 from lightclip.stage import StageContext
 from lightclip.tasks import DistillTask, PairSet
@@ -50,8 +50,8 @@ class DistillOutputs:
 
 
 def projections_bytes(projections: nn.ModuleDict, *, teacher_dim: int) -> bytes:
-    state = {k: v.detach().cpu().contiguous() for k, v in projections.state_dict().items()}
-    return save_safetensors(state, metadata={"format": "lightclip-projections/1", "teacher_embed_dim": str(teacher_dim)})
+    """The learned projections as canonical safetensors bytes (same tensors, same bytes)."""
+    return canonical_safetensors(projections.state_dict(), {"format": "lightclip-projections/1", "teacher_embed_dim": str(teacher_dim)})
 
 
 def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs, context: StageContext) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
 from lightclip.imagecache import ImageCacheError, build_image_cache, decode_image
 from lightclip.io import staged_dir, torch_threads, write_json
-from lightclip.models.zoo import WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info
+from lightclip.models.zoo import WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
 from lightclip.stage import StageContext
 
 INDEX_FORMAT = "lightclip-index/1"
@@ -161,12 +161,12 @@ def recall_against(reference_rows: np.ndarray, rows: np.ndarray, k: int = 10) ->
 
 
 def model_fingerprint(model_dir: Path | str) -> dict[str, Any]:
-    """What identifies a saved model for the index: weights sha256, architecture, embedding size."""
+    """What identifies a saved model for the index: weights sha256 (verified), architecture, embedding size."""
     info = read_model_info(model_dir)
     weights = Path(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise CatalogueIndexError(f"{model_dir}: no {WEIGHTS_FILE}")
-    return {"dir": str(model_dir), "weights_sha256": file_sha256(weights), "arch": info["arch"], "embed_dim": int(info["embed_dim"])}
+    return {"dir": str(model_dir), "weights_sha256": weights_sha256(model_dir), "arch": info["arch"], "embed_dim": int(info["embed_dim"])}
 
 
 @dataclass(frozen=True)

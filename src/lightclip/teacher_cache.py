@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 from lightclip.config import TeacherEmbedConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
@@ -38,7 +37,8 @@ from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
 from lightclip.imagecache import build_image_cache
 from lightclip.io import atomic_write_bytes, staged_dir, torch_threads, write_json
-from lightclip.models.zoo import WEIGHTS_FILE, ModelError, load_model, load_tokenizer, preprocess_config, read_model_info
+from lightclip.models.common import canonical_safetensors
+from lightclip.models.zoo import WEIGHTS_FILE, ModelError, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
 from lightclip.stage import StageContext
 
 FORMAT = "lightclip-teacher-embeddings/1"
@@ -82,7 +82,7 @@ class TeacherEmbeddings:
         return int(self.image.shape[1])
 
     def save(self, path: Path | str) -> Path:
-        """Write the safetensors file atomically; returns its path."""
+        """Write the safetensors file atomically (byte-stable: same embeddings, same bytes); returns its path."""
         tensors = {"image": torch.from_numpy(np.ascontiguousarray(self.image, dtype=np.float32)),
                    "text": torch.from_numpy(np.ascontiguousarray(self.text, dtype=np.float32))}
         if self.image_hflip is not None:
@@ -99,15 +99,15 @@ class TeacherEmbeddings:
             "image_size": str(self.image_size),
             "teacher_logit_scale": repr(float(self.teacher_logit_scale)),
         }
-        return atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
+        return atomic_write_bytes(path, canonical_safetensors(tensors, metadata))
 
 
 def teacher_weights_sha256(teacher_dir: Path | str) -> str:
-    """sha256 of a saved teacher's ``model.safetensors``."""
+    """sha256 of a saved teacher's ``model.safetensors``, verified against its ``model.json``."""
     path = Path(teacher_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise ModelError(f"{teacher_dir}: no teacher weights ({WEIGHTS_FILE}); train it first: dvc repro pretrain")
-    return file_sha256(path)
+    return weights_sha256(teacher_dir)
 
 
 def embed_with_teacher(

@@ -220,9 +220,18 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then an atomic rename (a kill never leaves half a file)."""
-    with atomic_file(path) as tmp:
-        torch.save(dict(payload), tmp)
+    """``torch.save`` to a temporary file, then an atomic rename (a kill never leaves half a file).
+
+    The same payload gives the same bytes in any process: torch's zip entries carry a fixed
+    date, the pickle follows the dicts' insertion order and the archive's serialization id is
+    derived from the content. What is not fixed is the archive's folder name, which ``torch.save``
+    takes from a *path* (here the per-process temporary name), so it is handed an open file
+    instead (the folder is then always ``archive``). Two runs of the same training still write
+    different checkpoints: they record wall-clock ``train_seconds``. Checkpoints are resume state,
+    not DVC outputs or released weights, so that is kept.
+    """
+    with atomic_file(path) as tmp, tmp.open("wb") as handle:
+        torch.save(dict(payload), handle)
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Models: the zoo of open_clip architectures (configs as data), creation, saving and loading."""
 
-from lightclip.models.common import ModelError, encode_text, preprocess_config
+from lightclip.models.common import ModelError, canonical_safetensors, encode_text, preprocess_config
 from lightclip.models.zoo import (
     CONFIG_DIR,
     DEFAULT_ARCH,
     OUR_ARCHS,
+    CorruptWeightsError,
     ModelSpec,
     arch_config,
     build_from_config,
@@ -16,19 +17,23 @@ from lightclip.models.zoo import (
     make_ensemble,
     read_checkpoint,
     read_model_info,
+    read_verified_weights,
     register_configs,
     save_model,
     tokenizer,
+    weights_sha256,
 )
 
 __all__ = [
     "CONFIG_DIR",
     "DEFAULT_ARCH",
     "OUR_ARCHS",
+    "CorruptWeightsError",
     "ModelError",
     "ModelSpec",
     "arch_config",
     "build_from_config",
+    "canonical_safetensors",
     "count_parameters",
     "create_model",
     "encode_text",
@@ -39,7 +44,9 @@ __all__ = [
     "preprocess_config",
     "read_checkpoint",
     "read_model_info",
+    "read_verified_weights",
     "register_configs",
     "save_model",
     "tokenizer",
+    "weights_sha256",
 ]

@@ -1,5 +1,5 @@
 """What every model of the zoo offers, single or ensemble: its error type, its preprocessing
-record and the fast text encode.
+record, the fast text encode, and the one safetensors writer every save site uses.
 
 It sits below :mod:`lightclip.models.zoo` (building, saving and loading models, ensembles
 included) and :mod:`lightclip.models.ensemble` (a model made of zoo models): both import it, and
@@ -8,10 +8,13 @@ the zoo imports the ensemble, never the reverse.
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+from typing import Any, Mapping
 
 import open_clip
 import torch
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lightclip.errors import LightclipError
@@ -19,6 +22,31 @@ from lightclip.errors import LightclipError
 
 class ModelError(LightclipError, ValueError):
     """A model that cannot be built, loaded or saved; the message says which and why."""
+
+
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """``tensors`` + ``metadata`` as safetensors bytes that depend on nothing but their content.
+
+    safetensors writes its ``__metadata__`` map in the order of a Rust ``HashMap`` (a new order
+    per map, per process), so the same tensors saved twice differ in bytes: DVC then sees a new
+    output and the registry a new version. Here safetensors serialises (its data layout is
+    already deterministic: by dtype, then by name) and the JSON header is re-encoded with sorted
+    keys and no spaces, padded with spaces to a multiple of 8 as the format requires (header =
+    8-byte little-endian length + JSON). Data offsets are relative to the end of the header, so
+    they are unchanged.
+    """
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    raw = save_safetensors(state, metadata=dict(metadata) if metadata else None)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(raw)[8 + length :]))
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data`` as 64 hex digits (what ``model.json`` records of its weights)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def square_side(size: Any) -> int:

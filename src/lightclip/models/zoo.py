@@ -15,14 +15,24 @@ Weights come from one of three places (:class:`ModelSpec.pretrained`):
   open_clip, so only when the user asks for it (the environment must allow the hub).
 
 A released model is a directory with ``model.safetensors`` and ``model.json`` (architecture
-name, the full open_clip config, tokenizer settings, image mean/std, embedding size): it loads
-from the config stored beside the weights, so later edits of ``configs/*.json`` never change a
-released model.
+name, the full open_clip config, tokenizer settings, image mean/std, embedding size, and the
+sha256 of the weights file): it loads from the config stored beside the weights, so later edits
+of ``configs/*.json`` never change a released model.
+
+Both files are canonical: the same tensors and config give the same bytes in any process
+(:func:`~lightclip.models.common.canonical_safetensors`, sorted JSON), so DVC and the registry
+see an unchanged model as unchanged. Loading hashes the bytes it deserialises and refuses weights
+whose sha256 differs from the one recorded (:class:`CorruptWeightsError`): a flipped bit never
+reaches an evaluation, an index or the registry. A directory saved before the hash was recorded
+still loads, with a warning asking to re-save it: registered MLflow versions hold such
+directories as immutable artifacts, and refusing them would stop serving them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from copy import deepcopy
 from dataclasses import asdict
@@ -33,15 +43,18 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
 from pydantic import field_validator
-from safetensors.torch import load_file, save
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 from torch import nn
 
 from lightclip.config import ModelConfig
 from lightclip.io import atomic_write_bytes
 from lightclip.models.common import (
     ModelError,
+    canonical_safetensors,
     encode_text,  # part of the zoo's interface: callers encode titles with it
     preprocess_config,
+    sha256_hex,
     square_side,
 )
 from lightclip.models.ensemble import EnsembleCLIP, ensemble_arch_name
@@ -50,12 +63,20 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_FORMAT = "lightclip-model/1"
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "model.json"
+WEIGHTS_SHA256_KEY = "weights_sha256"  # in model.json: the sha256 of model.safetensors
 DEFAULT_ARCH = "lc-vit-t"
+
+log = logging.getLogger(__name__)
 
 #: Our architectures (the stems of ``configs/*.json``).
 OUR_ARCHS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 
 _registered = False
+_warned_unverified: set[str] = set()
+
+
+class CorruptWeightsError(ModelError):
+    """Weights whose bytes are not the ones ``model.json`` recorded when they were saved."""
 
 
 def register_configs() -> None:
@@ -180,7 +201,7 @@ def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module
             info = read_model_info(path)
             if info["arch"] != spec.arch:
                 raise ModelError(f"{path}: holds a {info['arch']!r} model, but the spec asks for {spec.arch!r}")
-            state = _read_safetensors(path / WEIGHTS_FILE)
+            state = read_verified_weights(path)
         else:
             state = read_checkpoint(path)
         load_weights(model, state, source=str(path))
@@ -221,6 +242,60 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
+        raise ModelError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+def _verify(directory: Path, info: Mapping[str, Any], actual: str) -> str:
+    """``actual`` (the sha256 of the weights of ``directory``), checked against ``info``'s record."""
+    recorded = info.get(WEIGHTS_SHA256_KEY)
+    weights, record = directory / WEIGHTS_FILE, directory / INFO_FILE
+    if recorded is None:
+        if str(weights) not in _warned_unverified:
+            _warned_unverified.add(str(weights))
+            log.warning("%s: %s records no %s (saved before weights were verified); loaded unverified. "
+                        "Re-save the model (load_model + save_model, or re-run its stage) to record it", weights, record, WEIGHTS_SHA256_KEY)
+    elif actual != recorded:
+        raise CorruptWeightsError(
+            f"{weights}: weights sha256 {actual} does not match {recorded} recorded in {record}; the file was damaged "
+            "or changed after it was saved. Restore it (dvc checkout, or the registry artifact) or re-run the stage that wrote it"
+        )
+    return actual
+
+
+def _weights_path(directory: Path) -> Path:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    return path
+
+
+def weights_sha256(directory: Path | str) -> str:
+    """The sha256 of a saved model's ``model.safetensors``, verified against its ``model.json``.
+
+    What identifies a model's weights (the teacher cache and the index record it); raises
+    :class:`CorruptWeightsError` when the file is not the one that was saved.
+    """
+    directory = Path(directory)
+    info = read_model_info(directory)
+    with _weights_path(directory).open("rb") as handle:
+        return _verify(directory, info, hashlib.file_digest(handle, "sha256").hexdigest())
+
+
+def read_verified_weights(directory: Path | str, info: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model, from bytes whose sha256 matches ``model.json`` (else an error).
+
+    The file is read once and the bytes hashed are the bytes deserialised, so nothing can change
+    between the check and the load. ``info``: the directory's ``model.json`` when the caller
+    has read it already.
+    """
+    directory = Path(directory)
+    info = read_model_info(directory) if info is None else info
+    path = _weights_path(directory)
+    data = path.read_bytes()
+    _verify(directory, info, sha256_hex(data))
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as exc:  # safetensors raises several types for a damaged file
         raise ModelError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
@@ -278,7 +353,11 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
 
 
 def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle); returns it."""
+    """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle); returns it.
+
+    Both are byte-stable (the same model gives the same bytes in any process); ``model.json``
+    records the weights' sha256, which loading verifies.
+    """
     arch = spec.arch if isinstance(spec, ModelSpec) else spec
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -310,8 +389,10 @@ def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *
     }
     if extra:
         info["extra"] = dict(extra)
-    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": MODEL_FORMAT, "arch": arch}))
-    atomic_write_bytes(directory / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    weights = canonical_safetensors(state, metadata={"format": MODEL_FORMAT, "arch": arch})
+    info[WEIGHTS_SHA256_KEY] = sha256_hex(weights)
+    atomic_write_bytes(directory / WEIGHTS_FILE, weights)
+    atomic_write_bytes(directory / INFO_FILE, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return directory
 
 
@@ -330,7 +411,10 @@ def read_model_info(directory: Path | str) -> dict[str, Any]:
 
 
 def load_model(directory: Path | str) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` (from its stored config) and load its weights."""
+    """Rebuild a model saved by :func:`save_model` (from its stored config) and load its weights.
+
+    The weights are verified first (:class:`CorruptWeightsError` on a sha256 mismatch).
+    """
     directory = Path(directory)
     info = read_model_info(directory)
     image = info.get("image", {})
@@ -344,7 +428,7 @@ def load_model(directory: Path | str) -> nn.Module:
     else:
         model = build_from_config(info["open_clip_config"], preprocess)
         model.lightclip_arch = info["arch"]
-    load_weights(model, _read_safetensors(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    load_weights(model, read_verified_weights(directory, info), source=str(directory / WEIGHTS_FILE))
     model.eval()
     return model
 
