@@ -1,7 +1,9 @@
 """Retrieval evaluation, in both directions (image -> text and text -> image).
 
 * :mod:`~lightclip.evaluation.ranking`: positives (who counts as whose answer) and ranks/top-k
-  under the deterministic tie rule;
+  under the deterministic tie rule, one direction at a time;
+* :mod:`~lightclip.evaluation.one_matmul`: the same ranks for both directions from one matrix
+  product (what the metrics use);
 * :mod:`~lightclip.evaluation.metrics`: every metric of a model on a split
   (:func:`evaluate_retrieval`, CLIP_benchmark-shaped; its docstring holds the semantics) and the
   short form used during training (:func:`retrieval_metrics`);
@@ -18,6 +20,7 @@ from lightclip.evaluation.ranking import (
     catalogue_positives,
     group_pairs,
     image_content_groups,
+    ranks_per_direction,
     retrieval_ranks,
     title_groups,
 )
@@ -51,6 +54,7 @@ __all__ = [
     "group_pairs",
     "image_content_groups",
     "inference",
+    "ranks_per_direction",
     "recall_at_k",
     "retrieval_metrics",
     "retrieval_ranks",

@@ -15,9 +15,9 @@ Semantics (as in CLIP_benchmark's ``zeroshot_retrieval``, with our names):
   values for an even count) and ``*_mean_rank`` the mean; lower is better.
 * **Ties** are broken deterministically: keys are ordered by similarity, descending, and at
   exactly equal similarity by key index, ascending (the order of a stable sort). So a positive
-  that ties with a negative of lower index ranks after it. Similarities are computed once per
-  (image, text) pair in float32, for both directions, and the best positive's similarity is
-  read from that same matrix, so a query is always compared with itself consistently.
+  that ties with a negative of lower index ranks after it. Similarities are float32 dot
+  products, and a query's best positive is read from the same similarities as the keys it is
+  compared with, so a query is always compared with itself consistently.
 * ``mean_recall`` is the mean of the six recalls (i2t and t2i R@1, R@5, R@10): the number the
   papers report (as ``rsum / 6``). All recalls and precisions are percentages.
 * ``t2i_P@k_<attrs>`` (e-commerce relevance): for each text query, the fraction of the first
@@ -37,7 +37,7 @@ import torch
 
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.one_matmul import ranks_both_ways
-from lightclip.evaluation.ranking import DIRECTIONS, Positives, retrieval_ranks
+from lightclip.evaluation.ranking import DIRECTIONS, Positives
 
 KS: tuple[int, ...] = (1, 5, 10)
 
@@ -154,12 +154,7 @@ def evaluate_retrieval(
     metrics: dict[str, float] = {}
     curves: dict[str, dict[int, float]] = {}
     with torch.no_grad():
-        both = ranks_both_ways(images, texts, positives, chunk=chunk, topk=max_p)
-        if both is not None:
-            i2t_ranks, t2i_ranks, top = both
-        else:
-            i2t_ranks, _ = retrieval_ranks(images, texts, *positives.csr("i2t"), chunk=chunk)
-            t2i_ranks, top = retrieval_ranks(texts, images, *positives.csr("t2i"), chunk=chunk, topk=max_p)
+        i2t_ranks, t2i_ranks, top = ranks_both_ways(images, texts, positives, chunk=chunk, topk=max_p)
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         recalls = recall_at_k(ranks, all_ks)
         for k in ks:

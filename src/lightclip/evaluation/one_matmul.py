@@ -1,4 +1,30 @@
-"""Both retrieval directions from one matrix product (kept only while it measurably pays)."""
+"""Both retrieval directions from one matrix product: :func:`ranks_both_ways`.
+
+Same inputs and the same results as :func:`~lightclip.evaluation.ranking.ranks_per_direction`
+(:func:`~lightclip.evaluation.ranking.retrieval_ranks` once per direction), at half the matrix
+products. The results are equal bit for bit when the BLAS rounds each image-text product the
+same in both operand orders (it does for the tile sizes used here; for tiny tiles it may not,
+and then only similarities within float32 rounding of each other can swap places, as they can
+between two chunk sizes of ``retrieval_ranks``). The evaluate stage uses it because it measured
+a third to a half faster than ``ranks_per_direction`` at 10k and at 100k items, 128-d and 384-d,
+on the 2-core CPU this project runs on (``benchmarks/one_matmul.py``; figures in
+``docs/results.md``).
+
+How: the similarity matrix is computed once, in tiles of text rows x all images. Each tile's
+rows rank the text queries exactly as ``retrieval_ranks`` does. Its columns carry the image
+queries' counts, but an image query's best-positive similarity ``c`` is only known once every
+tile holding one of its positives has been computed. So each column is split against a band
+``[L, U]`` proven to hold ``c``: the exact (float64) similarity of the best positive +- a
+float32 dot-product error bound (``4 * D * 2**-24`` for unit vectors). Keys above ``U`` are
+counted at once; the few inside the band are kept and compared with ``c`` at the end, where
+ties follow the usual rule (lower text index first). Byte-identical text vectors are folded
+into one row first, so duplicate texts tie exactly. The tiles are spread over as many
+single-threaded workers as torch has threads (numpy's passes run on one core).
+
+When the band cannot be proven (a matmul less precise than float32) or would hold mass ties
+(collapsed embeddings), :func:`ranks_both_ways` returns what ``ranks_per_direction`` returns,
+by running it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +36,7 @@ import pandas as pd
 import torch
 
 from lightclip.evaluation.ranking import (
+    BothWays,
     Positives,
     _as_words,
     _csr_entries,
@@ -19,7 +46,9 @@ from lightclip.evaluation.ranking import (
     _row_hashes,
     _stable_topk,
     _top_candidates,
+    ranks_per_direction,
 )
+from lightclip.io import torch_threads
 
 
 def _count_columns(mask: np.ndarray) -> np.ndarray:
@@ -33,8 +62,6 @@ def _count_columns(mask: np.ndarray) -> np.ndarray:
     for start in range(0, mask.shape[0], 255):
         total += np.add.reduce(words[start : start + 255], axis=0).view(np.uint8)
     return total
-
-
 
 
 def _equal_rows(matrix: np.ndarray) -> np.ndarray:
@@ -198,27 +225,19 @@ def _count_image_tile(
     counts.values.append(sims[r, in_band[c]])
 
 
-def ranks_both_ways(
-    images: torch.Tensor, texts: torch.Tensor, positives: Positives, *, chunk: int = 256, topk: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """Image->text and text->image ranks (and the text queries' top-``k`` images) from one matmul.
+def ranks_both_ways(images: torch.Tensor, texts: torch.Tensor, positives: Positives, *, chunk: int = 256, topk: int = 0) -> BothWays:
+    """Image -> text ranks, text -> image ranks and the text queries' top-``topk`` images.
 
-    Same results as :func:`retrieval_ranks` run both ways, at half the matrix products: the
-    similarity matrix is computed once, in tiles of ``chunk`` texts x all images. Each tile's
-    rows rank the text queries as :func:`retrieval_ranks` does. Its columns carry the image
-    queries' counts, but an image query's best-positive similarity ``c`` is only known once
-    every tile holding one of its positives has been computed. So each column is split against
-    a band ``[L, U]`` proven to hold ``c``: the exact (float64) similarity of the best positive
-    +- a float32 dot-product error bound (``4 * D * 2**-24`` for unit vectors). Keys above ``U``
-    are counted at once; the few inside the band are kept and compared with ``c`` at the end,
-    where ties follow the usual rule (lower text index first).
-
-    Byte-identical text vectors are folded into one row first (:class:`_FoldedTexts`). The
-    tiles are spread over as many single-threaded workers as torch has threads (numpy's passes
-    run on one core). Returns ``None`` (the caller then runs one matmul per direction) when a
-    best positive falls outside its band (a reduced-precision matmul mode) or the bands fill up
-    with mass ties.
+    Exactly :func:`~lightclip.evaluation.ranking.ranks_per_direction`'s result, from one matrix
+    product (see the module docstring); ``chunk``: text rows per tile.
     """
+    both = _one_matmul(images, texts, positives, chunk=chunk, topk=topk)
+    return ranks_per_direction(images, texts, positives, chunk=chunk, topk=topk) if both is None else both
+
+
+def _one_matmul(images: torch.Tensor, texts: torch.Tensor, positives: Positives, *, chunk: int, topk: int) -> BothWays | None:
+    """:func:`ranks_both_ways`, or ``None`` when a best positive falls outside its band or the
+    bands fill up with mass ties."""
     n_images, n_texts = images.shape[0], texts.shape[0]
     folded = _FoldedTexts.fold(texts)
     n_rows = folded.rows.shape[0]
@@ -250,13 +269,8 @@ def ranks_both_ways(
     if n_workers == 1:  # one tile (or one thread): no pool, torch keeps its threads for the matmul
         results = [work(0)]
     else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                results = list(pool.map(work, range(n_workers)))
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(1), ThreadPoolExecutor(max_workers=n_workers) as pool:  # each worker's matmul on one core
+            results = list(pool.map(work, range(n_workers)))
     if any(counts is None for counts in results):
         return None
 

@@ -8,7 +8,10 @@
   and optionally its top-``k`` keys, under the deterministic tie rule: keys are ordered by
   similarity (descending) and, at exactly equal similarity, by key index (ascending). The
   best positive's similarity is read from the same float32 row as every key it is compared
-  with, so a query is always compared with itself consistently. One direction per call.
+  with, so a query is always compared with itself consistently. One direction per call;
+  :func:`ranks_per_direction` runs it both ways (the reference for
+  :func:`lightclip.evaluation.one_matmul.ranks_both_ways`, which gives the same from one
+  matrix product).
 """
 
 from __future__ import annotations
@@ -319,10 +322,10 @@ def retrieval_ranks(
     counts the keys ranked before that positive: higher similarity, or equal similarity and a
     lower index. Returns ``(ranks, top)`` with ``top`` Q x k (or None when ``topk == 0``).
 
-    One direction at a time (see :func:`ranks_both_ways` for both from one matmul). The
-    similarity rows are written into one preallocated ``chunk x N`` buffer (small enough to
-    stay in cache; a fresh 40 MB array per chunk doubled the matmul time) and the comparisons
-    into one reused, word-padded bool buffer, counted with :func:`_count_rows`.
+    The similarity rows are written into one preallocated ``chunk x N`` buffer (small enough
+    to stay in cache; a fresh array per chunk doubles the matmul time), so memory is bounded by
+    ``chunk x N`` whatever the number of queries, and the comparisons into one reused,
+    word-padded bool buffer, counted with :func:`_count_rows`.
     """
     n_queries, n_keys = queries.shape[0], keys.shape[0]
     ptr = np.asarray(ptr, dtype=np.int64)
@@ -340,6 +343,18 @@ def retrieval_ranks(
         if top is not None:
             top[start:stop] = _stable_topk(sims_t, topk, mask_buffer)
     return torch.from_numpy(ranks), top
+
+
+#: ``(image -> text ranks, text -> image ranks, the text queries' top-k images or None)``
+BothWays = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def ranks_per_direction(images: torch.Tensor, texts: torch.Tensor, positives: Positives, *, chunk: int = 256, topk: int = 0) -> BothWays:
+    """Both directions' ranks, and the text queries' top-``topk`` images: :func:`retrieval_ranks`
+    once with the images as queries, once with the texts (one matrix product each)."""
+    i2t, _ = retrieval_ranks(images, texts, *positives.csr("i2t"), chunk=chunk)
+    t2i, top = retrieval_ranks(texts, images, *positives.csr("t2i"), chunk=chunk, topk=topk)
+    return i2t, t2i, top
 
 
 
