@@ -7,7 +7,8 @@ The measured process is a worker running :func:`lightclip.training.train_step` o
 :class:`lightclip.tasks.ImageTextTask` (synthetic 64 px pairs) in one of these settings:
 
 * ``affinity 1 CPU``: the worker may run on one CPU only (``os.sched_setaffinity``, as
-  ``taskset -c 0`` or a scheduler's cpuset does);
+  ``taskset -c 0`` or a scheduler's cpuset does), a CPU the busy processes share (they are pinned
+  to it too: other jobs of the same cpuset);
 * ``quota 1 CPU``: the worker is in a cgroup with a CPU quota of one CPU (as a container with
   ``--cpus 1``); only where this script may create a cgroup (root, cgroup v1 ``cpu`` or v2);
 * ``whole machine``: no restriction (for reference: the default cannot know about other work here).
@@ -15,8 +16,8 @@ The measured process is a worker running :func:`lightclip.training.train_step` o
 In each, torch runs ``os.cpu_count()`` threads (**before**: what a ``num_threads: null`` meant)
 and :func:`lightclip.io.default_threads` threads (**after**: what it means now), and, in the
 unrestricted setting, 1 thread (what ``LIGHTCLIP_THREADS=1`` gives). The load is either nothing
-else or 2 pure-Python spin loops started by this script (unpinned: other work on the machine),
-killed at the end. Rounds interleave every (load, setting, threads) condition, each timing
+else or 2 pure-Python spin loops started by this script for each timing (unpinned, except in the
+affinity setting), killed after it. Rounds interleave every (load, setting, threads) condition, each timing
 ``--steps`` steps after a warm one; the table shows medians over rounds. Run it under the CPU lock.
 """
 
@@ -118,7 +119,7 @@ def make_cgroup(cpus: float) -> Path | None:
 
 class Worker:
     def __init__(self, name: str, args: argparse.Namespace, *, cpus: set[int] | None = None, cgroup: Path | None = None):
-        self.name = name
+        self.name, self.cpus = name, cpus
         env = {k: v for k, v in os.environ.items() if k not in ("LIGHTCLIP_THREADS", "OMP_NUM_THREADS")}
 
         def restrict() -> None:
@@ -141,8 +142,12 @@ class Worker:
         self.process.wait(timeout=60)
 
 
-def start_spinners(n: int, seconds: float) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)]) for _ in range(n)]
+def start_spinners(n: int, seconds: float, cpus: set[int] | None) -> list[subprocess.Popen]:
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)], preexec_fn=pin) for _ in range(n)]
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -189,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[tuple[str, str, int], list[float]] = {}
         for r in range(args.rounds):
             for load in (("alone", "busy") if r % 2 == 0 else ("busy", "alone")):
-                if load == "busy":
-                    spinners = start_spinners(args.busy, seconds=1800)
-                    time.sleep(0.5)
                 order = conditions if r % 2 == 0 else conditions[::-1]
                 for w, threads in order:
+                    if load == "busy":
+                        spinners = start_spinners(args.busy, seconds=600, cpus=w.cpus)
+                        time.sleep(0.3)
                     samples.setdefault((w.name, load, threads), []).append(w.time_steps(threads, args.steps))
-                stop(spinners)
-                spinners = []
+                    stop(spinners)
+                    spinners = []
             print(f"  round {r + 1}/{args.rounds} done", flush=True)
     finally:
         stop(spinners)
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             cgroup.rmdir()
 
     print()
-    print("| setting | torch threads | alone s/step | with 2 busy s/step | busy / alone |")
+    print(f"| setting | torch threads | alone s/step | with {args.busy} busy s/step (rounds' range) | busy / alone |")
     print("|---|---|---|---|---|")
     rows = []
     for w in workers:
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             busy = float(np.median(samples[(w.name, "busy", threads)]))
             rows.append({"setting": w.name, "threads": threads, "label": ", ".join(labels), "alone_s": alone, "busy_s": busy,
                          "alone_rounds": samples[(w.name, "alone", threads)], "busy_rounds": samples[(w.name, "busy", threads)]})
-            print(f"| {w.name} | {threads} ({', '.join(labels)}) | {alone:.2f} | {busy:.2f} | x{busy / alone:.1f} |")
+            spread = samples[(w.name, "busy", threads)]
+            print(f"| {w.name} | {threads} ({', '.join(labels)}) | {alone:.2f} | {busy:.2f} ({min(spread):.2f}-{max(spread):.2f}) | x{busy / alone:.1f} |")
     if args.out:
         args.out.write_text(json.dumps({"arch": args.arch, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
     return 0
