@@ -398,6 +398,11 @@ def test_deploy_stops_on_sigint_and_sigterm_with_the_run_in_flight_and_leaves_no
             assert returncode == 128 + signum, log.read_text()[-4000:]
             assert elapsed < 45, f"stopping took {elapsed:.0f} s"
             assert not running(stage_pid) and not running(dvc_pid), "the stage or its dvc repro outlived deploy.py"
+            # helpers such as multiprocessing's resource tracker exit on their own once their
+            # parent is gone: give them a bounded moment, then nothing may be left
+            deadline = time.monotonic() + 10
+            while session_processes(serve.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert session_processes(serve.pid) == []
             state = client.read_flow_run(flow_run.id).state
             assert state is not None and state.is_final() and not state.is_completed(), state
