@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightclip.data.catalogue import Catalogue
-from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
+from lightclip.evaluation import embed_pairs, retrieval_metrics, title_groups
 from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise
 from lightclip.losses import clip_loss
 from lightclip.models.zoo import encode_text, logit_scale_max, preprocess_config
@@ -60,11 +60,6 @@ class ClipBatch:
         return int(self.indices.shape[0])
 
 
-def embed_pair_set(model: nn.Module, pairs: PairSet, tokens: torch.Tensor, *, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised image and text embeddings of a pair set with any model (eval mode, no grad)."""
-    return embed_images(model, pairs.images, batch_size), embed_texts(model, tokens, batch_size)
-
-
 def split_metrics(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -83,7 +78,7 @@ def split_metrics(
     if len(catalogue.split(split)) == 0:
         return {}
     pairs = PairSet.from_catalogue(catalogue, split, image_size, cache_dir, progress=progress)
-    image_emb, text_emb = embed_pair_set(model, pairs, tokenizer(list(pairs.titles)), batch_size=batch_size)
+    image_emb, text_emb = embed_pairs(model, pairs.images, tokenizer(list(pairs.titles)), batch_size)
     return {f"{split}/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}
 
 
@@ -176,7 +171,7 @@ class ImageTextTask:
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None or self.val_tokens is None:
             return {}
-        image_emb, text_emb = embed_pair_set(self.model, self.val_set, self.val_tokens, batch_size=self.eval_batch_size)
+        image_emb, text_emb = embed_pairs(self.model, self.val_set.images, self.val_tokens, self.eval_batch_size)
         metrics = retrieval_metrics(image_emb, text_emb, self.val_set.groups)
         return {f"val/{k}": v for k, v in metrics.items()}
 
