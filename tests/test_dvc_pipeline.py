@@ -52,6 +52,15 @@ def test_repro_is_tracked_idempotent_and_clean(dvc_project: Path, projects):
     assert yaml.safe_load((root / "models" / "teacher" / "model.json").read_text())["arch"] == "ensemble(lc-test-tiny x2)"
     assert (root / "models" / "students" / student / "model.safetensors").is_file()
     assert set(yaml.safe_load((root / "metrics" / "eval.json").read_text())) == {"teacher", student}
+    # The first run ends as the product promises: the student registered, gated with the test
+    # set's interval and at @staging, as `lightclip registry list` shows a user.
+    report = yaml.safe_load((root / "metrics" / "register.json").read_text())
+    gated = report["students"][student]
+    assert gated["staged"] and report["staging_after"] == gated["version"] and gated["gate"] == "pass"
+    assert gated["teacher_fraction_low"] <= gated["teacher_fraction"] <= gated["teacher_fraction_high"]
+    listing = _run(["lightclip", "registry", "list"], root)
+    staged_row = next(line for line in listing.splitlines() if "@staging" in line.split())
+    assert staged_row.split()[0] == gated["version"] and f" {student} " in staged_row
 
     status = _run(["dvc", "status", "dvc.yaml"], root)
     assert "up to date" in status

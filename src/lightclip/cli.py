@@ -354,15 +354,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lightclip.evaluation import EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
 
     config = _with(_params(args).evaluate, models=_named_models(args.model))
-    outputs = EvaluateOutputs(metrics=Path(args.metrics), plots=Path(args.plots), figures=Path(args.figures))
+    outputs = EvaluateOutputs(metrics=Path(args.metrics), plots=Path(args.plots), figures=Path(args.figures), ranks=Path(args.ranks))
     metrics = _stage(
         args, "evaluate", {"evaluate": config.model_dump(mode="json"), "in": str(args.input)},
         lambda context: run_evaluate(config, EvaluateInputs(catalogue=Path(args.input)), outputs, context),
         tags=lambda _: {"lightclip.models": ",".join(config.models), "lightclip.split": config.split},
-        artifacts=[(outputs.metrics, None), (outputs.plots, "plots"), (outputs.figures, "figures")],
+        artifacts=[(outputs.metrics, None), (outputs.ranks, None), (outputs.plots, "plots"), (outputs.figures, "figures")],
     )
     print(summarise(metrics, config.split, list(config.models)))
-    print(f"metrics: {args.metrics}; plot data: {args.plots}; figures: {args.figures}")
+    print(f"metrics: {args.metrics}; ranks: {args.ranks}; plot data: {args.plots}; figures: {args.figures}")
     return 0
 
 
@@ -432,12 +432,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     params = _params(args)
     teacher = params.register_.teacher
-    inputs = RegisterInputs(eval_metrics=Path(args.eval), catalogue=Path(args.input))
+    inputs = RegisterInputs(eval_metrics=Path(args.eval), catalogue=Path(args.input), ranks=Path(args.ranks))
     outputs = RegisterOutputs(report=Path(args.out))
     report = _stage(
         args, "register",
         {"register": params.section("register"), "promote": params.section("promote"), "models": params.evaluate.models,
-         "eval": str(args.eval), "in": str(args.input)},
+         "eval": str(args.eval), "ranks": str(args.ranks), "in": str(args.input)},
         lambda context: run_register(params, inputs, outputs, context, auto_promote=False if args.no_promote else None),
         metrics=lambda r: run_metrics(r, teacher=teacher),
         tags=lambda r: run_tags(r, teacher=teacher),
@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default="metrics/eval.json", help="metrics per model, JSON (default: metrics/eval.json)")
     evaluate.add_argument("--plots", default="metrics/plots/eval", help="DVC plot data directory (default: metrics/plots/eval)")
     evaluate.add_argument("--figures", default="reports/eval", help="PNG figures directory (default: reports/eval)")
+    evaluate.add_argument("--ranks", default="metrics/eval_ranks.json",
+                          help="each query's rank per model, JSON: the gate's bootstrap interval (default: metrics/eval_ranks.json)")
     evaluate.add_argument("--model", action="append", metavar="NAME=DIR", help="evaluate this model instead of evaluate.models (repeatable)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -670,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register = commands.add_parser("register", help="log and register every model in MLflow, gate the students, stage the best (params: register, promote)")
     register.add_argument("--eval", default="metrics/eval.json", help="the evaluate stage's metrics (default: metrics/eval.json)")
+    register.add_argument("--ranks", default="metrics/eval_ranks.json",
+                          help="the evaluate stage's per-query ranks, for the gate's interval (default: metrics/eval_ranks.json; absent: no interval)")
     register.add_argument("--in", dest="input", default="data/split", help="the evaluated catalogue, for the test-set fingerprint (default: data/split)")
     register.add_argument("--out", default="metrics/register.json", help="versions, gate verdicts, aliases as JSON (default: metrics/register.json)")
     register.add_argument("--no-promote", action="store_true", help="gate but move no alias (overrides promote.auto)")

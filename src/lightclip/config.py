@@ -127,7 +127,7 @@ class SplitConfig(StrictModel):
 
     seed: int = 0
     val: SplitSize = 0.1
-    test: SplitSize = 0.1
+    test: SplitSize = 0.2
 
     @field_validator("val", "test")
     @classmethod
@@ -226,7 +226,7 @@ class PretrainConfig(StrictModel):
     """The ``pretrain`` stage: the FashionKLIP teacher (CLIP + concept-level alignment)."""
 
     model: ModelConfig = ModelConfig(arch="lc-vit-t")
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(epochs=12)
     #: Weight of the concept term; 0 = plain CLIP training (the ablation's baseline).
     concept_weight: float = Field(0.2, ge=0.0)
     concept: ConceptLossConfig = ConceptLossConfig()
@@ -234,7 +234,7 @@ class PretrainConfig(StrictModel):
     #: Members of the teacher: 1 = one model; n > 1 trains n models (seeds seed, seed+1, ...)
     #: and ships their ensemble (mean cosine similarity), the teacher that beats a lone student
     #: from scratch (see lightclip.models.ensemble).
-    ensemble_members: int = Field(3, ge=1, le=8)
+    ensemble_members: int = Field(2, ge=1, le=8)
 
 
 # -- CocaCLIP/ConaCLIP distillation ------------------------------------------------------------
@@ -408,7 +408,7 @@ class DistillConfig(StrictModel):
     students: dict[str, ModelConfig] = Field(
         default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt"), "xxt": ModelConfig(arch="lc-vit-xxt")}
     )
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(epochs=15)
     edges: list[EdgeLossConfig] = Field(default_factory=lambda: _edges(*FULL_GRAPH_EDGES))
     projection: bool = True
     teacher_online: bool = False
@@ -649,10 +649,20 @@ class PromoteConfig(StrictModel):
     both were evaluated on the same test set (``require_same_test_set``: fail instead of skipping
     the comparison when they were not). ``auto``: the register stage gives ``@staging`` to the
     best passing student.
+
+    The test set measures (1) with sampling error: the register stage resamples the test items
+    (a paired bootstrap of student and teacher, ``fraction_interval_level``,
+    ``fraction_interval_resamples``) and ``teacher_fraction_decision`` says what passes:
+    ``point``: the ratio itself >= ``min_teacher_fraction``; ``interval``: not shown to be below
+    it (the interval's upper end reaches it); ``strict``: shown to reach it (the lower end does).
+    Without per-item ranks (no interval) every decision falls back to ``point`` and says so.
     """
 
     auto: bool = True
     min_teacher_fraction: float = Field(0.9, ge=0.0, le=2.0)
+    teacher_fraction_decision: Literal["point", "interval", "strict"] = "interval"
+    fraction_interval_level: float = Field(0.95, gt=0.0, lt=1.0)
+    fraction_interval_resamples: int = Field(2000, ge=100)
     max_encode_ms: float = Field(10.0, gt=0.0)
     max_regression: float = Field(1.0, ge=0.0, description="points of test mean recall")
     require_same_test_set: bool = False

@@ -13,7 +13,7 @@ from lightclip.config import EvaluateConfig, SplitConfig, SynthConfig
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.split import assign_splits
 from lightclip.data.synth import generate_catalogue
-from lightclip.evaluation import EvaluateInputs, EvaluateOutputs, EvaluationError, run_evaluate, summarise
+from lightclip.evaluation import EvaluateInputs, EvaluateOutputs, EvaluationError, item_recall_scores, read_ranks, run_evaluate, summarise
 from lightclip.imagecache import build_image_cache, normalise
 from lightclip.models.zoo import ModelSpec, create_model, encode_text, load_model, load_tokenizer, preprocess_config, save_model
 from lightclip.stage import StageContext
@@ -30,7 +30,8 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _outputs(tmp_path: Path, figures: bool = True) -> EvaluateOutputs:
-    return EvaluateOutputs(metrics=tmp_path / "eval.json", plots=tmp_path / "plots", figures=tmp_path / "fig" if figures else None)
+    return EvaluateOutputs(metrics=tmp_path / "eval.json", plots=tmp_path / "plots", figures=tmp_path / "fig" if figures else None,
+                           ranks=tmp_path / "ranks.json")
 
 
 def test_evaluate_stage_writes_metrics_plots_and_figures(workspace: Path, tmp_path: Path):
@@ -64,6 +65,15 @@ def test_evaluate_stage_writes_metrics_plots_and_figures(workspace: Path, tmp_pa
     timings = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("timing/")}
     assert timings["metric_seconds"] > 0 and timings["embed_seconds"] > 0
     assert timings["metric_share_of_embed"] == pytest.approx(timings["metric_seconds"] / timings["embed_seconds"])
+    # each query's rank, per model: the per-item scores average to the reported mean recall
+    ranks = read_ranks(tmp_path / "ranks.json")
+    assert ranks["split"] == "test" and ranks["ks"] == config.ks and set(ranks["models"]) == {"teacher", "twin"}
+    teacher_ranks = ranks["models"]["teacher"]
+    assert len(teacher_ranks["i2t"]) == len(teacher_ranks["t2i"]) == 16
+    assert item_recall_scores(teacher_ranks["i2t"], teacher_ranks["t2i"], config.ks).mean() == pytest.approx(m["test/mean_recall"], abs=1e-9)
+    (tmp_path / "ranks.json").write_text('{"format": "something else"}')
+    with pytest.raises(EvaluationError, match="ranks.json: not a ranks file of lightclip evaluate"):
+        read_ranks(tmp_path / "ranks.json")
     lines = summarise(returned, "test", list(config.models)).splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"teacher: mean recall {m['test/mean_recall']:.2f}; i2t R@1/5/10 ")
 

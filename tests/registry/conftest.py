@@ -21,6 +21,8 @@ from lightclip.config import SplitConfig, SynthConfig, load_params
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.split import assign_splits
 from lightclip.data.synth import generate_catalogue
+from lightclip.evaluation import item_recall_scores
+from lightclip.evaluation.stage import RANKS_FORMAT
 from lightclip.io import read_json
 from lightclip.models.zoo import ModelSpec, create_model, make_ensemble, save_model
 from lightclip.registry import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET, ModelRegistry
@@ -97,10 +99,19 @@ class Project:
         path.write_text(json.dumps(payload, indent=2))
         return path
 
+    def write_ranks(self, ranks: dict[str, tuple[list[int], list[int]]], split: str = "test") -> dict[str, float]:
+        """Per-query ranks (i2t, t2i) per model as the evaluate stage writes them; returns the mean recalls they give."""
+        payload = {"format": RANKS_FORMAT, "split": split, "ks": [1, 5, 10],
+                   "models": {name: {"i2t": list(i2t), "t2i": list(t2i)} for name, (i2t, t2i) in ranks.items()}}
+        (self.root / "metrics").mkdir(parents=True, exist_ok=True)
+        (self.root / "metrics" / "eval_ranks.json").write_text(json.dumps(payload))
+        return {name: float(item_recall_scores(i2t, t2i, (1, 5, 10)).mean()) for name, (i2t, t2i) in ranks.items()}
+
     def run_stage(self, *, auto_promote: bool | None = None, registry: ModelRegistry | None = None) -> dict:
         """The register stage as the CLI runs it: inside its MLflow run, on the project's params; returns its report."""
         params = load_params(self.root / "params.yaml")
-        inputs = RegisterInputs(eval_metrics=self.root / "metrics" / "eval.json", catalogue=self.root / "data" / "split")
+        inputs = RegisterInputs(eval_metrics=self.root / "metrics" / "eval.json", catalogue=self.root / "data" / "split",
+                                ranks=self.root / "metrics" / "eval_ranks.json")
         outputs = RegisterOutputs(report=self.report_path)
         with stage_run("register", {}, project_dir=self.root, experiment=params.tracking.experiment):
             return run_register(params, inputs, outputs, StageContext(self.root, progress=False), auto_promote=auto_promote, registry=registry)

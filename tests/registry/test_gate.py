@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from lightclip.config import PromoteConfig
-from lightclip.registry.gate import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET, Evidence, gate, gate_tag
+from dataclasses import replace
 
-CONFIG = PromoteConfig(min_teacher_fraction=0.9, max_encode_ms=10, max_regression=1.0)
+from lightclip.registry.gate import (
+    TAG_ENCODE_MS,
+    TAG_FRACTION_HIGH,
+    TAG_FRACTION_INTERVAL,
+    TAG_FRACTION_LOW,
+    TAG_MEAN_RECALL,
+    TAG_TEACHER_RECALL,
+    TAG_TEST_SET,
+    Evidence,
+    gate,
+    gate_tag,
+)
+
+CONFIG = PromoteConfig(min_teacher_fraction=0.9, max_encode_ms=10, max_regression=1.0, teacher_fraction_decision="point")
 GOOD = Evidence(version="2", mean_recall=57.0, teacher_mean_recall=60.0, encode_ms=3.0, test_set="t1")
 
 
@@ -52,3 +65,37 @@ def test_one_result_renders_the_tags_and_the_card_section():
     card = result.markdown().splitlines()
     assert card[0] == "## Promotion gate (@production): fail" and card[1:] == [f"- {r}" for r in result.reasons]
     assert gate(GOOD, None, CONFIG).tags(at="x")[f"{gate_tag('staging')}.reasons"] == "all checks passed"
+
+
+def _fraction(evidence: Evidence, decision: str):
+    return gate(evidence, None, CONFIG.model_copy(update={"teacher_fraction_decision": decision})).checks[0]
+
+
+def test_the_interval_decides_when_the_test_set_cannot_tell_the_ratio_from_the_bound():
+    # 89.0% of the teacher, 95% interval 86.5-91.5%: the test set cannot tell it from 90%
+    near = Evidence("2", 53.4, 60.0, 3.0, "t1", fraction_low=0.865, fraction_high=0.915, fraction_interval="95% interval 86.5%-91.5%")
+    assert [_fraction(near, d).passed for d in ("point", "interval", "strict")] == [False, True, False]
+    assert _fraction(near, "interval").reason == (
+        "test mean recall 53.40 < 0.9 x teacher's 60.00 = 54.00 (it is 89.0% of the teacher; 95% interval 86.5%-91.5%; "
+        "decision interval: the interval reaches 90%: the test set cannot tell it from 90%)")
+    assert _fraction(near, "strict").reason.endswith("decision strict: its lower end < 90%)")
+    below = replace(near, mean_recall=48.0, fraction_low=0.76, fraction_high=0.84, fraction_interval="95% interval 76.0%-84.0%")
+    assert [_fraction(below, d).passed for d in ("point", "interval", "strict")] == [False, False, False]
+    assert _fraction(below, "interval").reason.endswith("decision interval: the whole interval is below 90%)")
+    clear = replace(near, mean_recall=57.0, fraction_low=0.92, fraction_high=0.98, fraction_interval="95% interval 92.0%-98.0%")
+    assert [_fraction(clear, d).passed for d in ("point", "interval", "strict")] == [True, True, True]
+
+
+def test_without_an_interval_every_decision_falls_back_to_the_ratio_and_says_so():
+    bare = Evidence("2", 53.4, 60.0, 3.0, "t1")
+    assert [_fraction(bare, d).passed for d in ("point", "interval", "strict")] == [False, False, False]
+    assert _fraction(bare, "interval").reason.endswith("no interval recorded, so decision 'interval' falls back to the point ratio)")
+    assert _fraction(bare, "point").reason == "test mean recall 53.40 < 0.9 x teacher's 60.00 = 54.00 (it is 89.0% of the teacher)"
+
+
+def test_the_interval_is_read_back_from_the_tags():
+    tags = {TAG_MEAN_RECALL: "53.4", TAG_TEACHER_RECALL: "60", TAG_ENCODE_MS: "3", TAG_TEST_SET: "t1",
+            TAG_FRACTION_LOW: "0.865", TAG_FRACTION_HIGH: "0.915", TAG_FRACTION_INTERVAL: "95% interval 86.5%-91.5%"}
+    evidence = Evidence.from_tags("2", tags)
+    assert (evidence.fraction_low, evidence.fraction_high, evidence.fraction_interval) == (0.865, 0.915, "95% interval 86.5%-91.5%")
+    assert gate(evidence, None, PromoteConfig()).passed  # the default decision: interval

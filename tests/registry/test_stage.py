@@ -208,3 +208,41 @@ def test_registry_commands_have_help_and_params_are_checked(capsys: pytest.Captu
         parse_params({"promote": {"max_regression": -1}})
     with pytest.raises(ConfigError, match="unknown key 'promote.min_recall'"):
         parse_params({"promote": {"min_recall": 0.5}})
+
+
+# The teacher finds every item first; student a misses some (8 test items, ranks 0-based).
+TEACHER_RANKS = ([0] * 8, [0] * 8)
+STUDENT_RANKS = ([0, 0, 0, 0, 0, 2, 7, 30], [0, 0, 0, 0, 1, 0, 3, 30])
+
+
+def test_register_records_the_teacher_fraction_interval_from_the_ranks(project):
+    recalls = project.write_ranks({"teacher": TEACHER_RANKS, "a": STUDENT_RANKS})
+    project.write_params(["teacher", "a"])
+    project.write_eval(["teacher", "a"], recalls)
+    report = project.run_stage()
+    a = report["students"]["a"]
+    assert a["teacher_fraction"] == pytest.approx(recalls["a"] / recalls["teacher"])
+    assert a["teacher_fraction_low"] < a["teacher_fraction"] < a["teacher_fraction_high"] <= 1.0
+    assert a["teacher_fraction_interval"].startswith("95% interval ") and "paired bootstrap over 8 test items, 2000 resamples" in a["teacher_fraction_interval"]
+    # 81.25% of the teacher, but 8 items cannot tell that from 90%: the default decision passes it
+    assert a["gate"] == "pass" and "decision interval: the interval reaches 90%: the test set cannot tell it from 90%" in " ".join(a["reasons"])
+    version = project.registry().version(STUDENT, a["version"])
+    assert float(version.tags["lightclip.teacher_fraction_low"]) == pytest.approx(a["teacher_fraction_low"], abs=1e-6)
+    assert float(version.tags["lightclip.teacher_fraction_high"]) == pytest.approx(a["teacher_fraction_high"], abs=1e-6)
+    assert "paired bootstrap over 8 test items" in version.description  # the card shows the interval
+    project.write_params(["teacher", "a"], teacher_fraction_decision="strict")
+    assert project.run_stage()["students"]["a"]["gate"] == "fail"
+
+
+def test_ranks_from_another_evaluation_are_refused(project):
+    recalls = project.write_ranks({"teacher": TEACHER_RANKS, "a": STUDENT_RANKS})
+    project.write_params(["teacher", "a"])
+    project.write_eval(["teacher", "a"], {**recalls, "a": recalls["a"] + 1.0})
+    with pytest.raises(RegistryError, match=r"eval_ranks.json: model 'a'.s ranks give mean recall .* they come from different evaluations"):
+        project.run_stage()
+    project.write_ranks({"teacher": TEACHER_RANKS, "a": STUDENT_RANKS}, split="val")
+    with pytest.raises(RegistryError, match=r"eval_ranks.json: ranks on split 'val', but evaluate.split is 'test'"):
+        project.run_stage()
+    project.write_ranks({"teacher": TEACHER_RANKS})
+    with pytest.raises(RegistryError, match=r"eval_ranks.json: no ranks for model 'a'"):
+        project.run_stage()

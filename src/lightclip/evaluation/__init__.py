@@ -7,12 +7,15 @@
 * :mod:`~lightclip.evaluation.metrics`: every metric of a model on a split
   (:func:`evaluate_retrieval`, CLIP_benchmark-shaped; its docstring holds the semantics) and the
   short form used during training (:func:`retrieval_metrics`);
+* :mod:`~lightclip.evaluation.intervals`: per-item scores and the paired bootstrap interval of
+  one model's mean recall relative to another's (the promotion gate's sampling error);
 * :mod:`~lightclip.evaluation.embedding`: the one batched-embedding path every caller uses;
 * :mod:`~lightclip.evaluation.stage`: the ``evaluate`` stage (its files and figures).
 """
 
 from lightclip.evaluation.embedding import Embeddings, embed_images, embed_pairs, embed_split, embed_texts, inference, tokenize_checked
 from lightclip.evaluation.errors import EvaluationError
+from lightclip.evaluation.intervals import RatioInterval, item_recall_scores, paired_ratio_interval
 from lightclip.evaluation.metrics import KS, attribute_precision, evaluate_retrieval, recall_at_k, retrieval_metrics
 from lightclip.evaluation.ranking import (
     DIRECTIONS,
@@ -29,6 +32,7 @@ from lightclip.evaluation.stage import (
     EvaluateOutputs,
     ModelEvaluation,
     check_model_dirs,
+    read_ranks,
     run_evaluate,
     score_embeddings,
     summarise,
@@ -43,6 +47,7 @@ __all__ = [
     "Embeddings",
     "ModelEvaluation",
     "Positives",
+    "RatioInterval",
     "attribute_precision",
     "catalogue_positives",
     "check_model_dirs",
@@ -54,10 +59,13 @@ __all__ = [
     "group_pairs",
     "image_content_groups",
     "inference",
+    "item_recall_scores",
+    "paired_ratio_interval",
     "ranks_per_direction",
     "recall_at_k",
     "retrieval_metrics",
     "retrieval_ranks",
+    "read_ranks",
     "run_evaluate",
     "score_embeddings",
     "summarise",

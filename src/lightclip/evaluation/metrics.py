@@ -121,7 +121,8 @@ def evaluate_retrieval(
     suffix (``"articleType"``, ``"articleType_baseColour"``) to one column of values per
     attribute, per item (images and texts are the same items then), e.g.
     ``{"articleType": [types]}``. Returns ``{"metrics": {...}, "recall_curve": {"i2t": {k: %},
-    "t2i": {...}}}``; metric names: ``i2t_R@k``, ``t2i_R@k``, ``mean_recall``,
+    "t2i": {...}}, "ranks": {"i2t": array, "t2i": array}}`` (the ranks: each query's 0-based
+    rank of its best positive); metric names: ``i2t_R@k``, ``t2i_R@k``, ``mean_recall``,
     ``{i2t,t2i}_{median,mean}_rank``, ``t2i_P@k_<suffix>``.
     """
     images = torch.nn.functional.normalize(_as_matrix(image_emb, "image embeddings"), dim=-1)
@@ -168,7 +169,7 @@ def evaluate_retrieval(
             for k, value in attribute_precision(top, codes, codes, precision_ks).items():
                 metrics[f"t2i_P@{k}_{name}"] = value
     metrics["mean_recall"] = float(np.mean([metrics[f"{d}_R@{k}"] for d in DIRECTIONS for k in ks]))
-    return {"metrics": metrics, "recall_curve": curves}
+    return {"metrics": metrics, "recall_curve": curves, "ranks": {"i2t": i2t_ranks.numpy(), "t2i": t2i_ranks.numpy()}}
 
 
 def retrieval_metrics(

@@ -2,17 +2,20 @@
 
 Outputs (:class:`EvaluateOutputs`): the DVC metrics file (one object per model: the
 ``<split>/...`` metrics of :func:`~lightclip.evaluation.metrics.evaluate_retrieval`, item and
-positive counts, ``timing/...`` and ``model_dir``), the DVC plot data and the same plots as
-PNGs (see :func:`write_outputs`).
+positive counts, ``timing/...`` and ``model_dir``), each query's rank per model (what the
+promotion gate resamples for its interval), the DVC plot data and the same plots as PNGs (see
+:func:`write_outputs`).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
@@ -21,7 +24,7 @@ from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.metrics import KS, evaluate_retrieval
 from lightclip.evaluation.ranking import DIRECTIONS, Positives, catalogue_positives
 from lightclip.imagecache import ImageCache, build_image_cache
-from lightclip.io import staged_dir, torch_threads, write_json
+from lightclip.io import read_json, staged_dir, torch_threads, write_json
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config
 from lightclip.stage import StageContext
 
@@ -36,11 +39,13 @@ class EvaluateInputs:
 @dataclass(frozen=True)
 class EvaluateOutputs:
     """``metrics``: the DVC metrics JSON; ``plots``: the DVC plot data directory;
-    ``figures``: the PNG directory (``None``: no PNGs)."""
+    ``figures``: the PNG directory (``None``: no PNGs); ``ranks``: each query's rank per model
+    (``None``: not written; see :func:`read_ranks`)."""
 
     metrics: Path
     plots: Path
     figures: Path | None = None
+    ranks: Path | None = None
 
 
 @dataclass
@@ -52,6 +57,7 @@ class ModelEvaluation:
     metrics: dict[str, float]
     recall_curve: dict[str, dict[int, float]]
     timings: dict[str, float]
+    ranks: dict[str, np.ndarray] = field(default_factory=dict)  # direction -> each query's 0-based rank
 
 
 def check_model_dirs(models: Mapping[str, str | Path], project_dir: Path | None = None) -> dict[str, Path]:
@@ -136,7 +142,39 @@ def evaluate_model(
         "metric_seconds": metric_seconds,
         "metric_share_of_embed": metric_seconds / embed_seconds if embed_seconds > 0 else float("nan"),
     }
-    return ModelEvaluation(name=name, model_dir=str(model_dir), metrics=metrics, recall_curve=result["recall_curve"], timings=timings)
+    return ModelEvaluation(name=name, model_dir=str(model_dir), metrics=metrics, recall_curve=result["recall_curve"], timings=timings,
+                           ranks=result["ranks"])
+
+
+RANKS_FORMAT = "lightclip-eval-ranks/1"
+
+
+def write_ranks(path: Path, results: Sequence[ModelEvaluation], split: str, ks: Sequence[int]) -> None:
+    """Each model's per-query ranks on ``split``: what the gate's bootstrap resamples.
+
+    ``{"format", "split", "ks", "models": {name: {"i2t": [rank per image query], "t2i": [...]}}}``,
+    ranks 0-based; query ``i`` of each direction is item ``i`` of the split.
+    """
+    write_json(path, {"format": RANKS_FORMAT, "split": split, "ks": [int(k) for k in ks],
+                      "models": {r.name: {d: [int(x) for x in r.ranks[d]] for d in DIRECTIONS} for r in results}})
+
+
+def read_ranks(path: Path) -> dict[str, Any]:
+    """The file :func:`write_ranks` wrote; a missing, foreign or malformed one is an error naming it."""
+    if not Path(path).is_file():
+        raise EvaluationError(f"{path}: not found; run the evaluate stage (`lightclip evaluate --ranks {path}`)")
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise EvaluationError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != RANKS_FORMAT:
+        raise EvaluationError(f"{path}: not a ranks file of lightclip evaluate (format {RANKS_FORMAT!r})")
+    for name, entry in data.get("models", {}).items():
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(d), list) for d in DIRECTIONS):
+            raise EvaluationError(f"{path}: model {name!r} has no i2t/t2i rank lists")
+        if len(entry["i2t"]) != len(entry["t2i"]):
+            raise EvaluationError(f"{path}: model {name!r} has {len(entry['i2t'])} image but {len(entry['t2i'])} text queries")
+    return data
 
 
 
@@ -232,6 +270,8 @@ def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: Evalua
         r.model_dir = str(config.models[r.name])
     write_outputs(results, config.split, metrics_path=context.resolve(outputs.metrics), plots_dir=context.resolve(outputs.plots),
                   figures_dir=None if outputs.figures is None else context.resolve(outputs.figures))
+    if outputs.ranks is not None:
+        write_ranks(context.resolve(outputs.ranks), results, config.split, config.ks)
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update({f"{r.name}/{k}": v for k, v in r.metrics.items()})

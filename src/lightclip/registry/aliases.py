@@ -459,7 +459,7 @@ def format_versions(registry: ModelRegistry, name: str) -> str:
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(f"@{alias}")
     rows = [f"{name}  (aliases: {', '.join(f'@{a}=v{v}' for a, v in sorted(aliases.items())) or 'none'})",
-            f"{'version':>7}  {'aliases':<22} {'gate@staging':<12} {'gate@production':<15} {'mean_recall':>11} {'encode_ms':>9}  "
+            f"{'version':>7}  {'aliases':<22} {'gate@staging':<12} {'gate@production':<15} {'mean_recall':>11} {'of teacher [interval]':<22} {'encode_ms':>9}  "
             f"{'candidate':<12} {'created (UTC)':<19}  test_set"]
     for v in registry.versions(name):
         created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -468,10 +468,21 @@ def format_versions(registry: ModelRegistry, name: str) -> str:
         rows.append(
             f"{v.version:>7}  {' '.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
             f"{v.tags.get(gate_tag('staging'), '-'):<12} {v.tags.get(gate_tag('production'), '-'):<15} "
-            f"{float(recall) if recall else float('nan'):>11.2f} {float(speed) if speed else float('nan'):>9.2f}  "
+            f"{float(recall) if recall else float('nan'):>11.2f} {_of_teacher(v.tags):<22} {float(speed) if speed else float('nan'):>9.2f}  "
             f"{v.tags.get(TAG_CANDIDATE, '-'):<12} {created:<19}  {v.tags.get(TAG_TEST_SET, '-')}"
         )
     return "\n".join(rows)
+
+
+def _of_teacher(tags: Mapping[str, str]) -> str:
+    """A student's mean recall as a fraction of its teacher's, with the gate's interval when recorded."""
+    evidence = Evidence.from_tags("?", tags)
+    if evidence.mean_recall is None or not evidence.teacher_mean_recall:
+        return "-"
+    text = f"{evidence.mean_recall / evidence.teacher_mean_recall:.1%}"
+    if evidence.fraction_low is not None and evidence.fraction_high is not None:
+        text += f" [{100 * evidence.fraction_low:.1f}, {100 * evidence.fraction_high:.1f}]"
+    return text
 
 
 def format_version(registry: ModelRegistry, name: str, ref: str) -> str:

@@ -20,6 +20,10 @@ from lightclip.tracking import TAG_PREFIX
 # The evidence the gate reads, as version tags (all under the lightclip. prefix).
 TAG_MEAN_RECALL = f"{TAG_PREFIX}mean_recall"  # the gate's metric, on the split named by the split tag
 TAG_TEACHER_RECALL = f"{TAG_PREFIX}teacher_mean_recall"
+# the test set's sampling error on mean recall / teacher's: a paired bootstrap interval
+TAG_FRACTION_LOW = f"{TAG_PREFIX}teacher_fraction_low"
+TAG_FRACTION_HIGH = f"{TAG_PREFIX}teacher_fraction_high"
+TAG_FRACTION_INTERVAL = f"{TAG_PREFIX}teacher_fraction_interval"  # how it was computed, in words
 SPEED_TAG_PREFIX = f"{TAG_PREFIX}speed."  # the latency and how it was measured (registry.packaging)
 TAG_ENCODE_MS = f"{SPEED_TAG_PREFIX}encode_ms_p50"
 TAG_TEST_SET = f"{TAG_PREFIX}test_set"
@@ -39,6 +43,9 @@ class Evidence:
     encode_ms: float | None
     test_set: str | None
     latency_conditions: str | None = None  # how and under what load encode_ms was measured
+    fraction_low: float | None = None  # the interval of mean_recall / teacher_mean_recall
+    fraction_high: float | None = None
+    fraction_interval: str | None = None  # how that interval was computed
 
     @classmethod
     def from_tags(cls, version: str, tags: Mapping[str, str]) -> "Evidence":
@@ -51,7 +58,9 @@ class Evidence:
         speed = {k[len(SPEED_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(SPEED_TAG_PREFIX)}
         return cls(version=str(version), mean_recall=number(TAG_MEAN_RECALL), teacher_mean_recall=number(TAG_TEACHER_RECALL),
                    encode_ms=number(TAG_ENCODE_MS), test_set=tags.get(TAG_TEST_SET),
-                   latency_conditions=latency_conditions(speed) if "method" in speed else None)
+                   latency_conditions=latency_conditions(speed) if "method" in speed else None,
+                   fraction_low=number(TAG_FRACTION_LOW), fraction_high=number(TAG_FRACTION_HIGH),
+                   fraction_interval=tags.get(TAG_FRACTION_INTERVAL))
 
 
 def latency_conditions(speed: Mapping[str, Any]) -> str:
@@ -148,12 +157,7 @@ def gate(candidate: Evidence, incumbent: Evidence | None, config: PromoteConfig,
     elif teacher is None:
         checks.append(Check("teacher_fraction", False, f"no teacher mean recall recorded (tag {TAG_TEACHER_RECALL})"))
     else:
-        bound = config.min_teacher_fraction * teacher
-        ratio = recall / teacher if teacher else float("inf")
-        sign = ">=" if recall >= bound else "<"
-        checks.append(Check("teacher_fraction", recall >= bound,
-                            f"test mean recall {recall:.2f} {sign} {config.min_teacher_fraction:g} x teacher's {teacher:.2f} = {bound:.2f} "
-                            f"(it is {ratio:.1%} of the teacher)"))
+        checks.append(teacher_fraction_check(candidate, config))
     if candidate.encode_ms is None:
         checks.append(Check("latency", False, f"no encode latency recorded (tag {TAG_ENCODE_MS})"))
     else:
@@ -179,3 +183,34 @@ def gate(candidate: Evidence, incumbent: Evidence | None, config: PromoteConfig,
                             f"test mean recall {recall:.2f} {'>=' if ok else '<'} @{alias} v{incumbent.version}'s "
                             f"{incumbent.mean_recall:.2f} - {config.max_regression:g} = {bound:.2f}"))
     return GateResult(alias=alias, checks=tuple(checks))
+
+
+def teacher_fraction_check(candidate: Evidence, config: PromoteConfig) -> Check:
+    """Is the candidate's mean recall at least ``min_teacher_fraction`` of the teacher's?
+
+    Decided per ``promote.teacher_fraction_decision`` on the recorded bootstrap interval (see
+    :class:`~lightclip.config.PromoteConfig`); without one, on the test-set ratio, saying so.
+    """
+    recall, teacher = float(candidate.mean_recall or 0.0), float(candidate.teacher_mean_recall or 0.0)
+    minimum = config.min_teacher_fraction
+    bound = minimum * teacher
+    ratio = recall / teacher if teacher else float("inf")
+    point = (f"test mean recall {recall:.2f} {'>=' if recall >= bound else '<'} {minimum:g} x teacher's {teacher:.2f} = {bound:.2f} "
+             f"(it is {ratio:.1%} of the teacher")
+    low, high = candidate.fraction_low, candidate.fraction_high
+    decision = config.teacher_fraction_decision
+    if low is None or high is None:
+        fallback = "" if decision == "point" else f"; no interval recorded, so decision {decision!r} falls back to the point ratio"
+        return Check("teacher_fraction", recall >= bound, point + fallback + ")")
+    interval = candidate.fraction_interval or f"interval {low:.1%}-{high:.1%}"
+    if decision == "point":
+        return Check("teacher_fraction", recall >= bound, f"{point}; {interval})")
+    if decision == "interval":
+        passed = high >= minimum
+        why = (f"the interval reaches {minimum:.0%}: the test set cannot tell it from {minimum:.0%}" if passed and ratio < minimum
+               else f"the interval reaches {minimum:.0%}" if passed else f"the whole interval is below {minimum:.0%}")
+    else:  # strict
+        passed = low >= minimum
+        why = f"its lower end {'>=' if passed else '<'} {minimum:.0%}"
+    return Check("teacher_fraction", passed, f"{point}; {interval}; decision {decision}: {why})")
+

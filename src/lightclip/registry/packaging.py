@@ -40,7 +40,16 @@ from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.io import cpu_budget, torch_threads
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_model, load_tokenizer, preprocess_config
 from lightclip.registry.aliases import TAG_CANDIDATE, TAG_WEIGHTS, RegistryError
-from lightclip.registry.gate import SPEED_TAG_PREFIX, TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET, latency_conditions
+from lightclip.registry.gate import (
+    SPEED_TAG_PREFIX,
+    TAG_FRACTION_HIGH,
+    TAG_FRACTION_INTERVAL,
+    TAG_FRACTION_LOW,
+    TAG_MEAN_RECALL,
+    TAG_TEACHER_RECALL,
+    TAG_TEST_SET,
+    latency_conditions,
+)
 from lightclip.serving import IMAGE_COLUMN, MODEL_ARTIFACT, TEXT_COLUMN
 from lightclip.tracking import TAG_PREFIX, mlflow_metric_name
 
@@ -312,6 +321,11 @@ def version_tags(
     if teacher:
         tags[TAG_TEACHER_VERSION] = str(teacher["ref"])
         tags[TAG_TEACHER_RECALL] = f"{float(teacher['mean_recall']):.6f}"
+        interval = teacher.get("fraction_interval")
+        if interval is not None:
+            tags[TAG_FRACTION_LOW] = f"{interval.low:.6f}"
+            tags[TAG_FRACTION_HIGH] = f"{interval.high:.6f}"
+            tags[TAG_FRACTION_INTERVAL] = interval.describe()
     return tags
 
 
@@ -379,7 +393,9 @@ def model_card(
     ]
     if teacher:
         ratio = metrics.get(f"{p}mean_recall", 0.0) / teacher["mean_recall"] if teacher.get("mean_recall") else float("nan")
-        lines.append(f"- teacher: `{teacher['ref']}` (test mean recall {_fmt(teacher.get('mean_recall'))}; this student reaches {ratio:.1%} of it)")
+        interval = teacher.get("fraction_interval")
+        sampling = f"; {interval.describe()}" if interval is not None else ""
+        lines.append(f"- teacher: `{teacher['ref']}` (test mean recall {_fmt(teacher.get('mean_recall'))}; this student reaches {ratio:.1%} of it{sampling})")
     lines += [
         f"- data: DVC hash `{lineage.get('data_hash')}` (data.dvc); {split} set `{lineage.get('test_set')}` ({int(metrics.get(f'{p}n_items', 0))} items)",
         f"- code: git `{lineage.get('git_commit')}` (dirty: {lineage.get('git_dirty')}); params hash `{lineage.get('params_hash')}`",

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from lightclip.config import Params, PromoteConfig
 from lightclip.data.catalogue import file_sha256
-from lightclip.evaluation import EvaluationError, check_model_dirs
+from lightclip.evaluation import EvaluationError, RatioInterval, check_model_dirs, item_recall_scores, paired_ratio_interval, read_ranks
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
 from lightclip.registry.aliases import NOT_STAGED_SUFFIX, AliasMove, ModelRegistry, RegistryError, actor, now_utc
@@ -53,6 +53,7 @@ class RegisterInputs:
 
     eval_metrics: Path  # the evaluate stage's metrics/eval.json
     catalogue: Path  # the evaluated catalogue (data/split), for the test-set fingerprint
+    ranks: Path | None = None  # the evaluate stage's per-query ranks (the gate's interval); absent: no interval
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Registered:
     model_dir: str
     weights_sha256: str
     teacher_version: str | None = None
+    fraction: RatioInterval | None = None  # mean recall / the teacher's, with its interval
     gate: GateResult | None = None
     staged: bool = False
     card: str = ""
@@ -84,6 +86,9 @@ class Registered:
                                "encode_ms_p50": self.speed.get("encode_ms_p50")}
         if self.teacher_version:
             out["teacher_version"] = self.teacher_version
+        if self.fraction is not None:
+            out.update(teacher_fraction=self.fraction.ratio, teacher_fraction_low=self.fraction.low, teacher_fraction_high=self.fraction.high,
+                       teacher_fraction_interval=self.fraction.describe())
         if self.gate is not None:
             out.update(gate=self.gate.verdict, reasons=self.gate.reasons, staged=self.staged)
         return out
@@ -111,6 +116,36 @@ def read_eval(eval_path: Path, models: Mapping[str, str], split: str) -> dict[st
             raise RegistryError(f"{eval_path}: {name!r} was evaluated from {recorded} but evaluate.models says {directory}; re-run `lightclip evaluate`")
         out[name] = entry
     return out
+
+
+def teacher_fractions(ranks_path: Path, entries: Mapping[str, Mapping[str, Any]], teacher: str, split: str,
+                      config: PromoteConfig) -> dict[str, RatioInterval]:
+    """Each student's mean recall / the teacher's with its paired bootstrap interval over the test items.
+
+    The ranks must be those eval.json was computed from (same split, same mean recalls): a file
+    left from another evaluation is an error, not a silently wrong interval.
+    """
+    try:
+        data = read_ranks(ranks_path)
+    except EvaluationError as exc:
+        raise RegistryError(str(exc)) from None
+    if data.get("split") != split:
+        raise RegistryError(f"{ranks_path}: ranks on split {data.get('split')!r}, but evaluate.split is {split!r}; re-run `lightclip evaluate`")
+    scores = {}
+    for name, entry in entries.items():
+        ranks = data["models"].get(name)
+        if ranks is None:
+            raise RegistryError(f"{ranks_path}: no ranks for model {name!r}; re-run `lightclip evaluate`")
+        scores[name] = item_recall_scores(ranks["i2t"], ranks["t2i"], data["ks"])
+        recorded = float(entry[f"{split}/mean_recall"])
+        if abs(float(scores[name].mean()) - recorded) > 1e-6:
+            raise RegistryError(f"{ranks_path}: model {name!r}'s ranks give mean recall {scores[name].mean():.4f}, eval.json says "
+                                f"{recorded:.4f}: they come from different evaluations; re-run `lightclip evaluate`")
+    if scores[teacher].mean() <= 0.0:  # no ratio to a teacher that finds nothing; the gate says so on the point ratio
+        return {}
+    return {name: paired_ratio_interval(scores[name], scores[teacher], level=config.fraction_interval_level,
+                                        resamples=config.fraction_interval_resamples, seed=0)
+            for name in entries if name != teacher}
 
 
 def register_one(
@@ -156,7 +191,8 @@ def register_one(
         version, reused = str(created.version), False
     return Registered(name=name, role=role, registered_model=registered_name, version=version, reused=reused, mean_recall=mean_recall,
                       speed=dict(speed), model_dir=recorded_dir, weights_sha256=sha,
-                      teacher_version=str(teacher["ref"]) if teacher else None, card=card)
+                      teacher_version=str(teacher["ref"]) if teacher else None,
+                      fraction=teacher.get("fraction_interval") if teacher else None, card=card)
 
 
 def best_passing(students: Sequence[Registered]) -> Registered | None:
@@ -232,6 +268,12 @@ def run_register(
     project_dir = Path(context.project_dir)
     model_dirs = _resolve_model_dirs(models, project_dir)
     entries = read_eval(Path(inputs.eval_metrics), models, split)
+    ranks_path = None if inputs.ranks is None else context.resolve(inputs.ranks)
+    if ranks_path is not None and ranks_path.is_file():
+        fractions = teacher_fractions(ranks_path, entries, cfg.teacher, split, promote)
+    else:
+        fractions = {}
+        log(f"  no per-query ranks ({inputs.ranks}): the gate decides on the test-set ratio alone")
     test_set, n_test = test_set_fingerprint(Path(inputs.catalogue), split)
     git = lineage_tags(project_dir, "register")
     lineage = {
@@ -261,7 +303,7 @@ def run_register(
     for name in models:
         if name == cfg.teacher:
             continue
-        teacher_info = {"ref": teacher_ref, "mean_recall": teacher.mean_recall}
+        teacher_info = {"ref": teacher_ref, "mean_recall": teacher.mean_recall, "fraction_interval": fractions.get(name)}
         distilled_from = (read_model_info(model_dirs[name]).get("extra") or {}).get("teacher_sha256")
         if distilled_from and distilled_from != teacher.weights_sha256:
             found = registry.find_by_weights(teacher.registered_model, distilled_from)
