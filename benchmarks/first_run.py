@@ -117,7 +117,8 @@ def run_condition(project: Path, condition: dict[str, Any]) -> dict[str, Any]:
         if "teacher_fraction" not in gate and teacher:
             gate["teacher_fraction"] = entry["mean_recall"] / teacher
         row["gate"][student] = gate
-    row["staged"] = register.get("staging_after")
+    staged = [name for name, entry in register.get("students", {}).items() if entry.get("staged")]
+    row["staged"] = f"{staged[0]} (v{register['staging_after']})" if staged else None
     return row
 
 
