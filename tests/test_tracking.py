@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,27 @@ def test_failed_stage_marks_run_failed(project: Path):
             raise RuntimeError("boom")
     client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(project))
     assert client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_two_projects_in_one_process_log_into_their_own_stores(project: Path, tmp_path: Path, projects, monkeypatch: pytest.MonkeyPatch):
+    """MLflow exports the URI it is pointed at; a second project's run must still go to its own store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    other = projects.create(tmp_path / "other", "tracking:\n  experiment: test\n")
+    with stage_run("validate", {}, project_dir=project, experiment="test") as first:
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    with stage_run("validate", {}, project_dir=other, experiment="test") as second:
+        pass
+    assert mlflow.MlflowClient(tracking_uri=default_tracking_uri(project)).get_run(first.run_id)
+    assert mlflow.MlflowClient(tracking_uri=default_tracking_uri(other)).get_run(second.run_id)
+    assert (other / "mlflow" / "mlflow.db").is_file()
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        mlflow.MlflowClient(tracking_uri=default_tracking_uri(project)).get_run(second.run_id)
+    # a URI the user set survives a run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(other))
+    with stage_run("split", {}, project_dir=project, experiment="test") as third:
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == default_tracking_uri(other)
+    assert mlflow.MlflowClient(tracking_uri=default_tracking_uri(other)).get_run(third.run_id)

@@ -466,7 +466,14 @@ def stop_signals_raise() -> Iterator[_Interrupts]:
 def _activate(target: TrackingTarget) -> str:
     """Point MLflow at ``target`` and return the experiment id (created on first use)."""
     mlflow = _mlflow()
+    # MLflow also exports the URI as MLFLOW_TRACKING_URI; left there, a later run in this process
+    # for another project would read it as the user's choice and log into this project's store
+    users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(target.uri)
+    if users_choice is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users_choice
     experiment = mlflow.get_experiment_by_name(target.experiment)
     if experiment is not None:
         return experiment.experiment_id
