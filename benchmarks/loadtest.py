@@ -1,0 +1,203 @@
+"""Load test of `lightclip serve` on loopback: QPS and latency percentiles per model and concurrency.
+
+For each model (default: evaluate.models, i.e. teacher, xt, xxt) this starts `lightclip serve
+--model DIR` on a free 127.0.0.1 port (the index of the model's own weights is built or taken
+from the cache first), waits for /readyz, warms up, then sends a fixed number of `GET /search`
+requests (catalogue titles as queries, k=10) at each concurrency (default 1, 8, 32) from an
+asyncio + httpx client in this process, and stops the server by its PID. Written to
+metrics/serve.json: per model and concurrency QPS, p50/p95/p99 latency (client side, ms),
+errors; and a summary against the issue's goals (a student at concurrency 32: p95 <= 50 ms and
+>= 5x the teacher's QPS; 0 errors).
+
+The client shares the machine with the server: on 2 cores the figures are the service's under
+its own client's load, the same for every model. Run it alone (under the CPU lock):
+
+    flock /tmp/lightclip-cpu.lock .venv/bin/python benchmarks/loadtest.py --requests 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import httpx
+import numpy as np
+
+from lightclip.config import load_params
+from lightclip.data.catalogue import Catalogue
+from lightclip.io import usable_cpus, write_json
+
+FORMAT = "lightclip-loadtest/1"
+GOAL_P95_MS = 50.0
+GOAL_QPS_RATIO = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(project: Path, model: str, port: int, log_path: Path, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """`lightclip serve` for ``model`` in its own process group (stopped by :func:`stop_server`)."""
+    command = [str(Path(sys.executable).with_name("lightclip")), "--project", str(project), "serve", "--model", model, "--port", str(port), *extra]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float, log_path: Path) -> dict[str, Any]:
+    """The /readyz body once the server is ready; an error with the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not ready after {timeout:.0f}s:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace)
+
+
+async def run_load(url: str, queries: Sequence[str], requests: int, concurrency: int, k: int = 10) -> dict[str, Any]:
+    """``requests`` GET /search calls from ``concurrency`` workers; QPS, latency percentiles (ms), errors."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            started = time.perf_counter()
+            try:
+                response = await client.get("/search", params={"q": queries[i % len(queries)], "k": k})
+                ok = response.status_code == 200 and len(response.json()["results"]) > 0
+                key = None if ok else f"http {response.status_code}"
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            latencies.append(time.perf_counter() - started)
+            if key is not None:
+                errors[key] = errors.get(key, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "requests": requests, "errors": sum(errors.values()), "error_kinds": errors,
+            "seconds": round(seconds, 3), "qps": round(requests / seconds, 2), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p95_ms": round(float(np.percentile(ms, 95)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def measure_model(project: Path, name: str, model: str, queries: Sequence[str], *, requests: int, concurrencies: Sequence[int], warmup: int,
+                  ready_timeout: float, extra: Sequence[str]) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = project / ".cache" / "loadtest" / f"{name}.log"
+    started = time.perf_counter()
+    process = start_server(project, model, port, log_path, extra)
+    try:
+        ready = wait_ready(url, process, ready_timeout, log_path)
+        startup = time.perf_counter() - started
+        if warmup:
+            asyncio.run(run_load(url, queries, warmup, min(8, warmup)))
+        runs = []
+        for concurrency in concurrencies:
+            run = asyncio.run(run_load(url, queries, requests, concurrency))
+            print(f"{name:>8}  c={concurrency:<3} {run['qps']:9.1f} qps  p50 {run['p50_ms']:8.2f}  p95 {run['p95_ms']:8.2f}  "
+                  f"p99 {run['p99_ms']:8.2f} ms  errors {run['errors']}", flush=True)
+            runs.append(run)
+    finally:
+        stop_server(process)
+    return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs}
+
+
+def summarise(report: dict[str, dict[str, Any]], teacher: str) -> dict[str, Any]:
+    """The issue's goals at the highest concurrency measured, per student."""
+    if teacher not in report:
+        return {"teacher": None}
+    top = max(r["concurrency"] for r in report[teacher]["runs"])
+    teacher_qps = next(r["qps"] for r in report[teacher]["runs"] if r["concurrency"] == top)
+    students = {}
+    for name, entry in report.items():
+        if name == teacher:
+            continue
+        run = next(r for r in entry["runs"] if r["concurrency"] == top)
+        ratio = run["qps"] / teacher_qps if teacher_qps else float("nan")
+        students[name] = {"concurrency": top, "p95_ms": run["p95_ms"], "qps_vs_teacher": round(ratio, 2),
+                          "p95_goal_met": run["p95_ms"] <= GOAL_P95_MS, "qps_goal_met": ratio >= GOAL_QPS_RATIO}
+    errors = sum(r["errors"] for entry in report.values() for r in entry["runs"])
+    return {"teacher": teacher, "teacher_qps": teacher_qps, "students": students, "errors": errors,
+            "goals": {"p95_ms": GOAL_P95_MS, "qps_vs_teacher": GOAL_QPS_RATIO, "errors": 0}}
+
+
+def table(report: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | concurrency | requests | QPS | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in report.items():
+        for r in entry["runs"]:
+            lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['qps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default=".", help="the lightclip project (params.yaml, models, catalogue); default: .")
+    parser.add_argument("--model", action="append", metavar="NAME=DIR", help="a model to serve (repeatable; default: evaluate.models)")
+    parser.add_argument("--teacher", default="teacher", help="the model students are compared with (default: teacher)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (default 2000)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels (default: 1 8 32)")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed requests first (default 50)")
+    parser.add_argument("--queries", type=int, default=500, help="distinct catalogue titles used as queries (default 500)")
+    parser.add_argument("--catalogue", help="override serve.catalogue")
+    parser.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for each server (index build included)")
+    parser.add_argument("--out", default="metrics/serve.json", help="report (default: metrics/serve.json, relative to --project)")
+    args = parser.parse_args(argv)
+
+    project = Path(args.project).resolve()
+    params = load_params(project / "params.yaml")
+    models = dict(m.split("=", 1) for m in args.model) if args.model else dict(params.evaluate.models or {})
+    catalogue_dir = Path(args.catalogue or params.serve.catalogue)
+    catalogue = Catalogue.load(catalogue_dir if catalogue_dir.is_absolute() else project / catalogue_dir)
+    titles = [str(t) for t in catalogue.items["title"]]
+    queries = [titles[i] for i in np.linspace(0, len(titles) - 1, min(args.queries, len(titles))).round().astype(int)]
+    extra = ["--catalogue", str(catalogue.root)] if args.catalogue else []
+
+    report = {name: measure_model(project, name, model, queries, requests=args.requests, concurrencies=args.concurrency,
+                                  warmup=args.warmup, ready_timeout=args.ready_timeout, extra=extra)
+              for name, model in models.items()}
+    payload = {"format": FORMAT, "endpoint": "GET /search (k=10, catalogue titles)", "requests_per_level": args.requests,
+               "concurrency": args.concurrency, "catalogue_items": len(catalogue), "cpus": usable_cpus().describe(),
+               "models": report, "summary": summarise(report, args.teacher), "table": table(report)}
+    out = Path(args.out) if Path(args.out).is_absolute() else project / args.out
+    write_json(out, payload)
+    print(table(report))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Micro-batching: concurrent text queries share encoder calls and each gets its own row."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from lightclip.service.batching import MicroBatcher
+
+
+def fake_embed(calls: list[list[str]]):
+    def embed(texts):
+        calls.append(list(texts))
+        return np.array([[float(len(t)), float(i)] for i, t in enumerate(texts)], dtype=np.float32)
+
+    return embed
+
+
+def run(texts: list[str], *, window_s: float, max_batch: int) -> tuple[list[np.ndarray], list[list[str]], list[int]]:
+    calls: list[list[str]] = []
+    sizes: list[int] = []
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(fake_embed(calls), window_s=window_s, max_batch=max_batch, executor=pool, on_batch=sizes.append)
+            return await asyncio.gather(*(batcher.submit(t) for t in texts))
+
+    return asyncio.run(main()), calls, sizes
+
+
+def test_concurrent_queries_are_embedded_together_each_getting_its_own_row():
+    texts = [f"query {'x' * i}" for i in range(10)]
+    results, calls, sizes = run(texts, window_s=0.05, max_batch=64)
+    assert calls == [texts] and sizes == [10]
+    for text, row in zip(texts, results):
+        assert row.shape == (1, 2) and row[0, 0] == len(text)
+
+
+def test_a_full_batch_goes_at_once_and_no_window_means_no_waiting():
+    texts = [f"q{i}" for i in range(10)]
+    _, calls, sizes = run(texts, window_s=0.3, max_batch=4)  # full batches go before the window ends, the rest after it
+    assert sizes == [4, 4, 2] and [len(c) for c in calls] == [4, 4, 2]
+    _, calls, sizes = run(texts, window_s=0.0, max_batch=64)
+    assert sizes == [1] * 10
+
+
+def test_an_encoder_error_reaches_every_query_of_its_batch():
+    def broken(texts):
+        raise ValueError("encoder failed")
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(broken, window_s=0.01, max_batch=8, executor=pool)
+            return await asyncio.gather(*(batcher.submit(t) for t in ("a", "b")), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, ValueError) for r in results)

@@ -1,0 +1,111 @@
+"""`lightclip serve` as a real process: registry reference (production unset: staging, with a
+warning), every endpoint answering over loopback, /metrics scraped, stopped by its PID. And
+benchmarks/loadtest.py at tiny size against two tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from lightclip.cli import main as cli_main
+
+from .conftest import STUDENT, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_loadtest():
+    name = "lightclip_loadtest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "loadtest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def write_params(root: Path, assets: Path, **serve) -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["serve"].update(catalogue=str(assets / "catalogue"), index="models/index", threads=1, k_default=4, **serve)
+    params["index"].update(batch_size=16, threads=1)
+    params["evaluate"]["models"] = {"teacher": str(assets / "models" / "a"), "xt": str(assets / "models" / "b")}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_lightclip_serve_answers_every_endpoint_and_stops_on_sigterm(serve_project, svc_assets):
+    project = serve_project
+    project.set_alias("staging", "2")  # production unset: the default reference falls back to staging
+    write_params(project.root, svc_assets, poll_seconds=0.5)
+    script = load_loadtest()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": project.uri}
+    log_path = project.root / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("lightclip")), "--project", str(project.root), "serve", "--port", str(port)],
+                                   cwd=project.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = script.wait_ready(url, process, 120, log_path)
+        assert ready["model"]["version"] == "2" and ready["model"]["alias"] == "staging"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
+            found = http.get("/search", params={"q": "blue shoes"}).json()
+            assert found["count"] == 4 and found["model"]["label"] == f"{STUDENT} v2 (@staging)"
+            item = found["results"][0]["id"]
+            assert http.get(f"/similar/{item}").json()["count"] == 4
+            image = http.get(f"/images/{item}")
+            assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
+            assert http.post("/search/image", files={"image": ("i.png", image.content, "image/png")}).json()["results"][0]["id"] == item
+            assert http.get("/facets").json()["filters"]["gender"]
+            assert http.get("/").status_code == 200 and http.get("/docs").status_code == 200
+            assert http.get("/search", params={"q": "x", "k": 0}).json()["error"]["field"] == "k"
+            metrics = http.get("/metrics").text
+        assert 'lightclip_requests_total{endpoint="/search",method="GET",status="200"} 1.0' in metrics
+        assert 'lightclip_request_seconds_bucket{endpoint="/similar/{item_id}",le="+Inf"} 1.0' in metrics
+        assert f'version="2",weights_sha256="' in metrics and "lightclip_index_items 24.0" in metrics
+        project.set_alias("production", "1")  # promoted: the poller prefers production now
+        script_deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").json()["model"]["version"] != "1":
+            assert time.monotonic() < script_deadline, "no swap to @production within 60 s"
+            time.sleep(0.2)
+    finally:
+        script.stop_server(process)
+    assert process.returncode is not None
+    log = log_path.read_text(errors="replace")
+    assert "@production is not set; serving @staging (v2)" in log and "hot swap: now serving" in log
+    assert "Traceback" not in log
+
+
+def test_a_missing_alias_stops_serve_with_one_line(serve_project, svc_assets, monkeypatch, capsys):
+    project = serve_project
+    write_params(project.root, svc_assets)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project.uri)
+    assert cli_main(["--project", str(project.root), "serve", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "lightclip serve: error: lightclip-student: alias @production is not set and neither is @staging" in err
+
+
+def test_the_load_test_writes_qps_and_percentiles_per_model_and_concurrency(serve_project, svc_assets):
+    project = serve_project
+    write_params(project.root, svc_assets)
+    script = load_loadtest()
+    assert script.main(["--project", str(project.root), "--requests", "6", "--concurrency", "1", "3", "--warmup", "2", "--queries", "5",
+                        "--ready-timeout", "120"]) == 0
+    report = json.loads((project.root / "metrics" / "serve.json").read_text())
+    assert list(report["models"]) == ["teacher", "xt"] and report["requests_per_level"] == 6
+    for entry in report["models"].values():
+        assert [r["concurrency"] for r in entry["runs"]] == [1, 3]
+        for run in entry["runs"]:
+            assert run["errors"] == 0 and run["requests"] == 6 and run["qps"] > 0
+            assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    assert report["summary"]["teacher"] == "teacher" and "xt" in report["summary"]["students"] and report["summary"]["errors"] == 0
+    assert "| teacher | 3 | 6 |" in report["table"]
