@@ -5,6 +5,10 @@ naming the input at fault; an unexpected failure is a 500 with a generic message
 goes to the log, never to the client). Each request takes the served model once
 (``state.current``) and uses it to the end (see :mod:`lightclip.service.state`).
 
+An upload whose ``Content-Length`` exceeds ``serve.max_upload_bytes`` (plus the multipart
+envelope) is refused before its body is read; one sent without a length (chunked) is parsed by
+the multipart parser (which spools large parts to disk) and refused after.
+
 Product images are served by product id only: the path comes from the catalogue, and it must
 resolve (symlinks followed) inside the directory that holds the catalogue's images; anything
 else is a 404.
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+#: Room for the multipart envelope (boundaries, headers) around an upload of the maximum size.
+MULTIPART_SLACK_BYTES = 16 * 1024
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -123,12 +129,19 @@ def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
                 return getattr(route, "path", "other")
         return "unmatched"
 
+    def too_large(request: Request) -> bool:
+        length = request.headers.get("content-length", "")
+        return request.method == "POST" and length.isdigit() and int(length) > config.max_upload_bytes + MULTIPART_SLACK_BYTES
+
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         status = 500
         try:
-            response = await call_next(request)
+            if too_large(request):  # refused before the multipart body is read and spooled
+                response = error_response(413, "image", f"upload is larger than {config.max_upload_bytes} bytes")
+            else:
+                response = await call_next(request)
             status = response.status_code
             return response
         finally:
