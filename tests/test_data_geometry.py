@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from PIL import Image, ImageFile
 
-from lightclip.data.geometry import BUCKETS, aspect_summary, bucket, catalogue_geometry, describe, difference, header_sizes, mismatch
+from lightclip.config import IndexConfig
+from lightclip.data.geometry import MODEL_KEY, BUCKETS, aspect_summary, bucket, catalogue_geometry, describe, difference, header_sizes, mismatch
+from lightclip.index import build_catalogue_index
+from lightclip.models.zoo import ModelSpec, create_model, save_model
 
 
 @pytest.mark.parametrize("size,name", [((60, 80), "portrait 3:4 (0.70-0.90)"), ((224, 224), "square (0.90-1.11)"), ((80, 60), "landscape 4:3 (1.11-1.43)"),
@@ -55,3 +60,17 @@ def test_a_catalogue_split_geometry(tiny_catalogue):
     cat = cat.with_items(items)
     summary = catalogue_geometry(cat, "train")
     assert summary["images"] == 2 and summary["buckets"]["square (0.90-1.11)"] == 2 and summary["most_common_size"] == "48x48"
+
+
+def test_the_index_warns_when_the_catalogue_is_shaped_unlike_the_training_one(tiny_catalogue, tmp_path, caplog):
+    cat = tiny_catalogue(6)  # 48 x 48 squares
+    model, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=0)
+    save_model(model, "lc-test-tiny", tmp_path / "portrait_model", extra={MODEL_KEY: aspect_summary([(60, 80)] * 20)})
+    save_model(model, "lc-test-tiny", tmp_path / "square_model", extra={MODEL_KEY: aspect_summary([(224, 224)] * 20)})
+    config = IndexConfig(split=None, eval_queries=0, threads=1)
+    with caplog.at_level(logging.WARNING, logger="lightclip"):
+        _, metrics = build_catalogue_index(cat, tmp_path / "portrait_model", config, cache_dir=tmp_path / "cache")
+        _, same = build_catalogue_index(cat, tmp_path / "square_model", config, cache_dir=tmp_path / "cache")
+    assert metrics["index/geometry_shift"] == 1.0 and same["index/geometry_shift"] == 0.0
+    warned = [r.getMessage() for r in caplog.records if "image geometry differs" in r.getMessage()]
+    assert len(warned) == 1 and "portrait_model" in warned[0] and "trained on portrait 3:4 (0.70-0.90) 100%" in warned[0]
