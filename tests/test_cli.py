@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from lightclip.cli import build_parser, main
 from lightclip.tracking import default_tracking_uri
@@ -60,7 +61,7 @@ def test_data_stages_chain_and_are_tracked(project: Path, capsys: pytest.Capture
     for column in ("tags.lightclip.git_commit", "tags.lightclip.git_dirty", "tags.lightclip.data_hash"):
         assert runs[column].notna().all()
     validate = runs[runs["tags.lightclip.stage"] == "validate"].iloc[0]
-    assert validate["params.validate.on_error"] == "fail"
+    assert validate["params.validate.on_error"] == "quarantine"
     assert validate["metrics.rows_in"] == 60
 
 
@@ -73,15 +74,21 @@ def test_validate_fail_and_quarantine_from_cli(project: Path, tiny_catalogue, ca
     catalogue.with_items(items).save()
     (project / "broken" / "images" / "6.png").write_bytes(b"not an image")  # undecodable
 
-    assert main(["-q", "validate", "--in", "broken", "--out", "clean"]) == 1
+    assert main(["-q", "validate", "--in", "broken", "--out", "clean", "--on-error", "fail"]) == 1
     err = capsys.readouterr().err
     for check in ("image_exists", "title_not_empty", "id_unique", "image_decodes"):
         assert check in err
     assert not (project / "clean" / "catalogue.parquet").exists()
 
+    # the default quarantine refuses to drop 5 of 8 rows (validate.max_quarantine_fraction)
+    assert main(["-q", "validate", "--in", "broken", "--out", "clean"]) == 1
+    assert "5 of 8 rows (62.5%) would be quarantined" in capsys.readouterr().err
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"]["max_quarantine_fraction"] = 1.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["-q", "validate", "--in", "broken", "--out", "clean", "--on-error", "quarantine"]) == 0
     out = capsys.readouterr().out
-    assert "8 rows in, 3 out, 5 quarantined" in out
+    assert "8 rows in, 3 out, 5 quarantined" in out and "8 rows in: 3 ok, 0 kept with warnings, 5 quarantined (" in out
     quarantine = pd.read_csv(project / "clean" / "quarantine.csv")
     assert len(quarantine) == 5 and quarantine["reasons"].str.len().gt(0).all()
     runs = _runs(project)

@@ -139,7 +139,7 @@ def test_booleans_are_not_numbers(data, key):
 def test_unknown_keys_inside_lists_and_maps_list_the_keys_of_that_entry():
     with pytest.raises(ConfigError, match=r"unknown key 'distill.edges.0.wieght'; allowed keys here: edge, loss, weight, temperature$"):
         parse_params({"distill": {"edges": [{"edge": "inter_ss", "loss": "infonce", "wieght": 1}]}})
-    with pytest.raises(ConfigError, match=r"unknown key 'distill.students.xt.arc'; allowed keys here: arch, pretrained$"):
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.students.xt.arc'; allowed keys here: arch, pretrained, resize_mode$"):
         parse_params({"distill": {"students": {"xt": {"arc": "lc-vit-xt"}}}})
     with pytest.raises(ConfigError, match=r"unknown key 'distill_ablation.variants.v.0.foo'; allowed keys here: edge, loss, weight, temperature$"):
         parse_params({"distill_ablation": {"variants": {"v": [{"edge": "inter_ss", "loss": "infonce", "foo": 1}]}}})

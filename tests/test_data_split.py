@@ -119,3 +119,74 @@ def test_run_split_writes_catalogue_and_counts(grouped, tmp_path):
     assert metrics["train"] + metrics["val"] + metrics["test"] == metrics["items"] == 40
     assert json.loads((tmp_path / "split.json").read_text()) == metrics
     assert metrics["groups"] == 40 - 7 and metrics["largest_group"] == 3
+
+
+# -- split by order: new products in test ---------------------------------------------------------
+
+#: ``grouped``'s test ids at seed 7, val 0.2, test 0.2, from the split code before ``split.by`` existed.
+RANDOM_SEED7_TEST = ["1003", "1004", "1010", "1011", "1013", "1022", "1023", "1035"]
+
+
+def test_random_stays_the_default_and_unchanged(grouped):
+    cat, _ = grouped
+    assert SplitConfig().by == "random"
+    # the assignment of seed 7 before split.by existed (a regression pin: random must stay bit-identical)
+    split = splits_of(assign_splits(cat, SplitConfig(seed=7, val=0.2, test=0.2)))
+    assert [i for i, s in sorted(split.items()) if s == "test"] == RANDOM_SEED7_TEST
+
+
+def test_id_order_puts_the_largest_ids_in_test_then_val(tiny_catalogue):
+    cat = tiny_catalogue(20)
+    items = cat.items.copy()
+    items["id"] = [str(v) for v in (5, 7, 9, 11, 13, 95, 97, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1000)]
+    cat = cat.with_items(items)
+    split = splits_of(assign_splits(cat, SplitConfig(seed=3, val=0.1, test=0.2, by="id_order")))
+    test = sorted((int(i) for i, s in split.items() if s == "test"))
+    val = sorted((int(i) for i, s in split.items() if s == "val"))
+    assert test == [108, 109, 110, 1000]  # numerically largest: "1000" > "99" although not as text
+    assert val == [106, 107]
+    assert all(int(i) < 106 for i, s in split.items() if s == "train")
+
+
+def test_id_order_keeps_groups_whole_and_dates_a_group_by_its_newest_member(tiny_catalogue):
+    cat = tiny_catalogue(10)
+    items = cat.items.copy()
+    items.loc[0, "title"] = items.loc[9, "title"]  # the oldest id is the same product as the newest
+    split = splits_of(assign_splits(cat.with_items(items), SplitConfig(val=0, test=3, by="id_order")))
+    assert {i for i, s in split.items() if s == "test"} == {"1000", "1009", "1008"}
+
+
+def test_a_column_puts_its_latest_values_in_test_and_unordered_items_in_train(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(12)
+    items = cat.items.copy()
+    items["year"] = [2011, 2012, 2019, 2013, 2018, 2014, 2015, 2016, 2017, None, 2010, 2020]
+    cat = cat.with_items(items).save()
+    config = SplitConfig(val=2, test=3, by="year")
+    split = splits_of(assign_splits(cat, config))
+    assert {i for i, s in split.items() if s == "test"} == {"1011", "1002", "1004"}  # 2020, 2019, 2018
+    assert {i for i, s in split.items() if s == "val"} == {"1008", "1007"}  # 2017, 2016
+    assert split["1009"] == "train"  # no year: never "new"
+    outputs = SplitOutputs(catalogue=tmp_path / "split", metrics=tmp_path / "split.json")
+    metrics = run_split(config, SplitInputs(catalogue=cat.root), outputs, StageContext(project_dir=tmp_path, progress=False))
+    assert metrics["by"] == "year" and metrics["unordered_items"] == 1
+    assert metrics["order_range"] == {"train": [2010.0, 2015.0], "val": [2016.0, 2017.0], "test": [2018.0, 2020.0]}
+    assert metrics["order_median"] == {"train": 2013.0, "val": 2017.0, "test": 2019.0}
+
+
+def test_ties_in_the_order_column_are_broken_by_the_seed(tiny_catalogue):
+    cat = tiny_catalogue(12)
+    items = cat.items.copy()
+    items["year"] = [2015] * 8 + [2016] * 4
+    cat = cat.with_items(items)
+    picks = set()
+    for seed in range(6):
+        split = splits_of(assign_splits(cat, SplitConfig(seed=seed, val=0, test=6, by="year")))
+        test = {i for i, s in split.items() if s == "test"}
+        assert {"1008", "1009", "1010", "1011"} <= test and len(test) == 6  # every 2016 item, then two of 2015
+        picks.add(frozenset(test))
+    assert len(picks) > 1
+
+
+def test_an_unknown_split_order_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown split order 'date'"):
+        SplitConfig(by="date")

@@ -48,9 +48,9 @@ def counted_decodes(monkeypatch):
     calls = {"n": 0}
     real = imagecache.decode_image
 
-    def counting(path, size):
+    def counting(path, size, **options):
         calls["n"] += 1
-        return real(path, size)
+        return real(path, size, **options)
 
     monkeypatch.setattr(imagecache, "decode_image", counting)
     return calls

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_image
-from PIL import ImageFile
+from PIL import Image, ImageFile
 from test_imagecache import bomb_png
 
 from lightclip.config import ValidateConfig
@@ -31,7 +31,11 @@ COLOURS = ["Red", "Blue", "Green", "Black", "White", "Yellow", "Pink", "Grey"]
 
 
 def config(**overrides) -> ValidateConfig:
+    """The older tests' explicit settings: fail mode, unseen values are row errors, no quarantine cap."""
     base = dict(
+        on_error="fail",
+        unseen_values="quarantine",
+        max_quarantine_fraction=1.0,
         title_min_chars=3,
         title_max_chars=200,
         min_image_side=32,
@@ -197,9 +201,9 @@ def test_quarantine_keeps_exactly_the_clean_rows(tiny_catalogue, tmp_path):
     quarantine = pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE, dtype=str)
     assert dict(zip(quarantine["id"], quarantine["reasons"])) == {
         "1003": "image_exists",
-        "1005": "title_not_placeholder",
+        "1005": "title_not_placeholder: 'n/a'",
         "1007": "year_in_range",
-        "1008": "attribute_in_set:baseColour",
+        "1008": "attribute_in_set:baseColour: 'Ultraviolet'",
     }
     assert {"title", "image", "split", "reasons"} <= set(quarantine.columns)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -269,7 +273,7 @@ def test_a_quarantine_of_every_row_fails(tiny_catalogue, tmp_path):
     with pytest.raises(ValidationFailed, match=r"every one of the 3 rows failed a check: no catalogue written; reasons in .*quarantine.csv"):
         run(cat, tmp_path, on_error="quarantine")
     assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
-    assert pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE)["reasons"].tolist() == ["title_not_placeholder"] * 3
+    assert pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE)["reasons"].tolist() == ["title_not_placeholder: 'n/a'"] * 3
 
 
 def test_an_image_too_large_is_quarantined_with_its_size_undecoded(tiny_catalogue, tmp_path, monkeypatch):
@@ -306,3 +310,99 @@ def test_the_pixel_limit_is_a_param(tiny_catalogue, tmp_path):
         run(cat, tmp_path, max_image_pixels=2303)
     assert err.value.result.check("image_too_large").example_ids == ["1000", "1001", "1002"]
     assert err.value.result.check("image_decodes").success  # not also reported as undecodable
+
+
+# -- a growing taxonomy: unseen values warn, placeholder titles are quarantined ------------------
+
+
+def _real_export_like(cat: Catalogue) -> Catalogue:
+    """A new colour on one row, a second unseen colour on two, and two "NA" titles (issue 19)."""
+
+    def change(items):
+        items.loc[2, "baseColour"] = "Lime Green"
+        items.loc[4, "baseColour"] = "Teal Blue"
+        items.loc[6, "baseColour"] = "Teal Blue"
+        items.loc[4, "season"] = "Monsoon"
+        items.loc[9, "title"] = "NA"
+        items.loc[31, "title"] = " na "
+
+    return edit(cat, change)
+
+
+def defaults(**overrides) -> ValidateConfig:
+    """The shipped defaults (params.yaml), with the tests' small taxonomy."""
+    return ValidateConfig(allowed_values=config().allowed_values, **overrides)
+
+
+def run_defaults(cat: Catalogue, tmp_path: Path, **overrides):
+    out = tmp_path / "validated"
+    outputs = ValidateOutputs(catalogue=out, report=tmp_path / "report.md", metrics=tmp_path / "metrics.json")
+    return run_validation(defaults(**overrides), ValidateInputs(catalogue=cat.root), outputs, StageContext(project_dir=tmp_path, progress=False))
+
+
+def test_a_real_export_passes_by_default_with_counted_warnings_and_quarantined_placeholders(tiny_catalogue, tmp_path):
+    cat = _real_export_like(tiny_catalogue(48))
+    summary = run_defaults(cat, tmp_path)
+    assert (summary.rows_in, summary.rows_out, summary.rows_quarantined) == (48, 46, 2)
+    assert (summary.rows_ok, summary.rows_warned) == (43, 3)  # rows 2, 4, 6 kept with warnings
+    assert summary.quarantined_by_reason == {"title_not_placeholder": 2}
+    assert summary.checks_failed == ["title_not_placeholder"]
+    assert sorted(summary.warnings) == ["attribute_in_set:baseColour", "attribute_in_set:season"]
+    assert summary.result.unseen_values == {"baseColour": {"Teal Blue": 2, "Lime Green": 1}, "season": {"Monsoon": 1}}
+    out = Catalogue.load(tmp_path / "validated")
+    assert {"1002", "1004", "1006"} <= set(out.items["id"]) and not {"1009", "1031"} & set(out.items["id"])
+    quarantine = pd.read_csv(tmp_path / "validated" / QUARANTINE_FILE, dtype=str)
+    assert dict(zip(quarantine["id"], quarantine["reasons"])) == {"1009": "title_not_placeholder: 'NA'", "1031": "title_not_placeholder: 'na'"}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["rows_ok"], metrics["rows_warned"], metrics["rows_quarantined"]) == (43, 3, 2)
+    assert metrics["quarantined_by_reason"] == {"title_not_placeholder": 2}
+    assert metrics["unseen_values"]["baseColour"] == {"Teal Blue": 2, "Lime Green": 1}
+    report = (tmp_path / "report.md").read_text()
+    assert "rows out: 46 (43 ok, 3 with warnings)" in report and "rows quarantined: 2 (title_not_placeholder: 2)" in report
+    assert "| baseColour | 3 | 'Teal Blue' x2, 'Lime Green' x1 |" in report and "| season | 1 | 'Monsoon' x1 |" in report
+    assert "48 rows in: 43 ok, 3 kept with warnings, 2 quarantined (title_not_placeholder: 2)" == summary.counts_line()
+
+
+def test_strict_unseen_values_fail_naming_column_and_values(tiny_catalogue, tmp_path):
+    cat = _real_export_like(tiny_catalogue(48))
+    with pytest.raises(ValidationFailed) as err:
+        run_defaults(cat, tmp_path, unseen_values="fail")
+    message = str(err.value)
+    assert "validate.unseen_values is fail: baseColour: 'Teal Blue' x2, 'Lime Green' x1; season: 'Monsoon' x1" in message
+    assert "attribute_in_set:baseColour (expect_column_values_to_be_in_set): 3 row(s)" in message
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+    assert "FAILED" in (tmp_path / "report.md").read_text()
+
+
+def test_explicit_fail_mode_fails_on_placeholder_titles_only(tiny_catalogue, tmp_path):
+    cat = _real_export_like(tiny_catalogue(48))
+    with pytest.raises(ValidationFailed) as err:
+        run_defaults(cat, tmp_path, on_error="fail")
+    assert [c.name for c in err.value.result.failed] == ["title_not_placeholder"]  # unseen values still only warn
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+
+
+def test_unseen_values_can_be_quarantined_per_row(tiny_catalogue, tmp_path):
+    cat = _real_export_like(tiny_catalogue(48))
+    summary = run_defaults(cat, tmp_path, unseen_values="quarantine", max_quarantine_fraction=0.2)
+    assert summary.rows_quarantined == 5 and summary.rows_warned == 0
+    assert summary.quarantined_by_reason == {"attribute_in_set:baseColour": 3, "attribute_in_set:season": 1, "title_not_placeholder": 2}
+
+
+def test_a_quarantine_above_the_cap_fails(tiny_catalogue, tmp_path):
+    cat = _real_export_like(tiny_catalogue(48))  # 2 of 48 = 4.2% quarantined
+    with pytest.raises(ValidationFailed, match=r"2 of 48 rows \(4\.2%\) would be quarantined, more than validate.max_quarantine_fraction 0.04"):
+        run_defaults(cat, tmp_path, max_quarantine_fraction=0.04)
+    assert not (tmp_path / "validated" / CATALOGUE_FILE).exists()
+
+
+def test_the_report_gives_the_aspect_ratio_distribution(tiny_catalogue, tmp_path):
+    cat = tiny_catalogue(6)  # 48 x 48 squares
+    for i in (1, 2, 4):
+        Image.new("RGB", (60, 80), (i * 40, 90, 90)).save(cat.root / "images" / f"{i}.png")
+    summary = run_defaults(cat, tmp_path)
+    geometry = summary.result.geometry
+    assert geometry["buckets"]["portrait 3:4 (0.70-0.90)"] == 3 and geometry["buckets"]["square (0.90-1.11)"] == 3
+    assert json.loads((tmp_path / "metrics.json").read_text())["geometry"]["images"] == 6
+    report = (tmp_path / "report.md").read_text()
+    assert "## Image geometry" in report and "| portrait 3:4 (0.70-0.90) | 3 | 50.0% |" in report and "| square (0.90-1.11) | 3 | 50.0% |" in report

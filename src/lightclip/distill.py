@@ -21,7 +21,9 @@ from torch import nn
 
 from lightclip.config import ConfigError, DistillJob
 from lightclip.data.catalogue import Catalogue, file_sha256
-from lightclip.imagecache import build_image_cache
+from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
+from lightclip.data.geometry import catalogue_geometry
+from lightclip.imagecache import build_image_cache, resize_mode_of
 from lightclip.io import write_json
 from lightclip.models.common import canonical_safetensors
 from lightclip.models.zoo import ModelError, ModelSpec, create_model, load_model, load_tokenizer, preprocess_config, read_model_info, tokenizer
@@ -91,14 +93,18 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
             assert inputs.teacher is not None
             teacher_model = load_model(inputs.teacher)
             teacher_tok = load_tokenizer(inputs.teacher)
-            teacher_size = int(preprocess_config(teacher_model)["size"])
-            if teacher_size != spec.image_size:
-                teacher_images = build_image_cache(catalogue, "train", teacher_size, context.image_cache_dir, progress=context.progress)
+            teacher_pre = preprocess_config(teacher_model)
+            teacher_size, teacher_mode = int(teacher_pre["size"]), resize_mode_of(teacher_pre)
+            if teacher_size != spec.image_size or teacher_mode != spec.resize_mode:  # the teacher sees images its own way
+                teacher_images = build_image_cache(
+                    catalogue, "train", teacher_size, context.image_cache_dir, progress=context.progress, resize_mode=teacher_mode
+                )
 
     model, _ = create_model(spec, seed=job.train.seed)
     cache = context.image_cache_dir
-    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress)
-    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress) if len(catalogue.split("val")) else None
+    mode = spec.resize_mode
+    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     task = DistillTask(
         model, tokenizer(spec), train_pairs, val_pairs,
         edges=job.edges,
@@ -124,6 +130,7 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
         "teacher_sha256": teacher_identity,
         "teacher_online": job.teacher_online,
         "projection_modalities": list(task.projections.keys()),
+        GEOMETRY_KEY: catalogue_geometry(catalogue, "train"),  # what evaluate/index compare a catalogue's shapes with
     }
     save_trained(outputs.model, model, spec, extra=extra, files=files)
     write_json(outputs.metrics, metrics)

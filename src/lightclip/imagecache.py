@@ -1,6 +1,7 @@
 """Decode every image once: a uint8 ``N x 3 x S x S`` array on disk, memory-mapped for training.
 
-:func:`build_image_cache` decodes the images of one catalogue split (PIL, RGB, shortest side
+:func:`build_image_cache` decodes the images of one catalogue split (PIL, RGB, fitted to an
+``S x S`` square by the model's resize mode, :func:`fit_image`: by default the shortest side
 resized to ``S`` with bicubic filtering, then centre-cropped to a square; large JPEGs are
 decoded at a reduced scale first, which is what makes this fast; an image over the pixel limit is
 refused from its header, see :mod:`lightclip.data.imagefile`) and stores them as
@@ -19,22 +20,62 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lightclip.config import MAX_IMAGE_PIXELS
+from lightclip.config import MAX_IMAGE_PIXELS, RESIZE_MODES
 from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.data.imagefile import ImageTooLarge, open_image
 from lightclip.errors import LightclipError
 from lightclip.io import atomic_file, atomic_write_bytes, default_threads
 
 CACHE_VERSION = 1
+
+#: The padding colour of ``pad``: product photos are shot on white.
+PAD_FILL = (255, 255, 255)
+
+
+def resize_mode_of(preprocess: Mapping[str, Any]) -> str:
+    """The lightclip mode (``crop | pad | squash``) of a model's preprocess config (open_clip's names)."""
+    name = preprocess.get("resize_mode", "shortest")
+    for mode, open_clip_name in RESIZE_MODES.items():
+        if name in (mode, open_clip_name):
+            return mode
+    raise ImageCacheError(f"unknown resize_mode {name!r}; lightclip knows {sorted(RESIZE_MODES)} (open_clip: {sorted(RESIZE_MODES.values())})")
+
+
+def fit_image(img: Image.Image, image_size: int, resize_mode: str = "crop") -> Image.Image:
+    """An RGB image fitted to ``S x S`` (bicubic): the one resize of training and inference.
+
+    ``crop``: shortest side -> ``S``, centre crop (cuts the top and bottom of a portrait);
+    ``pad``: longest side -> ``S``, centred on :data:`PAD_FILL` (keeps all of it, smaller);
+    ``squash``: both sides -> ``S`` (keeps all of it, distorted).
+    """
+    w, h = img.size
+    if resize_mode == "crop":
+        scale = image_size / min(w, h)
+        new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+        return img.crop((left, top, left + image_size, top + image_size))
+    if resize_mode == "squash":
+        return img if (w, h) == (image_size, image_size) else img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    if resize_mode == "pad":
+        scale = image_size / max(w, h)
+        new_w, new_h = min(image_size, max(1, round(w * scale))), min(image_size, max(1, round(h * scale)))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (image_size, image_size), PAD_FILL)
+        canvas.paste(img, ((image_size - new_w) // 2, (image_size - new_h) // 2))
+        return canvas
+    raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
 
 
 class ImageCacheError(LightclipError, ValueError):
@@ -51,6 +92,7 @@ class ImageCache:
     image_size: int
     key: str
     reused: bool = False
+    resize_mode: str = "crop"  # how the images were fitted to S x S (:func:`fit_image`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,22 +111,17 @@ class ImageCache:
         return cls(path=Path(key), ids=ids, images=images, image_size=int(images.shape[2]), key=key)
 
 
-def decode_image(path: Path | IO[bytes], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """One image as uint8 ``3 x S x S``: RGB, shortest side -> ``S`` (bicubic), centre crop.
+def decode_image(path: Path | IO[bytes], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS, resize_mode: str = "crop") -> np.ndarray:
+    """One image as uint8 ``3 x S x S``: RGB, fitted by ``resize_mode`` (:func:`fit_image`).
 
     An image over ``max_pixels`` is refused from its header, before anything is decoded.
     """
+    if resize_mode not in RESIZE_MODES:
+        raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
     try:
         with open_image(path, max_pixels) as img:
             img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= S
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = image_size / min(w, h)
-            new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-            img = img.crop((left, top, left + image_size, top + image_size))
+            img = fit_image(img.convert("RGB"), image_size, resize_mode)
             array = np.asarray(img, dtype=np.uint8)
     except ImageTooLarge as exc:
         raise ImageCacheError(f"{path}: {exc}") from None
@@ -93,9 +130,11 @@ def decode_image(path: Path | IO[bytes], image_size: int, max_pixels: int = MAX_
     return array.transpose(2, 0, 1)
 
 
-def cache_key(ids: Sequence[str], paths: Sequence[Path], image_size: int) -> str:
-    """Hash of the ordered ids, each image's path, size and mtime, and the image size."""
-    digest = hashlib.sha256(f"lightclip-imagecache/{CACHE_VERSION}:{image_size}\n".encode())
+def cache_key(ids: Sequence[str], paths: Sequence[Path], image_size: int, resize_mode: str = "crop") -> str:
+    """Hash of the ordered ids, each image's path, size and mtime, the image size and resize mode
+    (``crop`` hashes as before the mode existed: its caches stay valid)."""
+    mode = "" if resize_mode == "crop" else f":{resize_mode}"
+    digest = hashlib.sha256(f"lightclip-imagecache/{CACHE_VERSION}:{image_size}{mode}\n".encode())
     for item_id, path in zip(ids, paths):
         try:
             stat = os.stat(path)
@@ -126,30 +165,34 @@ def build_image_cache(
     *,
     num_workers: int | None = None,
     progress: bool = True,
+    resize_mode: str = "crop",
 ) -> ImageCache:
     """Decode the images of ``split`` (``None`` = every item) once; reuse the cache while unchanged.
 
     ``num_workers``: decoding threads; ``None`` = the CPUs this process may use (:func:`lightclip.io.default_threads`).
+    ``resize_mode``: :func:`fit_image`'s (give the model's: :func:`resize_mode_of`).
     """
+    if resize_mode not in RESIZE_MODES:
+        raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
     items = catalogue.items if split is None else catalogue.split(split)
     if len(items) == 0:
         raise CatalogueError(f"{catalogue.root}: split {split!r} has no items")
     ids = tuple(str(i) for i in items["id"])
     paths = [catalogue.image_path(p) for p in items["image"]]
-    key = cache_key(ids, paths, image_size)
+    key = cache_key(ids, paths, image_size, resize_mode)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{split or 'all'}-{image_size}px"
+    stem = f"{split or 'all'}-{image_size}px" + ("" if resize_mode == "crop" else f"-{resize_mode}")
     npy = cache_dir / f"{stem}-{key[:16]}.npy"
     meta = npy.with_suffix(".json")
     cached = _load(npy, meta, key, ids, image_size)
     if cached is not None:
-        return cached
+        return replace(cached, resize_mode=resize_mode)
 
     with atomic_file(npy) as tmp, tqdm(total=len(ids), desc=f"decoding {stem} images", unit="img", disable=not progress) as bar:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, image_size, image_size))
         with ThreadPoolExecutor(max_workers=max(1, num_workers or default_threads())) as pool:
-            for i, array in enumerate(pool.map(lambda p: decode_image(p, image_size), paths, chunksize=1)):
+            for i, array in enumerate(pool.map(lambda p: decode_image(p, image_size, resize_mode=resize_mode), paths, chunksize=1)):
                 out[i] = array
                 bar.update(1)
         out.flush()
@@ -161,7 +204,7 @@ def build_image_cache(
             stale.unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
     images = np.load(npy, mmap_mode="r")
-    return ImageCache(path=npy, ids=ids, images=images, image_size=image_size, key=key, reused=False)
+    return ImageCache(path=npy, ids=ids, images=images, image_size=image_size, key=key, reused=False, resize_mode=resize_mode)
 
 
 def hflip(batch: torch.Tensor, flip: torch.Tensor | np.ndarray) -> torch.Tensor:

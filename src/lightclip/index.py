@@ -28,6 +28,7 @@ the CLI prints a warning. An empty query is an error.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import Counter
@@ -40,9 +41,10 @@ import numpy as np
 
 from lightclip.config import IndexConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.data.geometry import check_items, model_geometry
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
-from lightclip.imagecache import ImageCacheError, build_image_cache, decode_image
+from lightclip.imagecache import ImageCacheError, build_image_cache, decode_image, resize_mode_of
 from lightclip.io import staged_dir, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
 from lightclip.stage import StageContext
@@ -53,6 +55,8 @@ ITEMS_FILE = "items.json"
 META_FILE = "index.json"
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
 ITEM_ATTRIBUTES: tuple[str, ...] = ("articleType", "baseColour")
+
+log = logging.getLogger(__name__)
 
 
 class CatalogueIndexError(LightclipError, ValueError):
@@ -353,9 +357,13 @@ def build_catalogue_index(
         raise CatalogueIndexError(f"{catalogue.table_path}: {'no items' if config.split is None else f'split {config.split!r} has no items'} to index")
     fingerprint = model_fingerprint(model_dir)
     model = load_model(model_dir)
-    size = int(preprocess_config(model)["size"])
+    checked = check_items(model_geometry(read_model_info(model_dir)), catalogue, items)
+    if checked is not None and checked[1] is not None:
+        log.warning("index of %s with %s: %s", catalogue.root, model_dir, checked[1])
+    pre = preprocess_config(model)
+    size = int(pre["size"])
     with _threads(config, faiss_too=False):  # the query latencies below: FAISS on its default threads
-        cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress)
+        cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress, resize_mode=resize_mode_of(pre))
         t0 = time.perf_counter()
         vectors = embed_images(model, cache, config.batch_size).numpy()
         embed_seconds = time.perf_counter() - t0
@@ -377,6 +385,7 @@ def build_catalogue_index(
 
         metrics: dict[str, Any] = {
             "index/count": int(vectors.shape[0]),
+            **({"index/geometry_shift": checked[0]} if checked is not None else {}),
             "index/dim": int(vectors.shape[1]),
             "index/build_seconds": info["build_seconds"],
             "index/embed_seconds": embed_seconds,
@@ -459,7 +468,7 @@ class Searcher:
             raise CatalogueIndexError(f"{path}: image not found")
         pre = preprocess_config(self.model)
         try:
-            array = decode_image(path, int(pre["size"]))
+            array = decode_image(path, int(pre["size"]), resize_mode=resize_mode_of(pre))
         except ImageCacheError as exc:
             raise CatalogueIndexError(str(exc)) from None
         vector = embed_images(self.model, array[None]).numpy()

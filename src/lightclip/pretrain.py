@@ -20,6 +20,8 @@ from torch import nn
 
 from lightclip.config import PretrainConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
+from lightclip.data.geometry import catalogue_geometry
 from lightclip.io import write_json
 from lightclip.kg.build import ITEM_CONCEPTS_FILE, PROTOTYPES_FILE, SELECTION_FILE
 from lightclip.kg.concepts import KGError
@@ -119,8 +121,9 @@ def _train_member(
     model, _ = create_model(spec, seed=config.train.seed)
     tok = tokenizer(spec)
     cache = context.image_cache_dir
-    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress)
-    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress) if len(catalogue.split("val")) else None
+    mode = spec.resize_mode
+    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     if concepts is None:
         task: ImageTextTask = ImageTextTask(model, tok, train_pairs, val_pairs, hflip=config.hflip)
     else:
@@ -203,7 +206,8 @@ def run_pretrain(config: PretrainConfig, inputs: PretrainInputs, outputs: Pretra
     if isinstance(first.task, FashionKLIPTask):
         prototypes = first.task.prototype_ids(train_ids)
         files[PROTOTYPES_FILE] = (json.dumps(prototypes, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    extra = {"stage": STAGE, "concept_weight": config.concept_weight, "ensemble_members": len(members)}
+    extra = {"stage": STAGE, "concept_weight": config.concept_weight, "ensemble_members": len(members),
+             GEOMETRY_KEY: catalogue_geometry(catalogue, "train")}  # what evaluate/index compare a catalogue's shapes with
     save_trained(outputs.model, model, arch, extra=extra, files=files)
     write_json(outputs.metrics, metrics)
     return metrics

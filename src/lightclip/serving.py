@@ -35,7 +35,7 @@ import pandas as pd
 
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
-from lightclip.imagecache import ImageCacheError, decode_image
+from lightclip.imagecache import ImageCacheError, decode_image, resize_mode_of
 from lightclip.models.zoo import load_model, load_tokenizer, preprocess_config
 
 try:  # the engine works without MLflow; the pyfunc class needs it
@@ -83,6 +83,7 @@ class Embedder:
         self.model.eval()
         self.tokenizer = load_tokenizer(self.model_dir)
         self.preprocess = preprocess_config(self.model)
+        self.resize_mode = resize_mode_of(self.preprocess)  # the model's own, from its model.json
         self.batch_size = batch_size
         self._dim: int | None = None
 
@@ -100,7 +101,7 @@ class Embedder:
     def decode(self, data: bytes, row: int = 0) -> np.ndarray:
         """One encoded image as the uint8 ``3 x S x S`` array the model sees (as in the image cache)."""
         try:
-            return decode_image(io.BytesIO(data), int(self.preprocess["size"]))  # type: ignore[arg-type]
+            return decode_image(io.BytesIO(data), int(self.preprocess["size"]), resize_mode=self.resize_mode)  # type: ignore[arg-type]
         except ImageCacheError as exc:
             raise ServingError(f"row {row}: column '{IMAGE_COLUMN}': {str(exc).split(': ', 1)[-1]}") from None
 

@@ -35,7 +35,7 @@ from lightclip.config import TeacherEmbedConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
-from lightclip.imagecache import build_image_cache
+from lightclip.imagecache import build_image_cache, resize_mode_of
 from lightclip.io import atomic_write_bytes, staged_dir, torch_threads, write_json
 from lightclip.models.common import canonical_safetensors
 from lightclip.models.zoo import WEIGHTS_FILE, ModelError, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
@@ -126,8 +126,9 @@ def embed_with_teacher(
     info = read_model_info(teacher_dir)
     model = load_model(teacher_dir)
     model.requires_grad_(False)
-    size = int(preprocess_config(model)["size"])
-    cache = build_image_cache(catalogue, split, size, cache_dir, progress=progress)
+    pre = preprocess_config(model)
+    size = int(pre["size"])
+    cache = build_image_cache(catalogue, split, size, cache_dir, progress=progress, resize_mode=resize_mode_of(pre))
     tokens = load_tokenizer(teacher_dir)([str(t) for t in catalogue.split(split)["title"]])
     return TeacherEmbeddings(
         ids=cache.ids,

@@ -403,13 +403,27 @@ def train(
 # ----------------------------------------------------------------------------------------------
 
 
+#: Knobs whose value here trains exactly as before they existed: left out of :func:`checkpoint_key`.
+KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {"resize_mode": "crop"}
+
+
+def _without_neutral_defaults(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_neutral_defaults(v) for k, v in value.items() if not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
+    if isinstance(value, list):
+        return [_without_neutral_defaults(v) for v in value]
+    return value
+
+
 def checkpoint_key(trajectory: Mapping[str, Any], *identities: str) -> str:
     """Identify a run by what shapes its weights: ``resume`` only ever continues the same run.
 
     ``trajectory``: the config that changes training (JSON-able); ``identities``: hashes of the
-    inputs (catalogue table, knowledge graph links, teacher weights...).
+    inputs (catalogue table, knowledge graph links, teacher weights...). A knob added later at
+    the value that reproduces the old training (:data:`KEY_NEUTRAL_DEFAULTS`) is left out, so
+    the checkpoints of runs from before it stay resumable.
     """
-    digest = hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_without_neutral_defaults(trajectory), sort_keys=True).encode())
     for identity in identities:
         digest.update(identity.encode())
     return digest.hexdigest()[:16]

@@ -15,7 +15,8 @@ id_unique              expect_column_values_to_be_unique           id used by 2+
 title_not_empty        expect_column_values_to_not_be_null         title missing/blank
 title_length           expect_column_value_lengths_to_be_between   stripped title too short/long
 title_not_placeholder  expect_column_values_to_not_be_in_set       "N/A", "none", "tbd", ...
-attribute_in_set:COL   expect_column_values_to_be_in_set           unknown value (non-null only)
+attribute_in_set:COL   expect_column_values_to_be_in_set           unseen value (non-null only): a WARNING
+                                                                   unless validate.unseen_values says otherwise
 year_in_range          expect_column_values_to_be_between          year outside the bounds
 catalogue_not_empty    (none: checked before the suite runs)       the catalogue has no rows
 image_exists           expect_column_values_to_be_in_set           image file missing
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 
 from lightclip.config import MAX_IMAGE_PIXELS, ValidateConfig
 from lightclip.data.catalogue import CATALOGUE_FILE, SPLITS, Catalogue, CatalogueError, normalise_items, rebase_image_path
+from lightclip.data.geometry import aspect_summary
 from lightclip.data.imagefile import ImageTooLarge, open_image
 from lightclip.data.split import normalise_title
 from lightclip.errors import LightclipError
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 ERROR = "error"
 WARNING = "warning"
 QUARANTINE_FILE = "quarantine.csv"
+ATTRIBUTE_CHECK = "attribute_in_set:"  # + the column name
 MAX_EXAMPLES = 10
 ROW_COLUMN = "_row"
 
@@ -71,6 +74,13 @@ ROW_COLUMN = "_row"
 IMAGE_COLUMNS: tuple[str, ...] = (
     "image_exists", "image_too_large", "image_decodes", "image_width", "image_height", "image_min_side", "image_sha256",
 )
+
+
+def _value_counts(counts: dict[str, int], limit: int = MAX_EXAMPLES) -> str:
+    """``'Lime Green' x1, 'Teal Blue' x3`` (the most frequent first), ``...`` past ``limit`` values."""
+    shown = [f"{value!r} x{count}" for value, count in list(counts.items())[:limit]]
+    more = len(counts) - limit
+    return ", ".join(shown) + (f", ... ({more} more value(s))" if more > 0 else "")
 
 
 def _value(v: Any) -> Any:
@@ -180,6 +190,21 @@ class ValidationResult:
     reasons: list[list[str]]  # per row: failed error-level checks (these rows are quarantined)
     row_warnings: list[list[str]] = field(default_factory=list)  # per row: warning-level checks
     row_details: dict[int, dict[str, str]] = field(default_factory=dict)  # row -> check -> what is wrong
+    unseen_values: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value outside allowed_values -> rows
+    geometry: dict[str, Any] = field(default_factory=dict)  # the images' aspect-ratio summary (lightclip.data.geometry)
+
+    @property
+    def warned_rows(self) -> list[int]:
+        """Rows kept with at least one warning (and no error-level failure)."""
+        return [i for i, (bad, warned) in enumerate(zip(self.reasons, self.row_warnings)) if warned and not bad]
+
+    def rows_by_reason(self, rows: list[int]) -> dict[str, int]:
+        """Per error-level check, how many of ``rows`` failed it (a row may count under several)."""
+        counts: dict[str, int] = {}
+        for r in rows:
+            for name in self.reasons[r]:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def reason_text(self, row: int) -> str:
         """The row's failed checks for ``quarantine.csv``: ``check`` or ``check: detail``, ``;``-joined."""
@@ -304,7 +329,8 @@ def _suite_spec(config: ValidateConfig) -> list[tuple[str, str, dict[str, Any], 
         values: list[Any] = list(allowed)
         if column == "year":
             values = [float(v) for v in allowed if str(v).strip().lstrip("-").isdigit()]
-        spec.append((f"attribute_in_set:{column}", "ExpectColumnValuesToBeInSet", {"column": column, "value_set": values}, ERROR))
+        severity = WARNING if config.unseen_values == "warn" else ERROR  # a growing taxonomy: counted, kept
+        spec.append((f"{ATTRIBUTE_CHECK}{column}", "ExpectColumnValuesToBeInSet", {"column": column, "value_set": values}, severity))
     spec += [
         ("year_in_range", "ExpectColumnValuesToBeBetween", {"column": "year", "min_value": config.year_min, "max_value": config.year_max}, ERROR),
         ("image_exists", "ExpectColumnValuesToBeInSet", {"column": "image_exists", "value_set": [True]}, ERROR),
@@ -367,6 +393,7 @@ def validate_catalogue(catalogue: Catalogue, config: ValidateConfig, *, progress
             details=[f"{catalogue.table_path} has no rows: nothing to validate (an import that skipped every row? see its import_report.json)"],
         ))
     row_details: dict[int, dict[str, str]] = {}
+    unseen: dict[str, dict[str, int]] = {}
     for name, cls_name, kwargs, severity in spec:
         expectation_type = re.sub(r"(?<!^)(?=[A-Z])", "_", cls_name).lower()
         result = raw.get(name)
@@ -386,11 +413,26 @@ def validate_catalogue(catalogue: Catalogue, config: ValidateConfig, *, progress
                 size = f"{int(frame.at[r, 'image_width'])}x{int(frame.at[r, 'image_height'])} > {config.max_image_pixels} pixels"
                 row_details.setdefault(r, {})[name] = size
             details = [f"{ids[r]}: {row_details[r][name]}" for r in rows[:3]] + ["the limit is validate.max_image_pixels"] if rows else []
+        elif name.startswith(ATTRIBUTE_CHECK) and rows:
+            column = kwargs["column"]
+            counts: dict[str, int] = {}
+            for r in rows:
+                value = str(frame.at[r, column])
+                counts[value] = counts.get(value, 0) + 1
+                row_details.setdefault(r, {})[name] = repr(value)
+            unseen[column] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            details = [_value_counts(unseen[column])]
+        elif name == "title_not_placeholder":
+            for r in rows:
+                row_details.setdefault(r, {})[name] = repr(frame.at[r, "title_text"])
         checks.append(CheckResult(name, expectation_type, kwargs["column"], severity, success, count, examples, rows, error, details))
         target = reasons if severity == ERROR else row_warnings
         for r in rows:
             target[r].append(name)
-    return ValidationResult(rows_in=n, checks=checks, reasons=reasons, row_warnings=row_warnings, row_details=row_details)
+    # sizes from the decode above (or the header of a too large image): nothing is read twice
+    sizes = [None if pd.isna(w) or pd.isna(h) else (int(w), int(h)) for w, h in zip(images["image_width"], images["image_height"])]
+    return ValidationResult(rows_in=n, checks=checks, reasons=reasons, row_warnings=row_warnings, row_details=row_details,
+                            unseen_values=unseen, geometry=aspect_summary(sizes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,18 +457,37 @@ class ValidationSummary:
     catalogue_dir: Path | None = None
     quarantine_path: Path | None = None
     result: ValidationResult | None = field(default=None, repr=False)
+    rows_warned: int = 0  # rows written with at least one warning (an unseen value, a duplicate image)
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)  # check -> quarantined rows failing it
+
+    @property
+    def rows_ok(self) -> int:
+        """Rows written without any warning."""
+        return self.rows_out - self.rows_warned
 
     def metrics(self) -> dict[str, Any]:
         checks = self.result.checks if self.result else []
         return {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
+            "rows_ok": self.rows_ok,
+            "rows_warned": self.rows_warned,
             "rows_quarantined": self.rows_quarantined,
             "rows_bad": self.rows_bad,
             "checks_failed": len(self.checks_failed),
             "warnings": len(self.warnings),
             "unexpected": {c.name: c.unexpected_count for c in checks},
+            "quarantined_by_reason": dict(self.quarantined_by_reason),
+            "unseen_values": self.result.unseen_values if self.result else {},
+            "geometry": self.result.geometry if self.result else {},
         }
+
+    def counts_line(self) -> str:
+        """One line: rows of each kind (ok, warned, quarantined by reason)."""
+        text = f"{self.rows_in} rows in: {self.rows_ok} ok, {self.rows_warned} kept with warnings, {self.rows_quarantined} quarantined"
+        if self.quarantined_by_reason:
+            text += " (" + ", ".join(f"{name}: {count}" for name, count in self.quarantined_by_reason.items()) + ")"
+        return text
 
 
 def _md(text: Any) -> str:
@@ -442,8 +503,9 @@ def render_report(summary: ValidationSummary) -> str:
         "",
         f"- result: **{status}** (mode `{summary.mode}`)",
         f"- rows in: {summary.rows_in}",
-        f"- rows out: {summary.rows_out}",
-        f"- rows quarantined: {summary.rows_quarantined}",
+        f"- rows out: {summary.rows_out} ({summary.rows_ok} ok, {summary.rows_warned} with warnings)",
+        f"- rows quarantined: {summary.rows_quarantined}"
+        + (" (" + ", ".join(f"{_md(k)}: {v}" for k, v in summary.quarantined_by_reason.items()) + ")" if summary.quarantined_by_reason else ""),
         f"- rows failing an error-level check: {summary.rows_bad}",
         f"- checks failed: {len(summary.checks_failed)}" + (f" ({', '.join(summary.checks_failed)})" if summary.checks_failed else ""),
         f"- warnings: {len(summary.warnings)}" + (f" ({', '.join(summary.warnings)})" if summary.warnings else ""),
@@ -457,6 +519,24 @@ def render_report(summary: ValidationSummary) -> str:
         state = "ok" if c.success else ("WARN" if c.severity == WARNING else "FAIL")
         examples = c.error or ", ".join(c.example_ids) or "; ".join(c.details)
         lines.append(f"| {_md(c.name)} | {c.expectation} | {_md(c.column)} | {c.severity} | {state} | {c.unexpected_count} | {_md(examples)} |")
+    lines += ["", "## Attribute values outside validate.allowed_values", ""]
+    unseen = result.unseen_values if result else {}
+    if unseen:
+        lines += ["| column | rows | values |", "|---|---:|---|"]
+        for column, counts in unseen.items():
+            lines.append(f"| {_md(column)} | {sum(counts.values())} | {_md(_value_counts(counts))} |")
+        lines += ["", "Add the values to `validate.allowed_values` once they are part of the taxonomy."]
+    else:
+        lines.append("None.")
+    geometry = result.geometry if result else {}
+    lines += ["", "## Image geometry", ""]
+    if geometry.get("images"):
+        lines += ["| aspect ratio (width / height) | images | share |", "|---|---:|---:|"]
+        for name, count in geometry["buckets"].items():
+            lines.append(f"| {name} | {count} | {100 * geometry['shares'][name]:.1f}% |")
+        lines += ["", f"Most common size: {geometry['most_common_size']}; without a readable size: {geometry['unknown']}."]
+    else:
+        lines.append("No readable image sizes.")
     lines += ["", "## Warnings", ""]
     warned = result.warnings if result else []
     if warned:
@@ -526,7 +606,10 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
     are written as the catalogue and the bad ones, with a ``reasons`` column, to
     ``quarantine.csv`` beside it (header only when there are none). Image paths are rebased so
     the written catalogue points at the original images. An empty input fails in either mode,
-    and so does a quarantine of every row (``quarantine.csv`` is written, no catalogue).
+    and so does a quarantine of every row (``quarantine.csv`` is written, no catalogue) or of
+    more than ``max_quarantine_fraction`` of them. Attribute values outside ``allowed_values``
+    are warnings with ``unseen_values: warn`` (the rows are kept and counted per column), row
+    errors with ``quarantine``, and fail the stage naming column and values with ``fail``.
     """
     in_dir, out_dir, report_path, metrics_path = Path(inputs.catalogue), Path(outputs.catalogue), Path(outputs.report), Path(outputs.metrics)
     progress = context.progress
@@ -537,10 +620,14 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
     mode = config.on_error
     bad = result.bad_rows
     unattributed = [c for c in result.failed if not c.rows]  # failed but no row to blame (GX error, empty table)
+    # strict taxonomy: an unseen value is a decision about the taxonomy, not a row to drop
+    strict = [c for c in result.failed if c.name.startswith(ATTRIBUTE_CHECK)] if config.unseen_values == "fail" else []
     clean = result.clean_rows
-    write_catalogue = (result.success or (mode == "quarantine" and not unattributed)) and bool(clean)
+    too_many = mode == "quarantine" and result.rows_in > 0 and bool(clean) and len(bad) / result.rows_in > config.max_quarantine_fraction
+    blocked = bool(unattributed or strict or too_many)
+    write_catalogue = (result.success or (mode == "quarantine" and not blocked)) and bool(clean)
     # quarantine that would leave an empty catalogue: write the quarantine (the reasons), fail
-    quarantine_only = mode == "quarantine" and not unattributed and not clean and bool(bad)
+    quarantine_only = mode == "quarantine" and not unattributed and not strict and not clean and bool(bad)
     summary = ValidationSummary(
         mode=mode,
         passed=result.success,
@@ -561,6 +648,8 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
         summary.quarantine_path = _write_quarantine(catalogue, result, bad, out_dir)
         summary.catalogue_dir = out_dir
         summary.rows_out, summary.rows_quarantined = len(clean), len(bad)
+        summary.rows_warned = len(result.warned_rows)
+        summary.quarantined_by_reason = result.rows_by_reason(bad)
     else:
         if out_dir.is_dir():
             keep = {p.name for p in (report_path, metrics_path) if p.parent.resolve() == out_dir.resolve()}
@@ -569,6 +658,7 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
             out_dir.mkdir(parents=True, exist_ok=True)
             summary.quarantine_path = _write_quarantine(catalogue, result, bad, out_dir)
             summary.rows_quarantined = len(bad)
+            summary.quarantined_by_reason = result.rows_by_reason(bad)
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(render_report(summary), encoding="utf-8")
@@ -578,6 +668,15 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
         log.warning("validation warning: %s", c.describe())
     if not write_catalogue:
         message = result.message()
+        if strict:
+            message += "\n  validate.unseen_values is fail: " + "; ".join(
+                f"{c.column}: {_value_counts(result.unseen_values.get(c.column, {}))}" for c in strict
+            ) + " (add them to validate.allowed_values, or set unseen_values: warn)"
+        elif too_many:
+            message += (
+                f"\n  {len(bad)} of {result.rows_in} rows ({len(bad) / result.rows_in:.1%}) would be quarantined, more than "
+                f"validate.max_quarantine_fraction {config.max_quarantine_fraction:g}: no catalogue written"
+            )
         if quarantine_only:
             message += f"\n  every one of the {len(bad)} rows failed a check: no catalogue written; reasons in {summary.quarantine_path}"
         elif unattributed and mode == "quarantine" and result.rows_in:
@@ -587,5 +686,7 @@ def run_validation(config: ValidateConfig, inputs: ValidateInputs, outputs: Vali
         message += f"\n  report: {report_path}"
         raise ValidationFailed(message, result=result, summary=summary)
     if not result.success:
-        log.warning("%s\n  quarantined %d row(s) to %s", result.message(), len(bad), summary.quarantine_path)
+        # the catalogue was written: say "quarantined", not "failed", above the stage's own "passed" line
+        details = result.message().split("\n", 1)[1]
+        log.warning("quarantined %d row(s) to %s (%d check(s) failed):\n%s", len(bad), summary.quarantine_path, len(result.failed), details)
     return summary

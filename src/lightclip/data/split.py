@@ -8,6 +8,13 @@ visited in a seeded order that is stable across platforms and Python versions (s
 A group joins a split only while it brings that split's count closer to its target, so
 actual sizes may deviate slightly from the targets (groups are atomic) and are reported.
 
+``split.by`` other than ``random`` measures new products rather than the past: groups are
+visited newest first (a group is as new as its newest member), so the test set holds the
+largest ids (``id_order``: numerically when every id is an integer, else as text) or the latest
+values of a column (``year``; text compares as text, so ISO dates order correctly), val the
+next ones. Ties keep the seeded order, and items without a value come last (train); their
+count is reported.
+
 Any ``split`` values already in the catalogue are overwritten.
 """
 
@@ -99,6 +106,31 @@ def _image_hashes(catalogue: Catalogue) -> list[str]:
     return hashes
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def order_values(items: pd.DataFrame, by: str) -> list[Any]:
+    """Per row, the value ``split.by`` orders by (larger = newer); ``None`` when it has none.
+
+    ``id_order`` compares ids as integers when every id is one (``"99" < "100"``), else as text;
+    a column compares as numbers when every non-null value is one, else as text.
+    """
+    if by != "id_order" and by not in items.columns:
+        raise CatalogueError(f"split.by: the catalogue has no column {by!r}")
+    values = [None if _is_null(v) else v for v in (items["id"] if by == "id_order" else items[by])]
+    present = [v for v in values if v is not None]
+    if by == "id_order":  # ints, not floats: long ids stay exact
+        if all(str(v).strip().lstrip("-").isdigit() for v in present):
+            return [None if v is None else int(str(v).strip()) for v in values]
+    elif all(_number(v) is not None for v in present):
+        return [None if v is None else _number(v) for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
 def assign_splits(catalogue: Catalogue, config: SplitConfig, *, image_hashes: Sequence[str | None] | None = None) -> Catalogue:
     """Return ``catalogue`` with a fresh ``split`` column (existing values are overwritten).
 
@@ -129,6 +161,14 @@ def assign_splits(catalogue: Catalogue, config: SplitConfig, *, image_hashes: Se
         return hashlib.sha256(f"{config.seed}:{smallest}".encode("utf-8")).hexdigest(), smallest
 
     groups = sorted(members.values(), key=order_key)
+    if config.by != "random":  # newest group first; ties (and the unordered, last) keep the seeded order
+        order = order_values(items, config.by)
+
+        def newest(rows: list[int]) -> tuple[bool, Any]:
+            present = [order[r] for r in rows if order[r] is not None]
+            return (True, max(present)) if present else (False, 0)
+
+        groups = sorted(groups, key=newest, reverse=True)
     assignment = ["train"] * n
     remaining = groups
     for split, target in (("test", n_test), ("val", n_val)):
@@ -187,6 +227,15 @@ def run_split(config: SplitConfig, inputs: SplitInputs, outputs: SplitOutputs, c
         "groups": len(sizes),
         "grouped_items": sum(s for s in sizes.values() if s > 1),
         "largest_group": max(sizes.values()),
+        "by": config.by,
     }
+    if config.by != "random":  # what "new" means here: each split's range and median of the order value
+        order = order_values(normalise_items(split.items), config.by)
+        splits = split.items["split"].tolist()
+        values = {name: sorted(o for o, s in zip(order, splits) if s == name and o is not None) for name in SPLITS}
+        # groups are atomic and as new as their newest member: their older members widen the ranges
+        metrics["order_range"] = {name: [vs[0], vs[-1]] if vs else None for name, vs in values.items()}
+        metrics["order_median"] = {name: vs[len(vs) // 2] if vs else None for name, vs in values.items()}
+        metrics["unordered_items"] = sum(o is None for o in order)
     write_json(metrics_path, metrics, sort_keys=False)
     return metrics

@@ -28,18 +28,21 @@ from lightclip.evaluation.ranking import (
     title_groups,
 )
 from lightclip.evaluation.stage import (
+    WHOLE,
     EvaluateInputs,
     EvaluateOutputs,
     ModelEvaluation,
     check_model_dirs,
     read_ranks,
     run_evaluate,
+    sample_catalogue,
     score_embeddings,
     summarise,
 )
 
 __all__ = [
     "DIRECTIONS",
+    "WHOLE",
     "KS",
     "EvaluateInputs",
     "EvaluateOutputs",
@@ -67,6 +70,7 @@ __all__ = [
     "retrieval_ranks",
     "read_ranks",
     "run_evaluate",
+    "sample_catalogue",
     "score_embeddings",
     "summarise",
     "title_groups",

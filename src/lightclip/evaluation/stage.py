@@ -9,6 +9,7 @@ promotion gate resamples for its interval), the DVC plot data and the same plots
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,21 +20,52 @@ import numpy as np
 
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
+from lightclip.data.geometry import check_items, model_geometry
 from lightclip.evaluation.embedding import Embeddings, embed_split
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.metrics import KS, evaluate_retrieval
 from lightclip.evaluation.ranking import DIRECTIONS, Positives, catalogue_positives
-from lightclip.imagecache import ImageCache, build_image_cache
+from lightclip.imagecache import ImageCache, build_image_cache, resize_mode_of
 from lightclip.io import read_json, staged_dir, torch_threads, write_json
-from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config
+from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info
 from lightclip.stage import StageContext
+
+
+#: The metrics prefix of a whole-catalogue evaluation (``lightclip evaluate --catalogue``) in place of a split name.
+WHOLE = "catalogue"
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvaluateInputs:
-    """The split catalogue (``data/split``); the models come from ``evaluate.models``."""
+    """The split catalogue (``data/split``); the models come from ``evaluate.models``.
+
+    ``whole``: evaluate every item, ignoring ``split`` (a new batch of products, a holdout), its
+    metrics named ``catalogue/...``; ``sample``: only that many items of it, drawn with ``seed``.
+    """
 
     catalogue: Path
+    whole: bool = False
+    sample: int | None = None
+    seed: int = 0
+
+    @property
+    def scope(self) -> str | None:
+        """What the metrics are named after: ``None`` (the config's split) or :data:`WHOLE`."""
+        return WHOLE if self.whole else None
+
+
+def sample_catalogue(catalogue: Catalogue, n: int | None, seed: int) -> Catalogue:
+    """``n`` items drawn with ``seed`` (catalogue order kept); every item for ``None`` or ``n`` >= its size."""
+    total = len(catalogue.items)
+    if n is None or n >= total:
+        return catalogue
+    if n < 1:
+        raise EvaluationError(f"--sample must be at least 1, got {n}")
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    return Catalogue(root=catalogue.root, items=catalogue.items.iloc[rows].reset_index(drop=True))
 
 
 @dataclass(frozen=True)
@@ -105,6 +137,18 @@ def score_embeddings(
     return result, positives, time.perf_counter() - t0
 
 
+def geometry_check(name: str, model_dir: Path | str, catalogue: Catalogue, items: Any) -> float | None:
+    """The share of ``items``' images in other shape buckets than the model's training catalogue
+    (``None`` when its model.json records none); one warning line when they differ clearly."""
+    checked = check_items(model_geometry(read_model_info(model_dir)), catalogue, items)
+    if checked is None:
+        return None
+    shift, warning = checked
+    if warning is not None:
+        log.warning("%s: %s", name, warning)
+    return shift
+
+
 def evaluate_model(
     name: str,
     model_dir: Path | str,
@@ -113,15 +157,20 @@ def evaluate_model(
     *,
     cache_dir: Path | str,
     progress: bool = False,
+    scope: str | None = None,
 ) -> ModelEvaluation:
-    """Embed ``config.split`` of ``catalogue`` with the model in ``model_dir`` and score it."""
-    items = catalogue.split(config.split)
+    """Embed ``config.split`` of ``catalogue`` (every item for ``scope`` :data:`WHOLE`) with the
+    model in ``model_dir`` and score it; the metrics are named ``<split or scope>/...``."""
+    whole = scope == WHOLE
+    items = catalogue.items.reset_index(drop=True) if whole else catalogue.split(config.split)
     if len(items) == 0:
-        raise EvaluationError(f"{catalogue.table_path}: split {config.split!r} has no items to evaluate")
+        raise EvaluationError(f"{catalogue.table_path}: " + ("no items to evaluate" if whole else f"split {config.split!r} has no items to evaluate"))
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    size = int(preprocess_config(model)["size"])
-    cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress)
+    shift = geometry_check(name, model_dir, catalogue, items)
+    pre = preprocess_config(model)
+    cache = build_image_cache(catalogue, None if whole else config.split, int(pre["size"]), cache_dir, progress=progress,
+                              resize_mode=resize_mode_of(pre))
     titles = [str(t) for t in items["title"]]
     emb = embed_split(model, tokenizer, cache, titles, config.batch_size)
 
@@ -129,11 +178,13 @@ def evaluate_model(
     result, positives, metric_seconds = score_embeddings(emb, titles, cache, attributes, config)
     n = len(items)
     embed_seconds = emb.image_seconds + emb.text_seconds
-    prefix = f"{config.split}/"
+    prefix = f"{scope or config.split}/"
     metrics = {prefix + k: v for k, v in result["metrics"].items()}
     metrics[prefix + "n_items"] = n
     metrics[prefix + "titles_truncated"] = int(emb.truncated.sum())
     metrics[prefix + "positive_pairs"] = int(positives.image_texts.size)
+    if shift is not None:
+        metrics[prefix + "geometry_shift"] = shift
     timings = {
         "encode_ms_per_item": 1000.0 * embed_seconds / n,
         "image_encode_ms_per_item": 1000.0 * emb.image_seconds / n,
@@ -254,24 +305,31 @@ def write_figures(results: Sequence[ModelEvaluation], split: str, figures_dir: P
 def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: EvaluateOutputs, context: StageContext) -> dict[str, float]:
     """The ``evaluate`` stage: every model of ``config.models`` on ``config.split``, outputs written.
 
-    Returns the metrics as logged: ``<model>/<split>/<metric>`` and ``<model>/timing/<name>``.
+    Returns the metrics as logged: ``<model>/<split>/<metric>`` and ``<model>/timing/<name>``
+    (``<model>/catalogue/<metric>`` for a whole catalogue: ``inputs.whole``).
     """
     catalogue = Catalogue.load(context.resolve(inputs.catalogue))
     model_dirs = check_model_dirs(config.models, context.project_dir)
-    if len(catalogue.split(config.split)) == 0:
+    scope = inputs.scope
+    label = scope or config.split
+    if inputs.whole:
+        catalogue = sample_catalogue(catalogue, inputs.sample, inputs.seed)
+        if len(catalogue.items) == 0:
+            raise EvaluationError(f"{catalogue.table_path}: no items to evaluate")
+    elif len(catalogue.split(config.split)) == 0:
         raise EvaluationError(f"{catalogue.table_path}: split {config.split!r} has no items to evaluate")
     # without a thread count, torch keeps the process's own (its default: the physical cores)
     with torch_threads(config.num_threads) if config.num_threads else nullcontext():
         results = [
-            evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=context.image_cache_dir, progress=context.progress)
+            evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=context.image_cache_dir, progress=context.progress, scope=scope)
             for name in config.models
         ]
     for r in results:  # record the paths as given in params (portable), not resolved
         r.model_dir = str(config.models[r.name])
-    write_outputs(results, config.split, metrics_path=context.resolve(outputs.metrics), plots_dir=context.resolve(outputs.plots),
+    write_outputs(results, label, metrics_path=context.resolve(outputs.metrics), plots_dir=context.resolve(outputs.plots),
                   figures_dir=None if outputs.figures is None else context.resolve(outputs.figures))
     if outputs.ranks is not None:
-        write_ranks(context.resolve(outputs.ranks), results, config.split, config.ks)
+        write_ranks(context.resolve(outputs.ranks), results, label, config.ks)
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update({f"{r.name}/{k}": v for k, v in r.metrics.items()})

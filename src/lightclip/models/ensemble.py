@@ -36,13 +36,13 @@ class EnsembleCLIP(nn.Module):
         if len(members) < 2:
             raise ModelError(f"an ensemble needs at least 2 members, got {len(members)}")
         pre = [preprocess_config(m) for m in members]
-        keys = ("size", "mean", "std")
+        keys = ("size", "mean", "std", "resize_mode")
         for i, cfg in enumerate(pre[1:], start=1):
             differ = [k for k in keys if cfg.get(k) != pre[0].get(k)]
             if differ:
                 raise ModelError(
                     f"ensemble member {i} preprocesses images differently from member 0 ({', '.join(differ)}: "
-                    f"{[cfg.get(k) for k in differ]} vs {[pre[0].get(k) for k in differ]}); members must share size, mean and std"
+                    f"{[cfg.get(k) for k in differ]} vs {[pre[0].get(k) for k in differ]}); members must share size, mean, std and resize mode"
                 )
         self.members = nn.ModuleList(members)
         scales = torch.stack([m.logit_scale.detach().reshape(()) for m in members])

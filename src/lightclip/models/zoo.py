@@ -47,7 +47,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
 
-from lightclip.config import ModelConfig
+from lightclip.config import RESIZE_MODES, ModelConfig
 from lightclip.io import atomic_write_bytes
 from lightclip.models.common import (
     ModelError,
@@ -170,10 +170,12 @@ def build_from_config(config: Mapping[str, Any], preprocess_cfg: Mapping[str, An
 def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``spec``'s model; returns ``(model, preprocess_cfg)``.
 
-    ``seed`` makes random initialisation reproducible without touching the global RNG.
+    ``seed`` makes random initialisation reproducible without touching the global RNG. The
+    spec's ``resize_mode`` becomes the model's (open_clip's name), which :func:`save_model` records.
     """
     config = spec.config
     pretrained = spec.pretrained
+    mode = {"resize_mode": RESIZE_MODES[spec.resize_mode]}
     if pretrained is not None and not Path(pretrained).expanduser().exists():
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         if pretrained not in tags:
@@ -188,12 +190,13 @@ def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module
                 f"could not fetch open_clip weights {spec.arch}/{pretrained}: {exc}. Downloads need network access "
                 "and HF_HUB_OFFLINE unset; offline, pass a local checkpoint path instead"
             ) from exc
+        open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), **mode})
         return model, preprocess_config(model)
 
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = build_from_config(config)
+        model = build_from_config(config, mode)
     model.lightclip_arch = spec.arch
     if pretrained is not None:
         path = Path(pretrained).expanduser()

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightclip.data.catalogue import Catalogue
 from lightclip.evaluation import embed_pairs, retrieval_metrics, title_groups
-from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise
+from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise, resize_mode_of
 from lightclip.losses import clip_loss
 from lightclip.models.zoo import encode_text, logit_scale_max, preprocess_config
 
@@ -44,8 +44,10 @@ class PairSet:
         return len(self.titles)
 
     @classmethod
-    def from_catalogue(cls, catalogue: Catalogue, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True) -> "PairSet":
-        cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress)
+    def from_catalogue(
+        cls, catalogue: Catalogue, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True, resize_mode: str = "crop"
+    ) -> "PairSet":
+        cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress, resize_mode=resize_mode)
         items = catalogue.split(split)
         return cls(images=cache, titles=tuple(str(t) for t in items["title"]))
 
@@ -77,7 +79,7 @@ def split_metrics(
     """
     if len(catalogue.split(split)) == 0:
         return {}
-    pairs = PairSet.from_catalogue(catalogue, split, image_size, cache_dir, progress=progress)
+    pairs = PairSet.from_catalogue(catalogue, split, image_size, cache_dir, progress=progress, resize_mode=resize_mode_of(preprocess_config(model)))
     image_emb, text_emb = embed_pairs(model, pairs.images, tokenizer(list(pairs.titles)), batch_size)
     return {f"{split}/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, pairs.groups).items()}
 
@@ -101,9 +103,12 @@ class ImageTextTask:
         pre = preprocess_config(model)
         self.mean, self.std = pre["mean"], pre["std"]
         self.image_size = int(pre["size"])
+        self.resize_mode = resize_mode_of(pre)
         for name, pairs in (("train", train), ("val", val)):
             if pairs is not None and pairs.images.image_size != self.image_size:
                 raise ValueError(f"{name} images are {pairs.images.image_size}px but the model expects {self.image_size}px")
+            if pairs is not None and pairs.images.resize_mode != self.resize_mode:
+                raise ValueError(f"{name} images were fitted by {pairs.images.resize_mode!r} but the model's resize_mode is {self.resize_mode!r}")
         self.hflip = hflip
         self.eval_batch_size = eval_batch_size
         self.train_tokens = tokenizer(list(train.titles))
