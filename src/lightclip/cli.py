@@ -236,6 +236,7 @@ def cmd_export_webdataset(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from lightclip.data.geometry import describe as describe_geometry
     from lightclip.validation import ValidateInputs, ValidateOutputs, run_validation
 
     config = _with(_params(args).validate_, on_error=args.on_error)
@@ -248,6 +249,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         artifacts=[(outputs.report, None), (outputs.quarantine, None)],
     )
     print(f"validation passed: {summary.rows_in} rows in, {summary.rows_out} out, {summary.rows_quarantined} quarantined; report: {args.report}")
+    print(f"  {summary.counts_line()}")
+    if summary.result is not None and summary.result.geometry.get("images"):
+        print(f"  image geometry: {describe_geometry(summary.result.geometry)}")
     return 0
 
 
@@ -313,6 +317,17 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Both towers of a saved model as ONNX graphs beside its weights (checked against PyTorch)."""
+    from lightclip.models.onnx_runtime import RUNTIME_DIR, export_onnx
+
+    info = export_onnx(Path(args.model), opset=args.opset)
+    worst = ", ".join(f"{tower} {value:.6f}" for tower, value in sorted(info["probe_worst_cosine"].items()))
+    print(f"{args.model}: image and text towers -> {Path(args.model) / RUNTIME_DIR} (opset {info['opset']}, "
+          f"onnxruntime {info['onnxruntime']}); worst cosine to PyTorch on the probe batch: {worst}")
+    return 0
+
+
 def cmd_teacher_embed(args: argparse.Namespace) -> int:
     from lightclip.teacher_cache import TeacherEmbedInputs, TeacherEmbedOutputs, run_teacher_embed
 
@@ -351,18 +366,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lightclip.evaluation import EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
+    from lightclip.evaluation import WHOLE, EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
 
     config = _with(_params(args).evaluate, models=_named_models(args.model))
-    outputs = EvaluateOutputs(metrics=Path(args.metrics), plots=Path(args.plots), figures=Path(args.figures), ranks=Path(args.ranks))
+    whole = args.catalogue is not None
+    if not whole and args.sample is not None:
+        raise CliError("--sample needs --catalogue DIR (a split is evaluated whole)")
+    # a whole catalogue's outputs go beside each other under reports/eval_catalogue/<name>, never over the stage's
+    base = Path("reports") / "eval_catalogue" / Path(args.catalogue).resolve().name if whole else None
+    defaults = {"metrics": "metrics/eval.json", "plots": "metrics/plots/eval", "figures": "reports/eval", "ranks": "metrics/eval_ranks.json"}
+    whole_defaults = {"metrics": "metrics.json", "plots": "plots", "figures": "figures", "ranks": "ranks.json"}
+    paths = {k: Path(getattr(args, k) or (base / whole_defaults[k] if base else defaults[k])) for k in defaults}
+    outputs = EvaluateOutputs(metrics=paths["metrics"], plots=paths["plots"], figures=paths["figures"], ranks=paths["ranks"])
+    source = Path(args.catalogue if whole else args.input)
+    inputs = EvaluateInputs(catalogue=source, whole=whole, sample=args.sample, seed=args.seed)
+    label = WHOLE if whole else config.split
+    run_params = {"evaluate": config.model_dump(mode="json"), "in": str(source)}
+    if whole:
+        run_params["sample"] = {"n": args.sample, "seed": args.seed}
     metrics = _stage(
-        args, "evaluate", {"evaluate": config.model_dump(mode="json"), "in": str(args.input)},
-        lambda context: run_evaluate(config, EvaluateInputs(catalogue=Path(args.input)), outputs, context),
-        tags=lambda _: {"lightclip.models": ",".join(config.models), "lightclip.split": config.split},
+        args, "evaluate", run_params,
+        lambda context: run_evaluate(config, inputs, outputs, context),
+        tags=lambda _: {"lightclip.models": ",".join(config.models), "lightclip.split": label},
         artifacts=[(outputs.metrics, None), (outputs.ranks, None), (outputs.plots, "plots"), (outputs.figures, "figures")],
     )
-    print(summarise(metrics, config.split, list(config.models)))
-    print(f"metrics: {args.metrics}; ranks: {args.ranks}; plot data: {args.plots}; figures: {args.figures}")
+    gallery = int(next(v for k, v in metrics.items() if k.endswith(f"/{label}/n_items")))
+    what = f"whole catalogue {source}" if whole else f"split {config.split!r} of {source}"
+    sampled = f" (a sample, seed {args.seed})" if whole and args.sample is not None and gallery == args.sample else ""
+    print(f"{what}: gallery of {gallery} items{sampled}")
+    print(summarise(metrics, label, list(config.models)))
+    print(f"metrics: {paths['metrics']}; ranks: {paths['ranks']}; plot data: {paths['plots']}; figures: {paths['figures']}")
     return 0
 
 
@@ -525,6 +558,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lightclip.service import run_serve
+
+    params = _params(args)
+    config = _with(params.serve, model=args.model, host=args.host, port=args.port, catalogue=args.catalogue, index=args.index)
+    run_serve(config, params.index, _project(args))
+    return 0
+
+
 def cmd_plots(args: argparse.Namespace) -> int:
     """The DVC plots of dvc.yaml as one self-contained HTML page (inline SVG: no CDN, works offline)."""
     from lightclip.plots import render
@@ -615,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--out", required=True, help="output model dir")
     ensemble.set_defaults(handler=cmd_ensemble)
 
+    export_onnx = commands.add_parser("export-onnx", help="export a saved model's towers to ONNX (ONNX Runtime: same vectors, less per-call overhead)")
+    export_onnx.add_argument("--model", required=True, metavar="DIR", help="a saved model dir; the graphs go to DIR/onnx/")
+    export_onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export_onnx.set_defaults(handler=cmd_export_onnx)
+
     temb = commands.add_parser("teacher-embed", help="embed train (and more) splits once with the frozen teacher (params: teacher_embed)")
     temb.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
     temb.add_argument("--teacher", default="models/teacher", help="teacher model dir (default: models/teacher)")
@@ -637,11 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics of each model on the test split (params: evaluate)")
     evaluate.add_argument("--in", dest="input", default="data/split", help="split catalogue (default: data/split)")
-    evaluate.add_argument("--metrics", default="metrics/eval.json", help="metrics per model, JSON (default: metrics/eval.json)")
-    evaluate.add_argument("--plots", default="metrics/plots/eval", help="DVC plot data directory (default: metrics/plots/eval)")
-    evaluate.add_argument("--figures", default="reports/eval", help="PNG figures directory (default: reports/eval)")
-    evaluate.add_argument("--ranks", default="metrics/eval_ranks.json",
-                          help="each query's rank per model, JSON: the gate's bootstrap interval (default: metrics/eval_ranks.json)")
+    evaluate.add_argument("--catalogue", metavar="DIR",
+                          help="evaluate every item of this catalogue (a new batch, a holdout), not a split; "
+                               "outputs default to reports/eval_catalogue/<DIR name>/")
+    evaluate.add_argument("--sample", type=int, metavar="N", help="with --catalogue: only N items, drawn with --seed")
+    evaluate.add_argument("--seed", type=int, default=0, help="the --sample draw's seed (default: 0)")
+    evaluate.add_argument("--metrics", help="metrics per model, JSON (default: metrics/eval.json)")
+    evaluate.add_argument("--plots", help="DVC plot data directory (default: metrics/plots/eval)")
+    evaluate.add_argument("--figures", help="PNG figures directory (default: reports/eval)")
+    evaluate.add_argument("--ranks", help="each query's rank per model, JSON: the gate's bootstrap interval (default: metrics/eval_ranks.json)")
     evaluate.add_argument("--model", action="append", metavar="NAME=DIR", help="evaluate this model instead of evaluate.models (repeatable)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -712,6 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
     plots.add_argument("--dvc-file", default="dvc.yaml", help="the pipeline file whose top-level plots to draw (default: dvc.yaml)")
     plots.add_argument("--out", help="HTML page to write (default: reports/plots.html in the project)")
     plots.set_defaults(handler=cmd_plots)
+
+    serve = commands.add_parser("serve", help="the HTTP retrieval service and storefront page over a registered model (params: serve)")
+    serve.add_argument("--model", help="NAME@ALIAS, NAME/VERSION or a model directory (default: serve.model, @production else @staging)")
+    serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: serve.port)")
+    serve.add_argument("--catalogue", help="the catalogue to serve (default: serve.catalogue)")
+    serve.add_argument("--index", help="an index to reuse when it records the served weights (default: serve.index)")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

@@ -31,6 +31,10 @@ ATTRIBUTE_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: ``model.resize_mode`` -> open_clip's ``resize_mode`` name (what model.json records).
+RESIZE_MODES: dict[str, str] = {"crop": "shortest", "pad": "longest", "squash": "squash"}
+
+
 class ConfigError(LightclipError, ValueError):
     """A params file that cannot be used; the message names the file, key and what is allowed."""
 
@@ -88,7 +92,15 @@ PIL_PIXEL_LIMIT: int = 2 * 89_478_485
 class ValidateConfig(StrictModel):
     """The Great Expectations suite run by the ``validate`` stage."""
 
-    on_error: Literal["fail", "quarantine"] = "fail"
+    #: ``quarantine``: rows failing an error-level check go to ``quarantine.csv`` with their reason
+    #: and the rest is the catalogue (a real export with two "NA" titles passes); ``fail``: any one fails the stage.
+    on_error: Literal["fail", "quarantine"] = "quarantine"
+    #: Above this fraction of quarantined rows the stage fails even in quarantine mode: a broken
+    #: export (a lost image folder) must not pass as a small catalogue.
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    #: Attribute values outside ``allowed_values`` (a growing taxonomy): ``warn`` keeps and counts
+    #: them per column, ``quarantine`` makes them an error-level row check, ``fail`` fails the stage naming the values.
+    unseen_values: Literal["warn", "quarantine", "fail"] = "warn"
     title_min_chars: int = Field(3, ge=1)
     title_max_chars: int = Field(200, ge=1)
     placeholder_titles: list[str] = Field(
@@ -122,12 +134,28 @@ class ValidateConfig(StrictModel):
 SplitSize = Union[int, float]
 
 
+#: ``split.by`` values besides an attribute column.
+SPLIT_ORDERS: tuple[str, ...] = ("random", "id_order")
+
+
 class SplitConfig(StrictModel):
-    """Deterministic train/val/test split; sizes are fractions (0-1) or item counts (>= 1)."""
+    """Deterministic train/val/test split; sizes are fractions (0-1) or item counts (>= 1).
+
+    ``by``: ``random`` (seeded), ``id_order`` (the largest ids are the test set, the next ones
+    val: new products) or an attribute column such as ``year`` (its latest values are the test set).
+    """
 
     seed: int = 0
     val: SplitSize = 0.1
     test: SplitSize = 0.2
+    by: str = "random"
+
+    @field_validator("by")
+    @classmethod
+    def _known_order(cls, value: str) -> str:
+        if value not in SPLIT_ORDERS and value not in ATTRIBUTE_COLUMNS:
+            raise ValueError(f"unknown split order {value!r}; allowed: {list(SPLIT_ORDERS)} or a column of {list(ATTRIBUTE_COLUMNS)}")
+        return value
 
     @field_validator("val", "test")
     @classmethod
@@ -189,6 +217,10 @@ class ModelConfig(StrictModel):
 
     arch: str = "lc-vit-t"
     pretrained: str | None = None
+    #: How an image is fitted to the model's square input (``lightclip.imagecache.fit_image``):
+    #: ``crop`` (shortest side, centre crop), ``pad`` (longest side, white borders), ``squash``.
+    #: Recorded in model.json, so evaluation, the index and serving use the model's own.
+    resize_mode: Literal["crop", "pad", "squash"] = "crop"
 
 
 class TrainConfig(StrictModel):
@@ -599,6 +631,36 @@ class BenchConfig(StrictModel):
         return _check_ks(value)
 
 
+class ServeConfig(StrictModel):
+    """``lightclip serve``: the retrieval service and storefront page (see ``lightclip.service``).
+
+    ``model``: a registered model at an alias (``name@alias``) or version (``name/3``), or a
+    model directory; the default ``@production`` falls back to ``@staging`` with a warning. The
+    index is always built from the served weights (cached by their sha256 under ``.cache/serve``,
+    or ``index`` reused when it records the same sha256); ``catalogue`` is what it indexes.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535, description="0 = any free port")
+    model: str = "lightclip-student@production"
+    catalogue: str = "data/split"
+    index: str = "models/index"
+    poll_seconds: float = Field(10.0, gt=0.0, description="how often the alias is re-read for a hot swap")
+    batch_window_ms: float = Field(2.0, ge=0.0, description="text queries arriving within this window are embedded together")
+    max_batch: int = Field(32, ge=1)
+    max_upload_bytes: int = Field(5_000_000, ge=1024)
+    max_query_chars: int = Field(300, ge=1)
+    k_default: int = Field(12, ge=1)
+    k_max: int = Field(100, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads for the model; null = the usable CPUs")
+
+    @model_validator(mode="after")
+    def _k(self) -> "ServeConfig":
+        if self.k_default > self.k_max:
+            raise ValueError(f"k_default ({self.k_default}) is above k_max ({self.k_max})")
+        return self
+
+
 # -- the model registry: register, gate, promote (see lightclip.registry) ----------------------
 
 _REGISTERED_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -725,6 +787,7 @@ class Params(StrictModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     index: IndexConfig = IndexConfig()
     bench: BenchConfig = BenchConfig()
+    serve: ServeConfig = ServeConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")  # `register` would shadow ABC.register
     promote: PromoteConfig = PromoteConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()

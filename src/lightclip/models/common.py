@@ -91,7 +91,21 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = False)
     length = int(tokens.argmax(dim=-1).max().item()) + 1
     if length >= tokens.shape[1]:
         return model.encode_text(tokens, normalize=normalize)
-    tokens = tokens[:, :length]
+    return encode_text_prefix(model, tokens[:, :length], normalize=normalize)
+
+
+def can_trim_text(model: nn.Module) -> bool:
+    """Whether :func:`encode_text_prefix` applies: an open_clip CLIP text tower, causal, argmax-pooled."""
+    return _can_trim_text(model)
+
+
+def encode_text_prefix(model: nn.Module, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """The text tower on token ids already cut after their end-of-text token (any length up to the context).
+
+    The length is read from the tensor's shape, never from its values, so the ONNX export traces
+    it as a dynamic axis.
+    """
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
