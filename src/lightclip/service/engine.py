@@ -30,7 +30,7 @@ import pandas as pd
 from lightclip.config import IndexConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.errors import LightclipError
-from lightclip.index import CatalogueIndex, CatalogueIndexError, IndexMismatchError, build_catalogue_index, normalise_rows, search_faiss
+from lightclip.index import CatalogueIndex, CatalogueIndexError, Hit, IndexMismatchError, build_catalogue_index, normalise_rows, search_faiss
 from lightclip.serving import Embedder, ServingError
 from lightclip.service.models import ResolvedModel
 
@@ -69,16 +69,6 @@ class Filters:
         if self.price_max is not None:
             out["price_max"] = self.price_max
         return out
-
-
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    row: int
-    id: str
-    title: str
-    score: float
-    attributes: dict[str, Any]
 
 
 @dataclass(frozen=True)
