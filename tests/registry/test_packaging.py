@@ -244,3 +244,6 @@ def test_version_tags_carry_the_gates_evidence_and_the_card_says_where_it_came_f
     assert f"- conditions: {conditions}; the machine was busy, so more rounds were measured" in card
     assert "- reference matmul 0.410 ms CPU (this machine's speed); wall-clock p50 of the encode, load included: 9.75 ms" in card
     assert "- images are resized to 64 px (shortest side, centre crop): fine detail below that is invisible to the model" in card
+    padded = packaging.model_card(name="xt", role="student", info={**info, "image": {"size": 64, "resize_mode": "longest"}}, metrics=metrics,
+                                  split="test", speed=speed, lineage=lineage, teacher=teacher, file_mb=13.0, embed_dim=32).splitlines()
+    assert "- images are resized to 64 px (longest side, padded): fine detail below that is invisible to the model" in padded

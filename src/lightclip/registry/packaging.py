@@ -329,6 +329,10 @@ def version_tags(
     return tags
 
 
+#: open_clip's resize modes (as model.json records them) in words, for the card
+_FITS = {"shortest": "shortest side, centre crop", "longest": "longest side, padded", "squash": "squashed to a square"}
+
+
 def _describe_value(value: Any) -> str:
     """``model.json`` extras in words: a list of dicts (the distillation edges) as ``a/b x1.0, ...``."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -428,7 +432,8 @@ def model_card(
         "L2-normalised embedding per row.",
         "",
         "## Limits",
-        f"- images are resized to {image.get('size', '?')} px (shortest side, centre crop): fine detail below that is invisible to the model",
+        f"- images are resized to {image.get('size', '?')} px ({_FITS.get(str(image.get('resize_mode', 'shortest')), image.get('resize_mode'))}): "
+        "fine detail below that is invisible to the model",
         f"- titles are cut at {tokenizer.get('context_length', '?')} tokens ({tokenizer.get('name', tokenizer.get('type', '?'))} tokenizer, English)",
         f"- metrics hold for this catalogue's {split} split only (same distribution as training); other catalogues need their own evaluation",
         "- latency was measured on the machine that registered the model; it is a relative number, not a serving SLA",
