@@ -50,6 +50,12 @@ def resize_mode_of(preprocess: Mapping[str, Any]) -> str:
     raise ImageCacheError(f"unknown resize_mode {name!r}; lightclip knows {sorted(RESIZE_MODES)} (open_clip: {sorted(RESIZE_MODES.values())})")
 
 
+def check_resize_mode(resize_mode: str) -> None:
+    """Refuse an unknown mode before any image is opened."""
+    if resize_mode not in RESIZE_MODES:
+        raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
+
+
 def fit_image(img: Image.Image, image_size: int, resize_mode: str = "crop") -> Image.Image:
     """An RGB image fitted to ``S x S`` (bicubic): the one resize of training and inference.
 
@@ -57,6 +63,7 @@ def fit_image(img: Image.Image, image_size: int, resize_mode: str = "crop") -> I
     ``pad``: longest side -> ``S``, centred on :data:`PAD_FILL` (keeps all of it, smaller);
     ``squash``: both sides -> ``S`` (keeps all of it, distorted).
     """
+    check_resize_mode(resize_mode)
     w, h = img.size
     if resize_mode == "crop":
         scale = image_size / min(w, h)
@@ -67,15 +74,14 @@ def fit_image(img: Image.Image, image_size: int, resize_mode: str = "crop") -> I
         return img.crop((left, top, left + image_size, top + image_size))
     if resize_mode == "squash":
         return img if (w, h) == (image_size, image_size) else img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    if resize_mode == "pad":
-        scale = image_size / max(w, h)
-        new_w, new_h = min(image_size, max(1, round(w * scale))), min(image_size, max(1, round(h * scale)))
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        canvas = Image.new("RGB", (image_size, image_size), PAD_FILL)
-        canvas.paste(img, ((image_size - new_w) // 2, (image_size - new_h) // 2))
-        return canvas
-    raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
+    # pad
+    scale = image_size / max(w, h)
+    new_w, new_h = min(image_size, max(1, round(w * scale))), min(image_size, max(1, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (image_size, image_size), PAD_FILL)
+    canvas.paste(img, ((image_size - new_w) // 2, (image_size - new_h) // 2))
+    return canvas
 
 
 class ImageCacheError(LightclipError, ValueError):
@@ -116,8 +122,7 @@ def decode_image(path: Path | IO[bytes], image_size: int, max_pixels: int = MAX_
 
     An image over ``max_pixels`` is refused from its header, before anything is decoded.
     """
-    if resize_mode not in RESIZE_MODES:
-        raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
+    check_resize_mode(resize_mode)
     try:
         with open_image(path, max_pixels) as img:
             img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= S
@@ -172,8 +177,7 @@ def build_image_cache(
     ``num_workers``: decoding threads; ``None`` = the CPUs this process may use (:func:`lightclip.io.default_threads`).
     ``resize_mode``: :func:`fit_image`'s (give the model's: :func:`resize_mode_of`).
     """
-    if resize_mode not in RESIZE_MODES:
-        raise ImageCacheError(f"unknown resize mode {resize_mode!r}; allowed: {sorted(RESIZE_MODES)}")
+    check_resize_mode(resize_mode)
     items = catalogue.items if split is None else catalogue.split(split)
     if len(items) == 0:
         raise CatalogueError(f"{catalogue.root}: split {split!r} has no items")

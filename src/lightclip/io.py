@@ -43,6 +43,25 @@ def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_format_json(path: Path | str, expected_format: str, error: type[Exception], *, missing: str, foreign: str | None = None) -> dict[str, Any]:
+    """A JSON object one of lightclip's writers stamped with ``"format": expected_format``.
+
+    A missing file raises ``error(missing)``; a file that is not JSON, or not of that format,
+    raises ``error`` naming it (``foreign``: the message for the latter, default: the format found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != expected_format:
+        raise error(foreign or f"{path}: unknown format {found!r}; expected {expected_format!r}")
+    return data
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write ``data`` to a per-process temporary sibling, then rename it over ``path``."""
     path = Path(path)

@@ -108,10 +108,14 @@ def mismatch(reference: Mapping[str, Any] | None, other: Mapping[str, Any], *, t
 MODEL_KEY = "train_geometry"
 
 
+def items_geometry(catalogue: Catalogue, items: Any) -> dict[str, Any]:
+    """The aspect-ratio summary of ``items``' images (rows of ``catalogue``), from their headers."""
+    return aspect_summary(header_sizes([catalogue.image_path(p) for p in items["image"]]))
+
+
 def catalogue_geometry(catalogue: Catalogue, split: str | None = None) -> dict[str, Any]:
     """The aspect-ratio summary of one split's images (``None``: every item), from their headers."""
-    items = catalogue.items if split is None else catalogue.split(split)
-    return aspect_summary(header_sizes([catalogue.image_path(p) for p in items["image"]]))
+    return items_geometry(catalogue, catalogue.items if split is None else catalogue.split(split))
 
 
 def model_geometry(info: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -120,11 +124,15 @@ def model_geometry(info: Mapping[str, Any]) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def check_items(reference: Mapping[str, Any] | None, catalogue: Catalogue, items: Any) -> tuple[float, str | None] | None:
-    """``(shift, warning or None)`` of ``items``' images against ``reference`` (a model's
+def compare(reference: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> tuple[float, str | None] | None:
+    """``(shift, warning or None)`` of a catalogue's ``summary`` against ``reference`` (a model's
     training geometry: :func:`model_geometry`); ``None`` when there is no reference. ``shift`` is
     :func:`difference`; the warning is :func:`mismatch`'s line."""
     if reference is None:
         return None
-    summary = aspect_summary(header_sizes([catalogue.image_path(p) for p in items["image"]]))
     return round(difference(reference, summary), 4), mismatch(reference, summary)
+
+
+def check_items(reference: Mapping[str, Any] | None, catalogue: Catalogue, items: Any) -> tuple[float, str | None] | None:
+    """:func:`compare` for ``items`` of ``catalogue`` (their headers are read only when there is a reference)."""
+    return None if reference is None else compare(reference, items_geometry(catalogue, items))

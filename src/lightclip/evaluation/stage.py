@@ -13,6 +13,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,13 +21,13 @@ import numpy as np
 
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
-from lightclip.data.geometry import check_items, model_geometry
+from lightclip.data.geometry import compare, items_geometry, model_geometry
 from lightclip.evaluation.embedding import Embeddings, embed_split
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.metrics import KS, evaluate_retrieval
 from lightclip.evaluation.ranking import DIRECTIONS, Positives, catalogue_positives
 from lightclip.imagecache import ImageCache, build_image_cache, resize_mode_of
-from lightclip.io import read_json, staged_dir, torch_threads, write_json
+from lightclip.io import read_format_json, staged_dir, torch_threads, write_json
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info
 from lightclip.stage import StageContext
 
@@ -137,10 +138,22 @@ def score_embeddings(
     return result, positives, time.perf_counter() - t0
 
 
-def geometry_check(name: str, model_dir: Path | str, catalogue: Catalogue, items: Any) -> float | None:
-    """The share of ``items``' images in other shape buckets than the model's training catalogue
-    (``None`` when its model.json records none); one warning line when they differ clearly."""
-    checked = check_items(model_geometry(read_model_info(model_dir)), catalogue, items)
+class CatalogueGeometry:
+    """The evaluated items' aspect-ratio summary, read from their headers once for every model."""
+
+    def __init__(self, catalogue: Catalogue, items: Any) -> None:
+        self.catalogue, self.items = catalogue, items
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        return items_geometry(self.catalogue, self.items)
+
+
+def geometry_check(name: str, model_dir: Path | str, geometry: CatalogueGeometry) -> float | None:
+    """The share of the evaluated images in other shape buckets than the model's training
+    catalogue (``None`` when its model.json records none); one warning line when they differ clearly."""
+    reference = model_geometry(read_model_info(model_dir))
+    checked = None if reference is None else compare(reference, geometry.summary)
     if checked is None:
         return None
     shift, warning = checked
@@ -158,16 +171,20 @@ def evaluate_model(
     cache_dir: Path | str,
     progress: bool = False,
     scope: str | None = None,
+    geometry: CatalogueGeometry | None = None,
 ) -> ModelEvaluation:
     """Embed ``config.split`` of ``catalogue`` (every item for ``scope`` :data:`WHOLE`) with the
-    model in ``model_dir`` and score it; the metrics are named ``<split or scope>/...``."""
+    model in ``model_dir`` and score it; the metrics are named ``<split or scope>/...``.
+
+    ``geometry``: the same items' shapes, shared by the models of one evaluation (read once).
+    """
     whole = scope == WHOLE
     items = catalogue.items.reset_index(drop=True) if whole else catalogue.split(config.split)
     if len(items) == 0:
         raise EvaluationError(f"{catalogue.table_path}: " + ("no items to evaluate" if whole else f"split {config.split!r} has no items to evaluate"))
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    shift = geometry_check(name, model_dir, catalogue, items)
+    shift = geometry_check(name, model_dir, geometry or CatalogueGeometry(catalogue, items))
     pre = preprocess_config(model)
     cache = build_image_cache(catalogue, None if whole else config.split, int(pre["size"]), cache_dir, progress=progress,
                               resize_mode=resize_mode_of(pre))
@@ -212,14 +229,8 @@ def write_ranks(path: Path, results: Sequence[ModelEvaluation], split: str, ks: 
 
 def read_ranks(path: Path) -> dict[str, Any]:
     """The file :func:`write_ranks` wrote; a missing, foreign or malformed one is an error naming it."""
-    if not Path(path).is_file():
-        raise EvaluationError(f"{path}: not found; run the evaluate stage (`lightclip evaluate --ranks {path}`)")
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise EvaluationError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != RANKS_FORMAT:
-        raise EvaluationError(f"{path}: not a ranks file of lightclip evaluate (format {RANKS_FORMAT!r})")
+    data = read_format_json(path, RANKS_FORMAT, EvaluationError, missing=f"{path}: not found; run the evaluate stage (`lightclip evaluate --ranks {path}`)",
+                            foreign=f"{path}: not a ranks file of lightclip evaluate (format {RANKS_FORMAT!r})")
     for name, entry in data.get("models", {}).items():
         if not isinstance(entry, dict) or any(not isinstance(entry.get(d), list) for d in DIRECTIONS):
             raise EvaluationError(f"{path}: model {name!r} has no i2t/t2i rank lists")
@@ -318,10 +329,12 @@ def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: Evalua
             raise EvaluationError(f"{catalogue.table_path}: no items to evaluate")
     elif len(catalogue.split(config.split)) == 0:
         raise EvaluationError(f"{catalogue.table_path}: split {config.split!r} has no items to evaluate")
+    geometry = CatalogueGeometry(catalogue, catalogue.items.reset_index(drop=True) if inputs.whole else catalogue.split(config.split))
     # without a thread count, torch keeps the process's own (its default: the physical cores)
     with torch_threads(config.num_threads) if config.num_threads else nullcontext():
         results = [
-            evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=context.image_cache_dir, progress=context.progress, scope=scope)
+            evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=context.image_cache_dir, progress=context.progress, scope=scope,
+                           geometry=geometry)
             for name in config.models
         ]
     for r in results:  # record the paths as given in params (portable), not resolved

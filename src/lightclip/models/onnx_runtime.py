@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from lightclip.data.catalogue import file_sha256
-from lightclip.io import default_threads, staged_dir, write_json
+from lightclip.io import default_threads, read_format_json, staged_dir, write_json
 from lightclip.models.common import ModelError, can_trim_text, encode_text, encode_text_prefix, preprocess_config
 from lightclip.models.ensemble import EnsembleCLIP
 from lightclip.models.zoo import INFO_FILE, load_model, load_tokenizer, read_model_info, weights_sha256
@@ -183,14 +182,8 @@ def read_runtime_info(model_dir: Path | str) -> dict[str, Any]:
     """``runtime.json``, checked against the model's weights and the graphs' bytes."""
     model_dir = Path(model_dir)
     path = model_dir / RUNTIME_DIR / RUNTIME_FILE
-    if not path.is_file():
-        raise RuntimeMismatchError(f"{model_dir}: no ONNX export ({path} missing); run `lightclip export-onnx --model {model_dir}`")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RuntimeMismatchError(f"{path}: not valid JSON: {exc}") from None
-    if info.get("format") != RUNTIME_FORMAT:
-        raise RuntimeMismatchError(f"{path}: unknown format {info.get('format')!r}; expected {RUNTIME_FORMAT!r}")
+    info = read_format_json(path, RUNTIME_FORMAT, RuntimeMismatchError,
+                            missing=f"{model_dir}: no ONNX export ({path} missing); run `lightclip export-onnx --model {model_dir}`")
     recorded = weights_sha256(model_dir)  # the weights' bytes, checked against model.json
     if info.get("weights_sha256") != recorded:
         raise RuntimeMismatchError(f"{path}: exported from weights sha256 {str(info.get('weights_sha256'))[:16]}..., but {model_dir / INFO_FILE} "

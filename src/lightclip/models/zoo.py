@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightclip.config import RESIZE_MODES, ModelConfig
-from lightclip.io import atomic_write_bytes
+from lightclip.io import atomic_write_bytes, read_format_json
 from lightclip.models.common import (
     ModelError,
     canonical_safetensors,
@@ -401,16 +401,7 @@ def save_model(model: nn.Module, spec: ModelSpec | str, directory: Path | str, *
 
 def read_model_info(directory: Path | str) -> dict[str, Any]:
     """The ``model.json`` of a saved model."""
-    path = Path(directory) / INFO_FILE
-    if not path.is_file():
-        raise ModelError(f"{directory}: not a saved lightclip model (no {INFO_FILE})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
-    if info.get("format") != MODEL_FORMAT:
-        raise ModelError(f"{path}: unknown format {info.get('format')!r}; expected {MODEL_FORMAT!r}")
-    return info
+    return read_format_json(Path(directory) / INFO_FILE, MODEL_FORMAT, ModelError, missing=f"{directory}: not a saved lightclip model (no {INFO_FILE})")
 
 
 def load_model(directory: Path | str) -> nn.Module:
