@@ -55,8 +55,16 @@ def test_data_stages_chain_and_are_tracked(project: Path, capsys: pytest.Capture
     assert set(split["split"]) == {"train", "val", "test"}
     assert (project / "reports" / "validation.md").is_file()
 
+    # --by overrides split.by for one run (pipelines/real splits one catalogue two ways)
+    assert main(["-q", "split", "--by", "id_order", "--out", "data/split_new", "--metrics", "metrics/split_new.json"]) == 0
+    assert json.loads((project / "metrics" / "split_new.json").read_text())["by"] == "id_order"
+    assert json.loads((project / "metrics" / "split.json").read_text())["by"] == "random"
+    capsys.readouterr()
+    assert main(["-q", "split", "--by", "newest", "--out", "data/split_bad"]) == 1
+    assert "--by 'newest'" in capsys.readouterr().err and not (project / "data" / "split_bad").exists()
+
     runs = _runs(project)
-    assert sorted(runs["tags.lightclip.stage"]) == ["split", "synth", "validate"]
+    assert sorted(runs["tags.lightclip.stage"]) == ["split", "split", "synth", "validate"]
     assert set(runs["status"]) == {"FINISHED"}
     for column in ("tags.lightclip.git_commit", "tags.lightclip.git_dirty", "tags.lightclip.data_hash"):
         assert runs[column].notna().all()

@@ -259,6 +259,11 @@ def cmd_split(args: argparse.Namespace) -> int:
     from lightclip.data.split import SplitInputs, SplitOutputs, run_split
 
     config = _params(args).split
+    if args.by is not None:  # one params file, several split orders (pipelines/real sweeps them)
+        try:
+            config = config.model_validate({**config.model_dump(), "by": args.by})
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise CliError(f"--by {args.by!r}: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
     counts = _stage(
         args, "split", {"split": config.model_dump(mode="json"), "in": str(args.input)},
         lambda context: run_split(config, SplitInputs(catalogue=Path(args.input)), SplitOutputs(catalogue=Path(args.out), metrics=Path(args.metrics)), context),
@@ -634,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--in", dest="input", default="data/validated", help="catalogue to split (default: data/validated)")
     split.add_argument("--out", default="data/split", help="where the split catalogue goes (default: data/split)")
     split.add_argument("--metrics", default="metrics/split.json", help="split sizes as JSON (default: metrics/split.json)")
+    split.add_argument("--by", help="order the split by this instead of split.by: random | id_order | an attribute column")
     split.set_defaults(handler=cmd_split)
 
     kg = commands.add_parser("build-kg", help="mine the FashionKLIP concept graph from the training titles (params: build_kg)")
