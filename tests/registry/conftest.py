@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from lightclip.config import SplitConfig, SynthConfig, load_params
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.split import assign_splits
 from lightclip.data.synth import generate_catalogue
+from lightclip.env import TELEMETRY_OFF
 from lightclip.evaluation import item_recall_scores
 from lightclip.evaluation.stage import RANKS_FORMAT
 from lightclip.io import read_json
@@ -36,6 +41,7 @@ STUDENT, TEACHER = "lightclip-student", "lightclip-teacher"
 #: Test mean recall per model (the teacher's is 60): a passes, b is far below the teacher,
 #: c passes and is within max_regression (1 point) of a.
 RECALLS = {"teacher": 60.0, "a": 57.0, "b": 40.0, "c": 56.8}
+PROMOTER = Path(__file__).with_name("promoter.py")
 
 
 def model_dir(name: str) -> str:
@@ -184,3 +190,58 @@ def mixed_request(assets: Path) -> pd.DataFrame:
     items = catalogue.split("test").head(4)
     images = [base64.b64encode(catalogue.image_path(p).read_bytes()).decode() for p in items["image"]]
     return pd.DataFrame({"text": list(items["title"]) + [None] * 4, "image": [None] * 4 + images})
+
+
+# -- two machines promoting at once ------------------------------------------------------------
+
+
+def machine_env(uri: str, actor: str) -> dict[str, str]:
+    """All a second machine knows: the tracking URI (no database or S3 credentials, no project)."""
+    keep = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    return {**keep, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": uri, "LIGHTCLIP_ACTOR": actor}
+
+
+def fake_versions(registry: ModelRegistry, name: str, recalls: list[float], test_set: str = "t") -> list[str]:
+    """Versions that carry only the tags the gate reads, with a source any store accepts."""
+    registry.ensure_model(name, "test")
+    tags = {TAG_TEACHER_RECALL: 60.0, TAG_ENCODE_MS: 1.0, TAG_TEST_SET: test_set}
+    return [str(registry.client.create_model_version(name, source=f"lightclip:/test/{name}", tags={**tags, TAG_MEAN_RECALL: r},
+                                                     await_creation_for=0).version) for r in recalls]
+
+
+def race_promotions(uri: str, name: str, versions: list[str], workdir: Path, rounds: int = 3) -> list[dict]:
+    """Each of ``versions`` promoted to ``@production`` ``rounds`` times by its own process (a
+    "machine", :mod:`promoter`), all starting together; returns the audit log's moves of ``name``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    machines = [subprocess.Popen([sys.executable, str(PROMOTER), name, v, str(rounds), str(workdir)], cwd=workdir,
+                                 env=machine_env(uri, f"machine-v{v}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for v in versions]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((workdir / f"ready-{v}").exists() for v in versions):
+            failed = [m for m in machines if m.poll() is not None]
+            assert not failed, f"a machine exited before starting: {failed[0].communicate()[0]}"
+            assert time.monotonic() < deadline, "the machines did not start within 120 s"
+            time.sleep(0.05)
+        (workdir / "go").touch()
+        for machine in machines:
+            output, _ = machine.communicate(timeout=240)
+            assert machine.returncode == 0, output
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+                machine.wait()
+    return [r for r in ModelRegistry(workdir, tracking_uri=uri).audit(name) if r["alias"] == "production"]
+
+
+def assert_moves_chain(registry: ModelRegistry, name: str, moves: list[dict], versions: list[str]) -> None:
+    """No lost update: each move starts where the previous ended, the alias is where the log
+    ends, the history is the log's targets, and every machine moved it at least once."""
+    assert len(moves) >= 2 and {r["actor"] for r in moves} == {f"machine-v{v}" for v in versions}
+    assert moves[0]["from"] is None
+    for before, after in zip(moves, moves[1:]):
+        assert after["from"] == before["to"], f"lost update: {before} then {after}"
+        assert after["seq"] > before["seq"]
+    assert registry.aliases(name)["production"] == moves[-1]["to"]
+    assert registry.history(name, "production") == [m["to"] for m in moves]

@@ -1,11 +1,14 @@
 """The alias store: promote and rollback with an audit trail, the gate re-checked under the lock,
-concurrent promotions serialised, clear errors. Versions here carry only the tags the gate reads
-(no logged model): the store never looks further."""
+concurrent promotions (two processes that share only the tracking URI) serialised, the lock of a
+killed holder taken over after its lease, clear errors. Versions here carry only the tags the
+gate reads (no logged model): the store never looks further."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -16,8 +19,12 @@ import pytest
 from lightclip.cli import main
 from lightclip.config import PromoteConfig
 from lightclip.errors import LightclipError
-from lightclip.registry.aliases import CARD_STATUS_MARKER, ModelRegistry, RegistryError, file_lock
+from lightclip.registry.aliases import CARD_STATUS_MARKER, INTERNAL_MODELS, ModelRegistry, RegistryError
+from lightclip.registry.audit import AUDIT_MODEL, IMPORTED_FROM_TAG
 from lightclip.registry.gate import Evidence, GateResult, gate
+from lightclip.registry.lock import LOCK_MODEL
+
+from .conftest import assert_moves_chain, race_promotions
 
 STUDENT = "lightclip-student"  # register.model_name in params.yaml
 
@@ -120,7 +127,7 @@ def test_the_lock_is_reentrant_for_its_holder_and_excludes_everyone_else(project
         move, again, _ = reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig(), action="register", reason="stage")
         assert result.passed and again.checks == result.checks and move.action == "register"
         # Another registry object (another process, or another user) waits for the lock.
-        with pytest.raises(RegistryError, match=r"registry lock is still held after 0s \(by pid \d+"):
+        with pytest.raises(RegistryError, match=r"registry lock is still held after 0.2s \(by pid \d+ on \S+ \(tester@ci\)"):
             other.promote(STUDENT, to="production", version=version, config=PromoteConfig())
         # Another thread using the same object waits too.
         thread = threading.Thread(target=same_object_other_thread)
@@ -133,50 +140,119 @@ def test_the_lock_is_reentrant_for_its_holder_and_excludes_everyone_else(project
     assert reg.aliases(STUDENT) == {"staging": version} and [r["action"] for r in reg.audit()] == ["register"]
 
 
-def _promote_worker(uri: str, project: str, version: str, rounds: int, barrier) -> None:
-    """One process promoting ``version`` to production ``rounds`` times, with a slow alias write."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ["LIGHTCLIP_ACTOR"] = f"worker-v{version}"
-    reg = ModelRegistry(project)
-    write_alias = reg.client.set_registered_model_alias
-
-    def slow_alias(*args, **kwargs):  # widen the read-then-write window a lost update needs
-        time.sleep(0.05)
-        return write_alias(*args, **kwargs)
-
-    reg.client.set_registered_model_alias = slow_alias
-    barrier.wait()
-    for i in range(rounds):
-        reg.promote(STUDENT, to="production", version=version, config=PromoteConfig(), reason=f"round {i}")
-        time.sleep(0.01)
-
-
-def test_concurrent_promotions_keep_aliases_consistent_with_the_audit_log(project):
+def test_concurrent_promotions_keep_aliases_consistent_with_the_audit_log(project, tmp_path: Path):
     reg = project.registry()
     assert [project.fake_version(57.0), project.fake_version(56.8)] == ["1", "2"]  # each passes the gate against the other
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    workers = [ctx.Process(target=_promote_worker, args=(project.uri, str(project.root), v, 3, barrier)) for v in ("1", "2")]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-        assert w.exitcode == 0
-
-    moves = [r for r in reg.audit() if r["alias"] == "production"]
-    assert len(moves) >= 2 and {r["actor"] for r in moves} == {"worker-v1", "worker-v2"}
-    assert moves[0]["from"] is None
-    for before, after in zip(moves, moves[1:]):
-        assert after["from"] == before["to"], f"lost update: {before} then {after}"
-    assert reg.aliases(STUDENT)["production"] == moves[-1]["to"]
-    assert reg.history(STUDENT, "production") == [m["to"] for m in moves]
+    moves = race_promotions(project.uri, STUDENT, ["1", "2"], tmp_path / "machines")
+    assert_moves_chain(reg, STUDENT, moves, ["1", "2"])
+    # The machines shared nothing but the store: no lock or log file anywhere.
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".lock", ".jsonl")]
+    assert reg.lock.holders() == []  # every ticket released
 
 
-def test_the_lock_times_out_with_a_clear_error(tmp_path: Path):
-    with file_lock(tmp_path / "registry.lock"):
-        with pytest.raises(RegistryError, match=r"registry lock is still held after 0s \(by pid \d+"):
-            with file_lock(tmp_path / "registry.lock", timeout=0.2):
+def test_the_lock_times_out_with_a_clear_error(project):
+    holder, waiter = project.registry(), ModelRegistry(project.root, lock_timeout=0.2)
+    with holder.locked():
+        with pytest.raises(RegistryError, match=rf"{project.uri}: the registry lock is still held after 0.2s \(by pid {os.getpid()} .* ticket 1,"):
+            with waiter.locked():
                 pass
+        assert [t.number for t in holder.lock.holders()] == [1]  # the waiter withdrew its ticket
+    with waiter.locked():  # released: free at once
+        pass
+    assert holder.lock.holders() == []
+
+
+def _hold_the_lock(uri: str, project: str, lease: float, ready) -> None:
+    """A process that takes the registry lock and keeps it (renewing) until it is killed."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["LIGHTCLIP_ACTOR"] = "doomed@ci"
+    reg = ModelRegistry(project, lock_lease=lease)
+    reg.lock.acquire()
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_killed_holders_lock_is_taken_over_after_its_lease_not_before(project):
+    lease = 1.0
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_the_lock, args=(project.uri, str(project.root), lease, ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(120)
+        # Alive, it renews its ticket: still held well past its lease.
+        with pytest.raises(RegistryError, match=rf"still held after 2.5s \(by pid {holder.pid} on \S+ \(doomed@ci\)"):
+            with ModelRegistry(project.root, lock_timeout=2.5).locked():
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(timeout=10)
+        killed = time.monotonic()
+        reg = project.registry()
+        version = project.fake_version(57.0)
+        move, result, _ = reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig())
+        waited = time.monotonic() - killed
+    finally:
+        if holder.is_alive():
+            holder.kill()
+    assert result.passed and move is not None and reg.aliases(STUDENT) == {"staging": version}
+    assert [(t.pid, t.holder) for t in reg.lock.taken_over] == [(str(holder.pid), "doomed@ci")]
+    assert waited < lease + 5.0  # the lease, the poll and the calls; the default timeout is 120 s
+    assert reg.lock.holders() == []
+
+
+def test_a_holder_past_its_lease_writes_nothing(project):
+    frozen = ModelRegistry(project.root, lock_lease=0.5)
+    version = project.fake_version(57.0)
+    with frozen.locked():
+        frozen.lock._stop.set()  # its renewals stop, as when the process is frozen or cut off from the server
+        frozen.lock._renewer.join(timeout=5)
+        time.sleep(0.8)
+        other = project.registry()
+        move, _, _ = other.promote(STUDENT, to="staging", version=version, config=PromoteConfig(), reason="took over")
+        assert move is not None and [t.holder for t in other.lock.taken_over] == ["tester@ci"]
+        with pytest.raises(RegistryError, match="this process lost the registry lock .* nothing more is written"):
+            frozen.promote(STUDENT, to="production", version=version, config=PromoteConfig())
+    assert frozen.aliases(STUDENT) == {"staging": version}
+    assert [(r["alias"], r["reason"]) for r in frozen.audit()] == [("staging", "took over")]
+
+
+def test_the_lock_and_the_log_live_in_the_registry_not_in_files(project, capsys: pytest.CaptureFixture[str]):
+    reg = project.registry()
+    v1, v2 = project.fake_version(57.0), project.fake_version(56.8)
+    reg.promote(STUDENT, to="staging", version=v1, config=PromoteConfig(), reason="first")
+    reg.promote(STUDENT, to="staging", version=v2, config=PromoteConfig(), reason="second")
+    assert not [p for p in project.root.rglob("*") if p.suffix in (".lock", ".jsonl")]
+    # Another client of the store (another machine, another project directory) reads the same log.
+    elsewhere = ModelRegistry(project.root / "elsewhere", tracking_uri=project.uri)
+    assert [(r["seq"], r["from"], r["to"], r["reason"]) for r in elsewhere.audit(STUDENT)] == [(1, None, v1, "first"), (2, v1, v2, "second")]
+    audit_versions = reg.client.search_model_versions(f"name = '{AUDIT_MODEL}'")
+    assert sorted(v.tags["lightclip.audit.to"] for v in audit_versions) == [v1, v2]
+    # The bookkeeping models are not offered as models.
+    assert set(INTERNAL_MODELS) == {AUDIT_MODEL, LOCK_MODEL}
+    assert main(["registry", "show", "@staging", "--name", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "registered: lightclip-student;" in err and AUDIT_MODEL not in err
+    assert main(["registry", "audit", "--name", STUDENT, "--last", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"audit log: registered model {AUDIT_MODEL} in {project.uri}") and "1 of 2 move(s)" in out[0]
+    assert out[1].split() [:1] == ["2"] and f"tester@ci: promote {STUDENT} @staging v{v1} -> v{v2}, gate pass: second" in out[1]
+
+
+def test_a_legacy_audit_file_is_imported_first_once(project):
+    legacy = project.root / "mlflow" / "registry_audit.jsonl"
+    old = [{"at": "2026-01-01T00:00:00.000+00:00", "actor": "old@box", "action": "register", "model": STUDENT, "alias": "staging",
+            "from": None, "to": "1", "reason": "before the registry log", "gate": "pass"}]
+    legacy.write_text("".join(json.dumps(r) + "\n" for r in old))
+    reg = project.registry()
+    assert reg.audit() == [{**old[0], "seq": 1}]  # read from the file until the registry log exists
+    version = project.fake_version(57.0)
+    reg.promote(STUDENT, to="production", version=version, config=PromoteConfig(), reason="new")
+    records = reg.audit()
+    assert [(r["seq"], r["actor"], r["reason"]) for r in records] == [(1, "old@box", "before the registry log"), (2, "tester@ci", "new")]
+    first = reg.client.get_model_version(AUDIT_MODEL, "1")
+    assert first.tags[IMPORTED_FROM_TAG] == str(legacy)
+    reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig())
+    assert [r["seq"] for r in reg.audit()] == [1, 2, 3]  # imported once
 
 
 def test_registry_error_is_a_lightclip_error_and_a_value_error():

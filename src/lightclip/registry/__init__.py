@@ -3,8 +3,11 @@
 * :mod:`~lightclip.registry.gate`: the promotion gate, a pure function from the evidence
   recorded on a version and the ``promote`` params to named checks with reasons;
 * :mod:`~lightclip.registry.aliases`: the alias store (:class:`ModelRegistry`): versions,
-  ``@staging``/``@production``, promote, rollback, alias history, the lock and the audit log,
-  and the ``lightclip registry list/show`` views;
+  ``@staging``/``@production``, promote, rollback, alias history, and the
+  ``lightclip registry list/show/audit`` views;
+* :mod:`~lightclip.registry.lock` and :mod:`~lightclip.registry.audit`: the registry lock and
+  the audit log of alias moves, both kept in the registry itself, so every client of one
+  tracking server shares them;
 * :mod:`~lightclip.registry.packaging`: what goes into a registered version (the
   models-from-code pyfunc, its tags and model card, the latency and test-set evidence);
 * :mod:`~lightclip.registry.stage`: the ``register`` stage.
@@ -18,8 +21,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from lightclip.registry.aliases import AliasMove, ModelRegistry, RegistryError, file_lock, format_version, format_versions
+from lightclip.registry.aliases import AliasMove, ModelRegistry, RegistryError, format_audit, format_version, format_versions
+from lightclip.registry.audit import AUDIT_MODEL, AuditLog
 from lightclip.registry.gate import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEACHER_RECALL, TAG_TEST_SET, Check, Evidence, GateResult, gate_tag
+from lightclip.registry.lock import LOCK_MODEL, RegistryLock, RegistryLockError
 
 #: Names of the register stage, imported on first use: the stage needs torch, open_clip and
 #: MLflow's model flavours, which take ``from lightclip.registry import ModelRegistry`` from
@@ -34,17 +39,22 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AUDIT_MODEL",
     "AliasMove",
+    "AuditLog",
     "Check",
     "Evidence",
     "GateResult",
+    "LOCK_MODEL",
     "ModelRegistry",
     "RegistryError",
+    "RegistryLock",
+    "RegistryLockError",
     "TAG_ENCODE_MS",
     "TAG_MEAN_RECALL",
     "TAG_TEACHER_RECALL",
     "TAG_TEST_SET",
-    "file_lock",
+    "format_audit",
     "format_version",
     "format_versions",
     "gate_tag",

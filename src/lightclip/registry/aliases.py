@@ -2,30 +2,30 @@
 and the views behind ``lightclip registry list/show``.
 
 Aliases (``@staging``, ``@production``; never the deprecated stages) move only inside
-:meth:`ModelRegistry.locked`: an exclusive file lock beside the store, under which the current
-holder is read, the gate checked, the alias moved, both versions tagged, the alias's history kept
-on the registered model (what ``rollback`` pops) and one line appended to the audit log
-(``registry_audit.jsonl``: who, when, action, from, to, why). Two promotions at once are
-serialised, so the aliases always match the end of the audit log.
+:meth:`ModelRegistry.locked`: the registry lock (:mod:`lightclip.registry.lock`, kept in the
+registry, so every client of one tracking store shares it), under which the current holder is
+read, the gate checked, the alias moved, both versions tagged, the alias's history kept on the
+registered model (what ``rollback`` pops) and one record appended to the audit log
+(:mod:`lightclip.registry.audit`, also in the registry: who, when, action, from, to, why). Two
+promotions at once, from one machine or two, are serialised, so the aliases always match the end
+of the audit log.
 
 A version's model card (its description) ends in a status section regenerated from the version's
 tags whenever they change here (a gate check, a move to or away from it): the gate verdicts
 through :meth:`GateResult.from_tags`, the aliases through :class:`AliasState`, the same objects
 that render those tags. The card and the tags cannot disagree after a promote or a rollback.
 
-MLflow is reached only here, in :mod:`lightclip.registry.packaging` (logging a model) and in
-:mod:`lightclip.tracking` (runs).
+MLflow is reached only here, in :mod:`~lightclip.registry.lock` and :mod:`~lightclip.registry.audit`
+(through the client this module passes them), in :mod:`lightclip.registry.packaging` (logging a
+model) and in :mod:`lightclip.tracking` (runs).
 """
 
 from __future__ import annotations
 
-import fcntl
 import getpass
-import json
 import os
 import socket
 import threading
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -38,11 +38,13 @@ from mlflow.tracking import MlflowClient
 
 from lightclip.config import PromoteConfig
 from lightclip.errors import LightclipError
+from lightclip.registry.audit import AUDIT_MODEL, LEGACY_FILE, AuditLog, summary
 from lightclip.registry.gate import TAG_ENCODE_MS, TAG_MEAN_RECALL, TAG_TEST_SET, Evidence, GateResult, gate, gate_tag
+from lightclip.registry.lock import DEFAULT_LEASE_S, LOCK_MODEL, RegistryLock, RegistryLockError
 from lightclip.tracking import TAG_PREFIX, TrackingTarget
 
-AUDIT_FILE = "registry_audit.jsonl"
-LOCK_FILE = "registry.lock"
+#: Registered models that hold lightclip's own bookkeeping, not models: left out of listings.
+INTERNAL_MODELS = (LOCK_MODEL, AUDIT_MODEL)
 ALIASES: tuple[str, ...] = ("staging", "production")
 HISTORY_LIMIT = 100
 ACTOR_ENV = "LIGHTCLIP_ACTOR"
@@ -76,37 +78,11 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def state_dir(tracking_uri: str, project_dir: Path) -> Path:
-    """Where the lock and the audit log live: beside a SQLite store, else ``<project>/mlflow``."""
+def legacy_audit_file(tracking_uri: str) -> Path | None:
+    """The audit file an older lightclip kept beside a SQLite store (imported into the registry's log once)."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///") :]).parent
-    return Path(project_dir).resolve() / "mlflow"
-
-
-@contextmanager
-def file_lock(path: Path, timeout: float = 120.0, poll: float = 0.05) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on ``path`` (released when the process dies, even killed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
-                    raise RegistryError(f"{path}: the registry lock is still held after {timeout:.0f}s (by {holder})") from None
-                time.sleep(poll)
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} ({actor()}) since {now_utc()}\n")
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return Path(tracking_uri[len("sqlite:///") :]).parent / LEGACY_FILE
+    return None
 
 
 @dataclass(frozen=True)
@@ -232,18 +208,22 @@ def _version_ref(text: str) -> tuple[str | None, str | None]:
 
 
 class ModelRegistry:
-    """The project's MLflow model registry, with alias moves serialised by a file lock."""
+    """The project's MLflow model registry, with alias moves serialised by the registry lock."""
 
-    def __init__(self, project_dir: Path | str, tracking_uri: str | None = None, *, lock_timeout: float = 120.0) -> None:
+    def __init__(self, project_dir: Path | str, tracking_uri: str | None = None, *, lock_timeout: float = 120.0,
+                 lock_lease: float = DEFAULT_LEASE_S) -> None:
         self.project_dir = Path(project_dir).resolve()
         self.uri = tracking_uri or TrackingTarget.for_project(self.project_dir, "lightclip").uri
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.state_dir = state_dir(self.uri, self.project_dir)
-        self.audit_path = self.state_dir / AUDIT_FILE
-        self.lock_path = self.state_dir / LOCK_FILE
-        self.lock_timeout = lock_timeout
+        self.audit_log = AuditLog(self.client, legacy_file=legacy_audit_file(self.uri))
+        self.lock = RegistryLock(self.client, where=self.uri, actor=actor(), lease_s=lock_lease, timeout_s=lock_timeout)
         self._lock_guard = threading.RLock()
         self._lock_depth = 0
+
+    @property
+    def audit_location(self) -> str:
+        """Where the audit log is, for a message: the registered model and the store."""
+        return f"registered model {AUDIT_MODEL} in {self.uri} (`lightclip registry audit`)"
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -258,7 +238,7 @@ class ModelRegistry:
         try:
             return self.client.get_registered_model(name)
         except MlflowException:
-            known = [m.name for m in self.client.search_registered_models()]
+            known = [m.name for m in self.client.search_registered_models() if m.name not in INTERNAL_MODELS]
             raise RegistryError(f"no registered model {name!r} in {self.uri} (registered: {', '.join(known) or 'none'}; run `lightclip register`)") from None
 
     def versions(self, name: str) -> list[ModelVersion]:
@@ -300,11 +280,10 @@ class ModelRegistry:
     def history(self, name: str, alias: str) -> list[str]:
         return _parse_history(self.model(name).tags.get(history_tag(alias)))
 
-    def audit(self) -> list[dict[str, Any]]:
-        """Every alias move recorded in the audit log, oldest first."""
-        if not self.audit_path.is_file():
-            return []
-        return [json.loads(line) for line in self.audit_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    def audit(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every alias move recorded in the audit log (of model ``name`` when given), oldest first,
+        each with its number in the log (``seq``)."""
+        return self.audit_log.records(name)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -334,12 +313,23 @@ class ModelRegistry:
         """
         with self._lock_guard:  # other threads of this process wait here; this thread re-enters
             outermost = self._lock_depth == 0
-            with file_lock(self.lock_path, timeout=self.lock_timeout) if outermost else nullcontext():
+            with self._hold() if outermost else nullcontext():
                 self._lock_depth += 1
                 try:
                     yield
                 finally:
                     self._lock_depth -= 1
+
+    @contextmanager
+    def _hold(self) -> Iterator[None]:
+        try:
+            self.lock.acquire()
+        except RegistryLockError as exc:
+            raise RegistryError(str(exc)) from None
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def refresh_card(self, name: str, version: str) -> str:
         """Regenerate the status section of ``version``'s model card from its tags; returns the card."""
@@ -423,6 +413,10 @@ class ModelRegistry:
               history: list[str] | None = None) -> AliasMove:
         """Move ``@alias`` to ``version``: alias, history, both versions' tags and cards, audit line. Under the lock."""
         with self.locked():
+            try:
+                self.lock.ensure_held()  # a holder whose lease ran out writes nothing
+            except RegistryLockError as exc:
+                raise RegistryError(str(exc)) from None
             current = self.aliases(name).get(alias)
             move = AliasMove(model=name, alias=alias, from_version=current, to_version=str(version), action=action, reason=reason,
                              actor=actor(), at=now_utc(), gate=gate_verdict)
@@ -438,11 +432,7 @@ class ModelRegistry:
             self.tag_version(name, str(version), move.holder_tags(), drop=(f"{gate_tag(alias)}.{NOT_STAGED_SUFFIX}",))
             if current is not None and current != str(version):
                 self.tag_version(name, current, move.replaced_tags())
-            self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.audit_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(move.record(), sort_keys=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            self.audit_log.append(move.record())
         return move
 
 
@@ -493,3 +483,12 @@ def format_version(registry: ModelRegistry, name: str, ref: str) -> str:
     lines += [f"  {k} = {val}" for k, val in sorted(v.tags.items())]
     lines += ["", v.description or "(no description)"]
     return "\n".join(lines)
+
+
+def format_audit(registry: ModelRegistry, name: str | None = None, last: int | None = None) -> str:
+    """The audit log, one move a line, oldest first (of model ``name`` only, the ``last`` N only, when given)."""
+    records = registry.audit(name)
+    shown = records[-last:] if last else records
+    rows = [f"audit log: {registry.audit_location}; {len(shown)} of {len(records)} move(s)"]
+    rows += [f"{r['seq']:>5}  {summary(r)}" for r in shown]
+    return "\n".join(rows)

@@ -42,7 +42,7 @@ STUDENT_MODEL_DESCRIPTION = (
     "(its description), lineage and metric tags, and the promotion gate's verdict and reasons (tags `lightclip.gate.<alias>`). "
     "Aliases: `@staging` is set by the register stage when the gate passes, `@production` by "
     "`lightclip registry promote --to production`; `lightclip registry rollback --alias ...` undoes a move. Every move is "
-    "recorded in the version tags `lightclip.alias.<alias>.*` and in `mlflow/registry_audit.jsonl`."
+    "recorded in the version tags `lightclip.alias.<alias>.*` and in the audit log, the registered model `lightclip-registry-audit` (`lightclip registry audit`)."
 )
 TEACHER_MODEL_DESCRIPTION = "lightclip teachers (FashionKLIP, knowledge-enhanced CLIP): the models the students are distilled from and gated against."
 
