@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import mlflow
 import pytest
+import requests
 
 from lightclip.cli import main
 from lightclip.config import TrackingConfig
@@ -28,8 +30,10 @@ from lightclip.tracking import (
     TAG_PID,
     TAG_STALE_CLOSED_COUNT,
     StageInterrupted,
+    StageRun,
     TrackingUnavailable,
     default_tracking_uri,
+    outage_window_seconds,
     pipeline_run,
     process_alive,
     process_start,
@@ -326,3 +330,22 @@ def test_process_alive_tells_a_reused_pid_and_another_boot_from_the_running_proc
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not process_alive(child.pid)
+
+
+# -- a server that goes away mid-stage (the real thing: tests/test_tracking_server_faults.py) --------
+
+
+def test_the_outage_a_stage_rides_out_is_the_sum_of_mlflows_retry_waits():
+    assert [outage_window_seconds(TrackingConfig(retries=r)) for r in range(6)] == [0.0, 0.0, 2.0, 6.0, 14.0, 30.0]
+
+
+def test_an_upload_that_cannot_connect_fails_naming_the_uri_and_the_window():
+    """Artifact uploads to a server raise the HTTP library's own error, not MLflow's: still an outage."""
+    handle = StageRun(SimpleNamespace(info=SimpleNamespace(run_id="r1")), "http://127.0.0.1:9", TrackingConfig(retries=4))
+
+    def upload() -> None:
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    with pytest.raises(TrackingUnavailable, match=r"^tracking store http://127.0.0.1:9 failed while run r1 was logging artifact x "
+                                                   r"\(gone longer than the ~14 s that tracking.retries 4 rides out\): Connection refused$"):
+        handle._write("logging artifact x", upload)

@@ -14,7 +14,10 @@ A store that does not answer fails the stage within seconds, with one line namin
 (:class:`TrackingUnavailable`): a server is probed with one bounded request (then retried
 ``tracking.retries`` times) before anything runs, and MLflow's own HTTP timeout and retries are
 set from ``params.yaml`` (``tracking.timeout_seconds``, ``tracking.retries``) instead of its
-defaults (7 retries, 2 min per request: about 4 minutes of silence). A SQLite store whose write
+defaults (7 retries, 2 min per request: about 4 minutes of silence). A server that goes away in
+the middle of a stage and comes back within the retry window (:func:`outage_window_seconds`: 2 s
+for ``retries`` 2, 14 s for 4, 30 s for 5; a restart takes about 6 s) is ridden out, every write
+retried; gone longer, the write fails naming the URI and the window. A SQLite store whose write
 lock another process holds is refused the same way, before the stage writes any output.
 
 A run is never left RUNNING: it ends FAILED when the stage raises and KILLED on SIGINT or
@@ -64,7 +67,7 @@ TAG_STALE_CLOSED_COUNT = f"{TAG_PREFIX}stale_runs_closed"
 HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 HTTP_BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
-HTTP_BACKOFF_FACTOR = 1  # seconds: retries wait 1, 2, 4, ... s (MLflow's default is 2)
+HTTP_BACKOFF_FACTOR = 1  # seconds: MLflow's retries (urllib3 2) wait 0, 2, 4, 8, ... s (MLflow's default factor is 2)
 
 #: Signals that end a stage's run as KILLED; the previous handlers come back after the stage.
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -212,6 +215,14 @@ def _one_line(exc: BaseException | str, limit: int = 300) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def outage_window_seconds(settings: TrackingConfig) -> float:
+    """How long a server may be gone (refusing connections) before a write fails: the sum of
+    MLflow's waits between its ``1 + retries`` attempts (urllib3 2: 0, 2, 4, ... s with our factor
+    1, each plus up to 1 s of jitter not counted here). A restart shorter than this is ridden out:
+    retries 2 -> 2 s, 4 -> 14 s, 5 -> 30 s."""
+    return float(sum(HTTP_BACKOFF_FACTOR * 2 ** (attempt - 1) for attempt in range(2, settings.retries + 1)))
+
+
 def apply_http_limits(settings: TrackingConfig) -> dict[str, str]:
     """Bound MLflow's HTTP client by ``settings`` for this process and the ones it starts."""
     values = {HTTP_TIMEOUT_ENV: str(settings.timeout_seconds), HTTP_RETRIES_ENV: str(settings.retries),
@@ -323,10 +334,12 @@ def _tcp_attempt(address: tuple[str, int], timeout: float) -> str | None:
 def _is_store_outage(exc: BaseException) -> bool:
     """Errors that say the store did not answer (or was locked), as opposed to a bad request."""
     from mlflow.exceptions import MlflowException
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout as RequestsTimeout
 
     if isinstance(exc, MlflowException):
         return exc.error_code == "TEMPORARILY_UNAVAILABLE" or str(exc.message).startswith("API request to")
-    return isinstance(exc, (ConnectionError, TimeoutError, sqlite3.OperationalError))
+    # artifact uploads to a server (proxied artifacts) raise the HTTP library's own errors
+    return isinstance(exc, (ConnectionError, TimeoutError, sqlite3.OperationalError, RequestsConnectionError, RequestsTimeout))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +523,10 @@ class StageRun:
             return call()
         except Exception as exc:
             if _is_store_outage(exc):
-                raise TrackingUnavailable(f"tracking store {self.uri} failed while run {self.run_id} was {what}: {_one_line(exc)}") from exc
+                window = (f" (gone longer than the ~{outage_window_seconds(self.settings):g} s that tracking.retries "
+                          f"{self.settings.retries} rides out)") if self.uri.startswith(("http:", "https:")) else ""
+                raise TrackingUnavailable(f"tracking store {self.uri} failed while run {self.run_id} was {what}{window}: "
+                                          f"{_one_line(exc)}") from exc
             raise
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
