@@ -30,7 +30,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -78,8 +78,11 @@ def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def backend() -> str:
-    """NCCL for CUDA tensors, gloo for CPU ones."""
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    """gloo for CPU tensors and, where CUDA is present, NCCL for CUDA ones (one group, chosen per tensor).
+
+    Not plain ``nccl`` on a CUDA machine: a model trained on the CPU there still needs gloo.
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
 def world() -> World:
@@ -93,8 +96,9 @@ def world() -> World:
         if not launched_by_torchrun():
             return World()
         chosen = backend()
-        if chosen == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if "nccl" in chosen and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)  # one GPU per rank, as NCCL expects
         dist.init_process_group(backend=chosen, timeout=TIMEOUT)
         log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), chosen)
     return World(
@@ -171,7 +175,7 @@ def gather_detached(tensor: torch.Tensor, current: World) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def encode_sharded(encode: Any, inputs: torch.Tensor, current: World) -> torch.Tensor:
+def encode_sharded(encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, current: World) -> torch.Tensor:
     """``encode(inputs)`` with the rows shared out over the ranks, gathered with gradients.
 
     For inputs that every rank holds whole (the batch's concept prompts): each rank encodes its
