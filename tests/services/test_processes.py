@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -15,6 +16,7 @@ from lightclip.services.processes import (
     ServicesError,
     group_members,
     is_alive,
+    kill_orphans,
     port_is_free,
     process_record,
     read_pid_file,
@@ -40,6 +42,21 @@ def test_start_detached_runs_in_its_own_group_and_stop_takes_the_whole_group(tmp
     process.wait(timeout=5)
     assert not is_alive(record) and group_members(process.pid) == []
     assert "up" in log.read_text() and "start:" in log.read_text()
+
+
+def test_the_orphans_of_a_killed_leader_are_cleared(tmp_path: Path):
+    """A leader killed with SIGKILL leaves its child running in the group: kill_orphans ends it,
+    whether the leader's zombie is reaped yet or not; a live leader's group is left alone."""
+    process = start_detached([sys.executable, "-c", PARENT_AND_CHILD], log_file=tmp_path / "svc.log", env=os.environ, cwd=tmp_path)
+    record = process_record(process.pid)
+    assert record is not None
+    wait_until(lambda: len(group_members(process.pid)) == 2, what="child", timeout_s=10)
+    assert kill_orphans(record) == [] and len(group_members(process.pid)) == 2  # the leader lives
+    os.kill(process.pid, signal.SIGKILL)
+    wait_until(lambda: not is_alive(record), what="leader gone", timeout_s=5)
+    orphans = kill_orphans(record)  # the leader is still an unreaped zombie here
+    assert len(orphans) == 1 and group_members(process.pid) == []
+    process.wait(timeout=5)
 
 
 def test_a_reused_pid_is_not_the_service(tmp_path: Path):

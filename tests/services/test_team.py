@@ -4,6 +4,7 @@ loses nothing, private credentials, and start-up errors that name the service an
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -95,6 +96,22 @@ def test_env_file_is_private_and_outside_git(team_services: TeamServices):
         assert found.returncode == 1
 
 
+def test_no_secret_on_a_command_line_or_in_a_file_others_can_read(team_services: TeamServices):
+    """`ps` shows every command line to every local user: passwords go through the environment and
+    files of mode 0600 only."""
+    secrets = [team_services.credentials.postgres_password, team_services.credentials.s3_secret_key]
+    pids = set()
+    for status in team_services.status():
+        pids.update(group_members(os.getpgid(status.pid)) if status.name != "postgres" else [status.pid])
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert not any(secret in cmdline for secret in secrets), cmdline
+    for path in team_services.state_dir.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o044:
+            text = path.read_bytes().decode(errors="replace")
+            assert not any(secret in text for secret in secrets), f"{path} is readable by others and holds a secret"
+
+
 def test_down_then_up_keeps_rows_objects_and_runs(team_services: TeamServices, tmp_path: Path):
     from mlflow import MlflowClient
 
@@ -127,6 +144,25 @@ def test_down_then_up_keeps_rows_objects_and_runs(team_services: TeamServices, t
     assert again.data.params == {"tag": tag} and again.data.metrics == {"score": 0.5} and again.info.status == "FINISHED"
     local = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).download_artifacts(run.info.run_id, "notes/tag.txt", dst_path=str(tmp_path))
     assert Path(local).read_text() == tag
+
+
+def test_a_killed_server_comes_back_with_start_service(team_services: TeamServices):
+    """SIGKILL of the MLflow server's leader leaves its uvicorn worker holding the port;
+    start_service clears that leftover group and starts it again on the same URL."""
+    from mlflow import MlflowClient
+
+    uri = team_services.env()["MLFLOW_TRACKING_URI"]
+    experiment = MlflowClient(tracking_uri=uri).create_experiment(f"killed-{uuid.uuid4().hex[:8]}")
+    leader = team_services.pid("mlflow")
+    assert leader is not None and len(group_members(leader)) >= 2
+    os.kill(leader, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while team_services.pid("mlflow") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert team_services.pid("mlflow") is None and group_members(leader)  # the worker is orphaned
+    team_services.start_service("mlflow")
+    assert group_members(leader) == [] and team_services.pid("mlflow") not in (None, leader)
+    assert MlflowClient(tracking_uri=uri).get_experiment(experiment).experiment_id == experiment
 
 
 def test_a_taken_port_is_named_before_anything_starts(tmp_path_factory: pytest.TempPathFactory, team_services: TeamServices):

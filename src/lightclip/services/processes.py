@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
@@ -77,7 +78,7 @@ def start_detached(command: Sequence[str], *, log_file: Path, env: Mapping[str, 
     """Start ``command`` in a new session (its own process group), stdout and stderr appended to ``log_file``."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
+    with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} start: {' '.join(command)}\n".encode())
         log.flush()
         try:
@@ -102,9 +103,11 @@ def stop_group(record: ProcessRecord, *, name: str, timeout_s: float, sig: signa
     """Send ``sig`` to the recorded process's group, wait up to ``timeout_s`` for the whole group to
     exit, then SIGKILL what is left. Returns True when it stopped within the grace period.
 
-    Only a process whose pid *and* start time match the record is signalled.
+    Only a process whose pid *and* start time match the record is signalled, or, when the
+    recorded leader is gone (killed with SIGKILL in a fault test), what is left of its group.
     """
     if not is_alive(record):
+        kill_orphans(record)
         return True
     try:
         pgid = os.getpgid(record.pid)
@@ -126,6 +129,26 @@ def stop_group(record: ProcessRecord, *, name: str, timeout_s: float, sig: signa
     elif is_alive(record):
         os.kill(record.pid, signal.SIGKILL)
     return False
+
+
+def kill_orphans(record: ProcessRecord) -> list[int]:
+    """SIGKILL what is left of a dead leader's process group (a server's workers still holding its
+    port); returns their pids. The kernel does not hand out a pid still in use as a group id, so
+    while the leader's pid is unused (or still the leader's zombie) every member of that group is
+    the service's own."""
+    if is_alive(record):
+        return []
+    current = process_record(record.pid)
+    if current is not None and current.start_ticks != record.start_ticks:
+        return []  # the pid belongs to another process now: not ours to judge
+    orphans = group_members(record.pid)
+    for pid in orphans:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while group_members(record.pid) and time.monotonic() < deadline:  # their ports close as they exit
+        time.sleep(0.05)
+    return orphans
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

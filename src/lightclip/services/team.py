@@ -37,6 +37,7 @@ from lightclip.services.processes import (
     ProcessRecord,
     ServicesError,
     is_alive,
+    kill_orphans,
     log_tail,
     port_is_free,
     process_record,
@@ -60,6 +61,7 @@ from lightclip.services.state import (
     s3_endpoint,
     write_private,
 )
+from lightclip.tracking import PARENT_RUN_ENV
 
 #: Where Debian's PostgreSQL 15 server binaries live (``LIGHTCLIP_PG_BIN`` overrides).
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -71,6 +73,8 @@ WORKER_NAMES = ("worker-1", "worker-2")
 #: Bounds of the readiness waits and graceful stops, seconds.
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
+#: How long a port of a just-stopped process may take to come free before it counts as taken.
+PORT_GRACE_S = 3.0
 
 
 def pg_bin() -> Path:
@@ -144,15 +148,31 @@ class _Service:
     def running(self) -> bool:
         return is_alive(self.record())
 
-    def check_ports(self) -> None:
-        """Fail before launching when another process holds one of this service's ports."""
+    def check_ports(self, grace_s: float = PORT_GRACE_S) -> None:
+        """Fail before launching when another process holds one of this service's ports.
+
+        A process that was just killed or stopped may hold its listening socket a moment longer
+        (its last threads are still exiting): each port gets ``grace_s`` to come free.
+        """
+        deadline = time.monotonic() + grace_s
         for port_name in self.port_names:
             port = self.ports[port_name]
+            while not port_is_free(port) and time.monotonic() < deadline:
+                time.sleep(0.1)
             if not port_is_free(port):
                 raise ServicesError(
                     f"{self.name}: port {port} ({port_name}) on 127.0.0.1 is in use by another process; stop it, or remove "
                     f"{self.state.ports_file} (with every service down) to pick new ports"
                 )
+
+    def clear_leftovers(self) -> None:
+        """Kill what is left of this service's last process group when its leader was killed (a
+        server's worker processes would still hold the port)."""
+        if self.process is not None and self.process.poll() is not None:
+            self.process = None  # reaped: the zombie of a leader this process started is gone
+        previous = self.record()
+        if previous is not None and not is_alive(previous):
+            kill_orphans(previous)
 
     def launch(self) -> None:
         self.launched_at = time.time()
@@ -175,7 +195,7 @@ class _Service:
 
     def stop(self) -> None:
         record = self.record()
-        if record is not None and is_alive(record):
+        if record is not None:  # a dead leader: stop_group only clears what is left of its group
             graceful = stop_group(record, name=self.name, timeout_s=self.stop_timeout_s, sig=self.stop_signal)
             if not graceful:
                 with open(self.log_file, "ab") as log:
@@ -268,7 +288,7 @@ class _Postgres(_Service):
             self._initdb()
         uid, gid = self._owner()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.touch()
+        self.log_file.touch(mode=0o600)
         os.chown(self.log_file, uid, gid)
         self.launched_at = time.time()
         self._run(self._as_postgres(
@@ -388,8 +408,7 @@ class _Mlflow(_Service):
     def command(self) -> list[str]:
         port = self.ports["mlflow"]
         return [
-            str(venv_tool("mlflow")), "server",
-            "--backend-store-uri", self.team.postgres_dsn("mlflow", driver="postgresql+psycopg"),
+            str(venv_tool("mlflow")), "server",  # the backend store URI (with its password) comes from the environment
             "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--allowed-hosts", f"127.0.0.1:{port},localhost:{port},127.0.0.1,localhost",
@@ -399,6 +418,7 @@ class _Mlflow(_Service):
         credentials = self.team.credentials
         return {
             **self.team.base_env(),
+            "MLFLOW_BACKEND_STORE_URI": self.team.postgres_dsn("mlflow", driver="postgresql+psycopg"),
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint(self.ports),
             "AWS_ACCESS_KEY_ID": credentials.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": credentials.s3_secret_key,
@@ -529,7 +549,7 @@ class TeamServices:
         """The environment every service starts with: this one, telemetry off, this venv first on PATH,
         tool homes in the state dir, and no client variables of another deployment."""
         env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("MLFLOW_", "PREFECT_", "AWS_")) and key != "LIGHTCLIP_PARENT_RUN_ID"}
+               if not key.startswith(("MLFLOW_", "PREFECT_", "AWS_")) and key != PARENT_RUN_ENV}
         env.update(TELEMETRY_OFF)
         env["HF_HUB_OFFLINE"] = "1"
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -555,8 +575,9 @@ class TeamServices:
         self._ports = self.state.ports(create=True)
         self._credentials = self.state.credentials(create=True)
         write_private(self.env_file, format_env_file(self.env()))
-        self.state.logs.mkdir(parents=True, exist_ok=True)
-        self.state.run.mkdir(parents=True, exist_ok=True)
+        for directory in (self.state.logs, self.state.run):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o711)  # the postgres user writes its log and pid there; nobody lists them
 
     def up(self) -> None:
         """Start every service that is not running, in dependency order, and wait until all are ready."""
@@ -567,6 +588,7 @@ class TeamServices:
     def _start(self, names: list[str]) -> None:
         to_start = [self._services[name] for name in names]
         for service in to_start:
+            service.clear_leftovers()
             service.check_ports()
         waited: set[str] = set()
 
@@ -674,7 +696,8 @@ class TeamServices:
         return statuses
 
     def pid(self, name: str) -> int | None:
-        """The pid of a running service (fault tests kill it), else None."""
+        """The pid of a running service, else None. Fault tests kill it; ``start_service`` then
+        also clears what is left of its process group (a killed server's workers)."""
         self._check_name(name)
         record = self._services[name].record()
         return record.pid if is_alive(record) else None
