@@ -5,15 +5,18 @@ One task per top-level stage of ``dvc.yaml`` (in dependency order, ``register`` 
 Prefect adds runs, schedules, retries and the UI. The logic lives in :mod:`lightclip.orchestration`;
 this file only wires Prefect around it.
 
-    python pipelines/retrain.py [--data DIR] [-S key=value ...] [--no-auto-promote] [--force]
+    python pipelines/retrain.py [--data DIR] [-S key=value ...] [--no-auto-promote] [--force] [--worktree]
 
 uses the server of ``make prefect-server`` when it is up (or ``PREFECT_API_URL``), else a
-temporary one whose runs are not kept. The deployment ``retrain/scheduled``: ``pipelines/deploy.py``.
+temporary one whose runs are not kept. The deployment ``retrain/scheduled``: ``pipelines/deploy.py``
+(served, in place); ``retrain/pool`` on a work pool, each run in its own git worktree:
+``pipelines/deploy_pool.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,6 +87,8 @@ def retrain(
     auto_promote: bool | None = None,
     force: bool = False,
     save_experiment: bool = True,
+    workspace: str = "in-place",
+    push: bool = False,
 ):
     """Retrain when data, code or params changed; else end "up to date" without running a stage.
 
@@ -91,19 +96,37 @@ def retrain(
     ``params_overrides``: ``{"pretrain.train.epochs": "30"}``, applied like ``dvc exp run -S``.
     ``auto_promote``: sets ``promote.auto`` (None: as in ``params.yaml``). ``force``: run every
     stage even when nothing changed. ``save_experiment``: record the run with ``dvc exp save``.
+    ``workspace``: ``in-place`` runs in the project's working tree (one run at a time);
+    ``worktree`` in a fresh git worktree of its ``HEAD``, removed after the run, so that runs on
+    several workers at once never share files (results: the DVC experiment, the shared DVC
+    cache, MLflow). ``push``: ``dvc push`` the outputs to the default DVC remote after the run.
     """
     logger = get_run_logger()
-    project = Path(project_dir).resolve() if project_dir else REPO_ROOT
+    origin = Path(project_dir).resolve() if project_dir else REPO_ROOT
+    project = origin
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    report = orch.RetrainReport(status="failed", message="", project=str(project), prefect_flow_run_id=flow_run_id)
+    report = orch.RetrainReport(status="failed", message="", project=str(origin), prefect_flow_run_id=flow_run_id)
+    place: orch.Workspace | None = None
     try:
+        attempt = runtime_flow_run.run_count or 1
+        crash_retries = load_params(origin / orch.PARAMS_FILE).orchestration.crash_retries
+        if not orch.crash_retry_budget_left(attempt, crash_retries):
+            raise orch.OrchestrationError(f"attempt {attempt} of this flow run: it crashed {attempt - 1} times, and orchestration.crash_retries is {crash_retries}; not starting it again")
+        if attempt > 1:
+            logger.warning("attempt %d of this flow run (the earlier one crashed: its worker or machine was lost)", attempt)
         overrides = orch.normalise_overrides(params_overrides)
         if auto_promote is not None:
             overrides["promote.auto"] = auto_promote
         report.overrides = overrides
+        env = orch.stage_env()
+        if workspace == "worktree":
+            place = orch.create_workspace(origin, flow_run_id or f"local-{os.getpid()}", env, logger.info)
+            project, env = place.path, orch.workspace_env(place, env)
+            report.workspace = str(place.path)
+        elif workspace != "in-place":
+            raise orch.OrchestrationError(f"workspace={workspace!r}: expected one of {orch.WORKSPACE_MODES}")
         groups = orch.stage_groups(project)
         report.stages = [g.name for g in groups]
-        env = orch.stage_env()
         prepared = prepare(project, data, overrides, env)
         report.data_hash = prepared["data_hash"]
         status = check_changes(project, env)
@@ -120,12 +143,17 @@ def retrain(
         stage = run_stage.with_options(retries=config.retries, retry_delay_seconds=config.retry_delays())
         exp_name = orch.experiment_name(runtime_flow_run.name) if save_experiment and orch.git_has_commit(project) else None
         tags = orch.parent_run_tags(flow_run_id, runtime_flow_run.name, _ui_url(), runtime_deployment.name)
+        if place is not None:
+            tags.update({"lightclip.workspace": str(place.path), "lightclip.workspace_commit": place.commit, "prefect.flow_run_attempt": str(attempt)})
         run_params = {"flow": "retrain", "stages": ",".join(report.stages), "force": force, "data": data or "tracked", "overrides": overrides}
-        with pipeline_run(f"retrain-{runtime_flow_run.name or 'local'}", run_params, project_dir=project, experiment=params.tracking.experiment, tags=tags, settings=params.tracking) as run:
+        # The parent run belongs to the project (its store, its artifact root), also when the stages run in a workspace.
+        with pipeline_run(f"retrain-{runtime_flow_run.name or 'local'}", run_params, project_dir=origin, experiment=params.tracking.experiment, tags=tags, settings=params.tracking) as run:
             report.mlflow_run_id, report.mlflow_experiment = run.run_id, params.tracking.experiment
             _tag_flow_run(flow_run_id, orch.mlflow_flow_run_tag(run.run_id))
             logger.info("MLflow parent run %s (experiment %s)", run.run_id, params.tracking.experiment)
             stage_env = orch.stage_env({"LIGHTCLIP_PARENT_RUN_ID": run.run_id, **({"DVC_EXP_NAME": exp_name} if exp_name else {})})
+            if place is not None:
+                stage_env = orch.workspace_env(place, stage_env)
             for group in groups:
                 try:
                     outcome = stage.with_options(name=f"stage-{group.name}", task_run_name=group.name)(project, group, stage_env, force)
@@ -140,6 +168,8 @@ def retrain(
                     run.set_tags({"lightclip.dvc_exp_name": exp_name})
                 except orch.OrchestrationError as exc:
                     logger.warning("the run is not saved as a DVC experiment: %s", exc)
+            if push:
+                orch.push_outputs(project, stage_env, logger.info)
         report.status = "retrained"
         report.message = f"Retrained: ran {len(report.stages_run)} stage(s) ({', '.join(report.stages_run) or 'none'})."
         report.metrics, report.register = orch.report_metrics(project), orch.read_register(project)
@@ -153,6 +183,12 @@ def retrain(
             report.message += f"\n\nThe stages after {report.failed_stage!r} did not run, so {last[0]!r} did not: the registry and its aliases (@staging) are as they were."
         _publish(report)
         raise
+    finally:
+        if place is not None:
+            try:
+                orch.remove_workspace(origin, place.path)
+            except OSError as exc:  # the run's outcome stands; the leftover is replaced by a retry of this run
+                logger.warning("workspace %s was not removed: %s", place.path, exc)
 
 
 def _ui_url() -> str | None:
@@ -175,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote.add_argument("--no-auto-promote", dest="auto_promote", action="store_const", const=False, help="set promote.auto: false")
     parser.add_argument("--force", action="store_true", help="run every stage even when nothing changed")
     parser.add_argument("--no-save-experiment", dest="save_experiment", action="store_false", help="do not `dvc exp save` the run")
+    parser.add_argument("--worktree", dest="workspace", action="store_const", const="worktree", default="in-place", help="run in a fresh git worktree of the project's HEAD (removed after the run)")
+    parser.add_argument("--push", action="store_true", help="`dvc push` the outputs to the default DVC remote after the run")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -190,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             auto_promote=args.auto_promote,
             force=args.force,
             save_experiment=args.save_experiment,
+            workspace=args.workspace,
+            push=args.push,
             return_state=True,
         )
     print(f"flow run ended {state.name}: {state.message or ''}".rstrip(), flush=True)

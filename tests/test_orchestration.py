@@ -204,6 +204,65 @@ def test_save_experiment_records_the_flows_pipeline_when_another_pipeline_has_no
     assert not (fake_project / "models" / "other").exists()
 
 
+# -- a workspace per flow run ----------------------------------------------------------------------
+
+
+def test_a_workspace_is_a_worktree_of_head_that_shares_the_cache_and_the_experiments(fake_project: Path, projects, tmp_path: Path):
+    origin = fake_project
+    projects.run(orch.dvc_command("remote", "add", "-d", "store", "../remote"), origin)  # stored relative to .dvc/, as .dvc-remote is
+    projects.run(orch.dvc_command("remote", "modify", "--local", "store", "verify", "true"), origin)  # a local-only setting
+    projects.commit(origin, "a remote")
+    (origin / "params.yaml").write_text((origin / "params.yaml").read_text().replace("seed: 0", "seed: 5"))  # not committed
+    lines: list[str] = []
+    env = orch.stage_env()
+
+    place = orch.create_workspace(origin, "run/1", env, lines.append)
+    assert place.path == origin / orch.WORKSPACES_DIR / "run-1" and place.origin == origin
+    assert place.commit == projects.run(["git", "rev-parse", "HEAD"], origin).strip()
+    assert "seed: 0" in (place.path / "params.yaml").read_text()  # HEAD, not the uncommitted edit
+    assert any("uncommitted changes" in line and "params.yaml" in line for line in lines), lines
+    local = (place.path / ".dvc" / "config.local").read_text()
+    assert str(origin / ".dvc" / "cache") in local and str((origin / "../remote").resolve()) in local and "verify = true" in local
+
+    for group in orch.stage_groups(place.path):
+        orch.run_stage_group(place.path, group, env=env, log=lambda line: None)
+    produced = yaml.safe_load((place.path / "dvc.lock").read_text())["stages"]["prep"]["outs"][0]["md5"]
+    assert (origin / ".dvc" / "cache" / "files" / "md5" / produced[:2] / produced[2:]).is_file()  # the shared cache
+    orch.save_experiment(place.path, "exp-in-a-worktree", env)
+    assert "exp-in-a-worktree" in projects.run(orch.dvc_command("exp", "list", "--name-only"), origin)
+    assert not (origin / "dvc.lock").exists() and not (origin / "out").exists()  # the project's tree: untouched
+
+    (place.path / "leftover").write_text("of a crashed attempt")
+    again = orch.create_workspace(origin, "run/1", env, lines.append)  # the same flow run, once more
+    assert again.path == place.path and not (place.path / "leftover").exists()
+    orch.remove_workspace(origin, again.path)
+    assert not again.path.exists()
+    assert projects.run(["git", "worktree", "list", "--porcelain"], origin).count("worktree ") == 1
+
+
+def test_a_workspace_needs_a_commit(tmp_path: Path, projects):
+    project = projects.create(tmp_path / "p", "split:\n  seed: 0\n", git=True)
+    with pytest.raises(orch.OrchestrationError, match="git repository with a commit"):
+        orch.create_workspace(project, "x", orch.stage_env(), lambda line: None)
+
+
+def test_workspace_env_runs_the_workspaces_code_and_logs_into_the_projects_store(tmp_path: Path):
+    origin, path = tmp_path / "origin", tmp_path / "ws"
+    (path / "src" / "lightclip").mkdir(parents=True)
+    place = orch.Workspace(origin=origin, path=path, commit="abc")
+    env = orch.workspace_env(place, {"PATH": "/bin", "PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(path / "src"), "/elsewhere"]
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{origin.resolve()}/mlflow/mlflow.db"
+    assert orch.workspace_env(place, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+
+
+def test_a_crashed_run_may_start_again_crash_retries_times():
+    assert orch.crash_retry_budget_left(1, 0)
+    assert not orch.crash_retry_budget_left(2, 0)
+    assert orch.crash_retry_budget_left(2, 1) and not orch.crash_retry_budget_left(3, 1)
+    with pytest.raises(ConfigError, match="heartbeat_timeout_seconds"):
+        parse_params({"orchestration": {"heartbeat_timeout_seconds": 30}})  # heartbeats come every 30 s
+
 def test_stage_env_puts_this_venv_first_and_telemetry_off(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "/usr/bin")
     env = orch.stage_env({"LIGHTCLIP_PARENT_RUN_ID": "abc"})

@@ -14,12 +14,16 @@ decides *what* runs and reports on it, so that the flow file only wires Prefect 
 - :func:`pipeline_status`: ``dvc status`` over ``dvc.yaml`` and ``data.dvc``; empty means every stage's
   code, data, params and outputs match what its last successful run recorded in ``dvc.lock``,
   i.e. the flow is "up to date" and ends without running a stage.
+- :func:`create_workspace`: a flow run's own git worktree of the project (``workspace="worktree"``,
+  the pool deployment), so that runs at once on several workers never touch each other's files;
+  they share the DVC cache, the DVC remote and the tracking server, never a working tree.
 - :class:`RetrainReport`: the Markdown artifact each flow run ends with (metrics, gate verdict,
   MLflow run, model version).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -30,12 +34,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import networkx as nx
 import yaml
+from dvc.config import Config as DvcConfig
+from dvc.config_schema import RelPath
 from dvc.repo import Repo
 from dvc.utils.hydra import apply_overrides
 
@@ -44,7 +51,7 @@ from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.env import TELEMETRY_OFF
 from lightclip.errors import LightclipError
 from lightclip.io import staged_dir
-from lightclip.tracking import data_version, flatten
+from lightclip.tracking import data_version, default_tracking_uri, flatten
 
 DVC_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
@@ -60,6 +67,14 @@ DEFAULT_PREFECT_PORT = 4200
 ERROR_TAIL_LINES = 40
 #: Seconds an interrupted ``dvc repro`` and its stage get to end (and close their MLflow runs) before SIGKILL.
 STOP_GRACE_S = 10.0
+#: Where a flow run's own workspace (a git worktree) lives: git and DVC ignore ``.dvc/tmp``, as
+#: for DVC's own ``exp run --temp`` workspaces.
+WORKSPACES_DIR = ".dvc/tmp/lightclip-workspaces"
+#: ``in-place``: the project's working tree (``make serve``, one run at a time); ``worktree``: a
+#: fresh git worktree of the project's ``HEAD`` per flow run (the pool deployment).
+WORKSPACE_MODES: tuple[str, ...] = ("in-place", "worktree")
+#: Seconds between a flow run's heartbeats: Prefect's minimum (``flow_engine.MINIMUM_HEARTBEAT_INTERVAL``).
+HEARTBEAT_SECONDS = 30
 
 Log = Callable[[str], None]
 
@@ -592,7 +607,152 @@ def save_experiment(project: Path, name: str, env: Mapping[str, str]) -> None:
     project = Path(project)
     include = [arg for path in experiment_files(project) for arg in ("--include-untracked", path)]
     message = f"lightclip retrain: experiment {name}"
-    _run_checked(dvc_command("exp", "save", "--name", name, "--message", message, *include, *experiment_targets(project)), project, env)
+    with repository_lock(project):  # git worktrees of one repository share refs/exps (stash, exec refs)
+        _run_checked(dvc_command("exp", "save", "--name", name, "--message", message, *include, *experiment_targets(project)), project, env)
+
+
+# -- a workspace per flow run ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A flow run's own checkout of ``origin``: a git worktree at ``commit``, sharing the DVC cache."""
+
+    origin: Path
+    path: Path
+    commit: str
+
+
+def git_common_dir(project: Path) -> Path:
+    """The repository's shared git directory (the same for every worktree of it)."""
+    result = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=project, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OrchestrationError(f"{project} is not a git repository: {result.stderr.strip()}")
+    return Path(result.stdout.strip())
+
+
+@contextmanager
+def repository_lock(project: Path) -> Iterator[None]:
+    """Hold the repository's lock: one worktree added or removed, or one ``dvc exp save``, at a time.
+
+    Worktrees share the git directory, so two flow runs finishing at once would race on DVC's
+    experiment refs (``refs/exps/workspace``, the exec refs) and on git's worktree list.
+    """
+    path = git_common_dir(project) / "lightclip-workspaces.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def workspace_path(origin: Path, name: str) -> Path:
+    """Where the workspace named ``name`` (a flow run id) of ``origin`` lives."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "manual"
+    return Path(origin).resolve() / WORKSPACES_DIR / slug
+
+
+def remove_workspace(origin: Path, path: Path) -> None:
+    """Delete a workspace and forget its worktree (also a crashed attempt's leftovers)."""
+    origin = Path(origin).resolve()
+    with repository_lock(origin):
+        if path.exists():
+            shutil.rmtree(path)
+        subprocess.run(["git", "worktree", "prune"], cwd=origin, capture_output=True, text=True)
+
+
+def create_workspace(origin: Path, name: str, env: Mapping[str, str], log: Log) -> Workspace:
+    """A fresh git worktree of ``origin``'s ``HEAD`` for one flow run, with the DVC cache shared.
+
+    The worktree replaces any left by an earlier attempt of the same flow run (a crash). Its
+    ``.dvc/config.local`` points at ``origin``'s cache and at absolute URLs for local remotes
+    (a relative remote URL would resolve inside the worktree), and carries ``origin``'s own local
+    config (credentials). The committed outputs are then checked out from the shared cache, so
+    stages whose inputs did not change are skipped as they would be in ``origin``. Experiments
+    saved here are refs of the shared git directory: ``dvc exp show`` in ``origin`` lists them.
+    Uncommitted changes of ``origin`` are not part of the workspace (logged).
+    """
+    origin = Path(origin).resolve()
+    if not git_has_commit(origin):
+        raise OrchestrationError(f"workspace=worktree needs {origin} to be a git repository with a commit: the run checks out HEAD")
+    path = workspace_path(origin, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with repository_lock(origin):
+        if path.exists():
+            log(f"workspace: removing {path}, left by an earlier attempt of this flow run")
+            shutil.rmtree(path)
+        subprocess.run(["git", "worktree", "prune"], cwd=origin, capture_output=True, text=True)  # forget removed worktrees
+        _run_checked(["git", "worktree", "add", "--detach", str(path), "HEAD"], origin, env)
+    commit = _run_checked(["git", "rev-parse", "HEAD"], path, env).strip()
+    dirty = _run_checked(["git", "status", "--porcelain", "--untracked-files=no"], origin, env).strip()
+    if dirty:
+        log(f"workspace: runs the committed HEAD {commit[:12]}; the uncommitted changes in {origin} are not part of it:\n{dirty}")
+    _share_dvc_config(origin, path)
+    checkout = subprocess.run(dvc_command("checkout", "--allow-missing", "--quiet"), cwd=path, env=dict(env), capture_output=True, text=True)
+    if checkout.returncode != 0:
+        log(f"workspace: some committed outputs are not in the DVC cache, their stages will run: {(checkout.stdout + checkout.stderr).strip()[-500:]}")
+    log(f"workspace: {path} (git worktree at {commit[:12]}, DVC cache of {origin})")
+    return Workspace(origin=origin, path=path, commit=commit)
+
+
+def _share_dvc_config(origin: Path, path: Path) -> None:
+    """The workspace's ``.dvc/config.local``: ``origin``'s local config, its cache, absolute local remotes."""
+    with Repo(str(origin)) as repo:
+        cache_dir = repo.cache.local_cache_dir
+        local = repo.config.load_one("local")
+        local_remotes = {name: str(conf["url"]) for name, conf in repo.config["remote"].items() if isinstance(conf.get("url"), RelPath)}
+    config = DvcConfig(dvc_dir=str(path / ".dvc"))
+    with config.edit("local") as conf:
+        for section, values in local.items():
+            conf.setdefault(section, {}).update(values)
+        conf.setdefault("cache", {})["dir"] = cache_dir
+        for name, url in local_remotes.items():
+            conf.setdefault("remote", {}).setdefault(name, {})["url"] = url
+
+
+def workspace_env(workspace: Workspace, env: Mapping[str, str]) -> dict[str, str]:
+    """The stage environment inside ``workspace``: its own code, ``origin``'s tracking store.
+
+    Stages call ``lightclip``; with the project's package first on ``PYTHONPATH`` they run the
+    workspace's code (the commit ``dvc.lock`` records), not whatever the venv's editable install
+    points at. Without ``MLFLOW_TRACKING_URI`` a stage would open a store inside the workspace,
+    which is deleted after the run: runs go to ``origin``'s store instead.
+    """
+    out = dict(env)
+    out.update(tracking_env(workspace.origin, env))
+    src = workspace.path / "src"
+    if (src / "lightclip").is_dir():
+        out["PYTHONPATH"] = os.pathsep.join([str(src), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    return out
+
+
+def tracking_env(origin: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """``MLFLOW_TRACKING_URI`` for runs made outside ``origin``: as set, else ``origin``'s own store."""
+    return {"MLFLOW_TRACKING_URI": env.get("MLFLOW_TRACKING_URI") or default_tracking_uri(origin)}
+
+
+def push_outputs(project: Path, env: Mapping[str, str], log: Log) -> bool:
+    """``dvc push`` of the flow's pipeline and data to the default remote; False when there is none."""
+    project = Path(project)
+    with Repo(str(project)) as repo:
+        remote = repo.config["core"].get("remote")
+    if not remote:
+        log("no default DVC remote: the outputs stay in the DVC cache and the saved experiment")
+        return False
+    _run_checked(dvc_command("push", "--quiet", *experiment_targets(project)), project, env)
+    log(f"pushed the outputs to the DVC remote {remote!r}")
+    return True
+
+
+def crash_retry_budget_left(run_count: int, crash_retries: int) -> bool:
+    """Whether attempt ``run_count`` (1 = the first) of a flow run may start.
+
+    A crashed run (its worker or machine lost) is scheduled again by the pool deployment's
+    automation; the flow itself refuses to start an attempt beyond ``1 + crash_retries``, so a
+    run that crashes every time ends Failed instead of looping.
+    """
+    return run_count <= 1 + crash_retries
 
 
 def parent_run_tags(flow_run_id: str | None, flow_run_name: str | None, flow_run_url: str | None, deployment: str | None) -> dict[str, str]:
@@ -657,6 +817,7 @@ class RetrainReport:
     mlflow_experiment: str | None = None
     prefect_flow_run_id: str | None = None
     dvc_experiment: str | None = None
+    workspace: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     register: dict[str, Any] | None = None
 
@@ -692,6 +853,8 @@ class RetrainReport:
         title = {"up to date": "up to date", "retrained": "retrained", "failed": f"FAILED at stage `{self.failed_stage}`" if self.failed_stage else "FAILED"}
         out = [f"# Retraining: {title.get(self.status, self.status)}", "", self.message.strip(), ""]
         rows: list[tuple[str, str]] = [("project", f"`{self.project}`")]
+        if self.workspace:
+            rows.append(("workspace", f"`{self.workspace}` (a git worktree of the project, removed after the run)"))
         if self.mlflow_run_id:
             rows.append(("MLflow parent run", f"`{self.mlflow_run_id}` (experiment `{self.mlflow_experiment}`)"))
         if self.model_version:
