@@ -85,6 +85,9 @@ def test_promote_to_production_and_rollback_with_audit_trail(project, capsys: py
     assert main(["registry", "promote", "--to", "production", "--version", "1"]) == 0
     assert main(["registry", "rollback", "--alias", "production"]) == 0
     assert reg.aliases(STUDENT)["production"] == "2" and reg.history(STUDENT, "production") == ["1", "2"]
+    # ... and the audit log records it where it was found, so each move starts where the last ended.
+    tail = [(r["action"], r["from"], r["to"], r["actor"]) for r in reg.audit(STUDENT) if r["alias"] == "production"][-3:]
+    assert tail == [("observed", "1", "2", "unknown (outside lightclip)"), ("promote", "2", "1", "tester@ci"), ("rollback", "1", "2", "tester@ci")]
 
 
 def test_promote_errors_name_what_exists(project, capsys: pytest.CaptureFixture[str]):
@@ -252,7 +255,9 @@ def test_a_legacy_audit_file_is_imported_first_once(project):
     first = reg.client.get_model_version(AUDIT_MODEL, "1")
     assert first.tags[IMPORTED_FROM_TAG] == str(legacy)
     reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig())
-    assert [r["seq"] for r in reg.audit()] == [1, 2, 3]  # imported once
+    # Imported once; the old log put @staging at v1 but this store has none: recorded as found.
+    assert [(r["seq"], r["action"], r["from"], r["to"]) for r in reg.audit()] == [
+        (1, "register", None, "1"), (2, "promote", None, version), (3, "observed", "1", None), (4, "promote", None, version)]
 
 
 def test_registry_error_is_a_lightclip_error_and_a_value_error():

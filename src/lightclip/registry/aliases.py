@@ -409,6 +409,19 @@ class ModelRegistry:
             self.version(name, target)
             return self._move(name, alias, target, action="rollback", reason=reason or f"rollback of v{current}", history=history)
 
+    def _record_outside_move(self, name: str, alias: str, current: str | None) -> None:
+        """When ``@alias`` is not where the audit log last put it (moved in the UI, or by a process
+        killed between its alias write and its record), log what is found first, as ``observed``:
+        the log stays complete and each move still starts where the one before ended. Under the lock."""
+        last = self.audit_log.last(name, alias)
+        logged = last.get("to") if last is not None else None
+        if logged == current or (last is None and current is None):
+            return
+        found = AliasMove(model=name, alias=alias, from_version=logged, to_version=current or "none", action="observed",
+                          reason=f"@{alias} found at {'v' + current if current else 'no version'} when moving it: set outside lightclip",
+                          actor="unknown (outside lightclip)", at=now_utc())
+        self.audit_log.append({**found.record(), "to": current})  # None: the alias was found unset
+
     def _move(self, name: str, alias: str, version: str, *, action: str, reason: str, gate_verdict: str | None = None,
               history: list[str] | None = None) -> AliasMove:
         """Move ``@alias`` to ``version``: alias, history, both versions' tags and cards, audit line. Under the lock."""
@@ -418,6 +431,7 @@ class ModelRegistry:
             except RegistryLockError as exc:
                 raise RegistryError(str(exc)) from None
             current = self.aliases(name).get(alias)
+            self._record_outside_move(name, alias, current)
             move = AliasMove(model=name, alias=alias, from_version=current, to_version=str(version), action=action, reason=reason,
                              actor=actor(), at=now_utc(), gate=gate_verdict)
             self.client.set_registered_model_alias(name, alias, str(version))

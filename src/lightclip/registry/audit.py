@@ -38,10 +38,10 @@ DESCRIPTION_LIMIT = 5000  # the store's column
 
 def summary(record: Mapping[str, Any]) -> str:
     """One line: when, who, what, from where to where, why."""
-    origin = f"v{record['from']}" if record.get("from") else "none"
+    origin, target = (f"v{record[key]}" if record.get(key) not in (None, "none") else "none" for key in ("from", "to"))
     gate = f", gate {record['gate']}" if record.get("gate") else ""
     return (f"{record.get('at', '?')} {record.get('actor', '?')}: {record.get('action', '?')} {record.get('model', '?')} "
-            f"@{record.get('alias', '?')} {origin} -> v{record.get('to', '?')}{gate}: {record.get('reason', '')}")
+            f"@{record.get('alias', '?')} {origin} -> {target}{gate}: {record.get('reason', '')}")
 
 
 class AuditLog:
@@ -91,6 +91,15 @@ class AuditLog:
         if not self.exists():
             self._create()
         return self._write(record)
+
+    def last(self, model: str, alias: str) -> dict[str, Any] | None:
+        """The latest record of ``model``'s ``@alias`` (one search call), or None when there is none."""
+        if not self.exists():
+            found = [r for r in self._legacy_records() if r.get("model") == model and r.get("alias") == alias]
+            return found[-1] if found else None
+        query = (f"name = '{self.name}' AND tags.`{TAG_PREFIX}model` = '{model}' AND tags.`{TAG_PREFIX}alias` = '{alias}'")
+        latest = self.client.search_model_versions(query, order_by=["version_number DESC"], max_results=1)
+        return {**json.loads(latest[0].tags[RECORD_TAG]), "seq": int(latest[0].version)} if latest else None
 
     def records(self, model: str | None = None) -> list[dict[str, Any]]:
         """Every record, oldest first (of ``model`` only when given), each with its number ``seq``."""
