@@ -166,10 +166,10 @@ def test_pretrain_with_its_server_killed_for_good_fails_in_seconds_naming_the_ur
 
     server.start()  # same database, same port: the run is still RUNNING there
     assert client.get_run(run_id).info.status == "RUNNING"
-    projects_root = pretrain_project[0]
-    monkeypatch.chdir(projects_root)
+    root = pretrain_project[0]
+    monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    assert main(["-q", "data", "synth", "--out", str(projects_root / "resynth")]) == 0  # any stage start sweeps
+    assert main(["-q", "data", "synth", "--out", str(root / "resynth")]) == 0  # any stage start sweeps
     closed = client.get_run(run_id)
     assert closed.info.status == "KILLED" and "no longer runs" in closed.data.tags[TAG_CLOSED_STALE]
     assert [r.info.run_id for r in runs(client, experiment) if r.info.status == "RUNNING"] == []
