@@ -65,6 +65,21 @@ def test_table_refuses_galleries_of_different_sizes(tmp_path: Path):
         real_table.compare(real_table.side(seen), real_table.side(other))
 
 
+def test_type_mix_standardisation_reweights_per_type_recall(tmp_path: Path):
+    """Per-type recall from each query's rank, reweighted to another test set's mix of types."""
+    ranks = {"i2t": [0, 0, 20, 20], "t2i": [0, 20, 20, 20]}  # items: a (all hits), a (half), b, b (none)
+    per_item = real_table.per_item_recall(ranks, [1, 5, 10])
+    assert per_item == [100.0, 50.0, 0.0, 0.0]
+    folder, split = tmp_path / "metrics", tmp_path / "split"
+    folder.mkdir(), split.mkdir()
+    (folder / "eval_ranks.json").write_text(json.dumps({"split": "test", "ks": [1, 5, 10], "models": {"xt": ranks}}))
+    pd.DataFrame({"split": ["train", "test", "test", "test", "test"], "articleType": ["a", "a", "a", "b", "b"]}).to_parquet(split / "catalogue.parquet")
+    scores, shares = real_table.by_type(folder, split)
+    assert scores["xt"] == {"a": 75.0, "b": 0.0} and shares == {"a": 0.5, "b": 0.5}
+    assert real_table.standardise(scores["xt"], shares) == (37.5, 1.0)  # its own mix: the plain mean
+    assert real_table.standardise(scores["xt"], {"a": 0.2, "b": 0.6, "c": 0.2}) == (pytest.approx(18.75), pytest.approx(0.8))
+
+
 def _kaggle_catalogue(synthetic: Path, out: Path) -> Path:
     """The synthetic catalogue written in the Kaggle layout (styles.csv + images/<id>.jpg)."""
     items = pd.read_parquet(synthetic / "catalogue.parquet")
@@ -117,5 +132,7 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_kaggle_catalogue(tmp_path: Path, p
     # new products are the newest ids: every id of the id_order test set is above the train median
     split = json.loads((recipe_dir / "metrics" / "id_order" / "split.json").read_text())
     assert split["order_median"]["test"] > split["order_median"]["train"]
-    assert "new / in-distribution" in (recipe_dir / "reports" / "real_recipe.md").read_text()
+    report = (recipe_dir / "reports" / "real_recipe.md").read_text()
+    assert "new / in-distribution" in report and "Mean recall by article type" in report
+    assert 0 < table["models"]["xt"]["type_mix_coverage"] <= 1
     assert "Running stage" not in projects.run(["dvc", "repro"], recipe_dir)  # reproduced, nothing stale
