@@ -309,8 +309,7 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
     rank gets the usable CPUs divided by ``nproc`` as OpenMP threads. SIGINT/SIGTERM are passed to
     the agent, which stops its ranks.
     """
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, default_threads() // nproc)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, default_threads() // nproc)))  # the CLI set this process's to all CPUs
     command = torchrun_command(nproc, argv, port=free_port())
     log.info("launching %d ranks: %s", nproc, " ".join(command))
     process = subprocess.Popen(command, env=env)
