@@ -248,12 +248,14 @@ def test_a_legacy_audit_file_is_imported_first_once(project):
     legacy.write_text("".join(json.dumps(r) + "\n" for r in old))
     reg = project.registry()
     assert reg.audit() == [{**old[0], "seq": 1}]  # read from the file until the registry log exists
+    assert reg.audit_location == f"{legacy} (imported into registered model {AUDIT_MODEL} at the next move)"
     version = project.fake_version(57.0)
     reg.promote(STUDENT, to="production", version=version, config=PromoteConfig(), reason="new")
     records = reg.audit()
     assert [(r["seq"], r["actor"], r["reason"]) for r in records] == [(1, "old@box", "before the registry log"), (2, "tester@ci", "new")]
     first = reg.client.get_model_version(AUDIT_MODEL, "1")
     assert first.tags[IMPORTED_FROM_TAG] == str(legacy)
+    assert reg.audit_location.startswith(f"registered model {AUDIT_MODEL} in {project.uri}")
     reg.promote(STUDENT, to="staging", version=version, config=PromoteConfig())
     # Imported once; the old log put @staging at v1 but this store has none: recorded as found.
     assert [(r["seq"], r["action"], r["from"], r["to"]) for r in reg.audit()] == [

@@ -222,7 +222,11 @@ class ModelRegistry:
 
     @property
     def audit_location(self) -> str:
-        """Where the audit log is, for a message: the registered model and the store."""
+        """Where the audit log is, for a message: the registered model and the store (or, before
+        the first move of this version, the old file it is read from)."""
+        legacy = self.audit_log.legacy_file
+        if legacy is not None and legacy.is_file() and not self.audit_log.exists():
+            return f"{legacy} (imported into registered model {AUDIT_MODEL} at the next move)"
         return f"registered model {AUDIT_MODEL} in {self.uri} (`lightclip registry audit`)"
 
     # -- reading -----------------------------------------------------------------------------
