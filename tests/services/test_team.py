@@ -179,6 +179,22 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path_factory: pytest.T
     assert set(ports) == set(PORT_NAMES)
 
 
+def test_the_cli_prints_each_service_with_its_url(team_services: TeamServices, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`lightclip services up` on a running deployment starts nothing and, like `status`, lists
+    every service with its URL; a project without DVC gets no remote."""
+    from lightclip.cli import main
+
+    before = {status.name: status.pid for status in team_services.status()}
+    assert main(["--project", str(tmp_path), "services", "up", "--dir", str(team_services.state_dir)]) == 0
+    assert main(["--project", str(tmp_path), "services", "status", "--dir", str(team_services.state_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"clients: source {team_services.env_file}" in out and "DVC remote" not in out
+    for status in team_services.status():
+        assert out.count(f"{status.url}") >= 2 and f"{status.name}" in out and f"running  pid {status.pid}" in out
+    assert {status.name: status.pid for status in team_services.status()} == before
+    assert team_services.credentials.s3_secret_key not in out
+
+
 def test_unknown_service_names_the_known_ones(team_services: TeamServices):
     with pytest.raises(ServicesError, match="unknown service 'redis'; the services are postgres, objectstore"):
         team_services.stop_service("redis")
