@@ -107,5 +107,23 @@ serve: ## serve the deployment retrain/scheduled (cron: params.yaml orchestratio
 retrain: ## run the retraining flow once (Prefect; on the server of `make prefect-server` when it is up)
 	PREFECT_PORT=$(PREFECT_PORT) $(BIN)/python pipelines/retrain.py
 
+.PHONY: services-up services-down services-status
+
+# The team deployment (docs/team.md): state, logs and the generated team.env in .services/ (git-ignored).
+services-up: ## start PostgreSQL, S3 (SeaweedFS), MLflow + Prefect servers and 2 workers on 127.0.0.1 (idempotent)
+	$(BIN)/lightclip services up
+
+services-down: ## stop the team services (their data stays in .services/)
+	$(BIN)/lightclip services down
+
+services-status: ## list the team services with their URLs
+	$(BIN)/lightclip services status
+
+.PHONY: deploy-pool
+
+# The flow on the team's work pool (pipelines/README.md): each run on one of its workers, in a git worktree of its own.
+deploy-pool: ## deploy retrain/pool (cron: params.yaml orchestration) to the pool of `make services-up`
+	[ ! -f .services/team.env ] || . ./.services/team.env; $(BIN)/python pipelines/deploy_pool.py
+
 clean: ## remove pipeline outputs (not the venv, not data/raw, not the MLflow store)
 	rm -rf data/validated data/split reports .pytest_cache

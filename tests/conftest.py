@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -401,3 +402,31 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the team deployment (issue #13) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def team_services() -> Iterator["TeamServices"]:  # noqa: F821
+    """The team deployment (PostgreSQL, SeaweedFS S3, MLflow and Prefect servers, a pool of two
+    workers), started once per session and stopped (``down()``) at its end; tests using it are
+    marked ``team``. It skips only when PostgreSQL's server binaries are absent.
+
+    Its state lives in a fresh directory under the system temp dir, not pytest's tmp_path: those
+    are 0700 and the ``postgres`` system user PostgreSQL runs as (we run as root) must traverse
+    the path. ``LIGHTCLIP_KEEP_TEAM_STATE=1`` keeps it (logs, data) after the session.
+    """
+    from lightclip.services import TeamServices, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/15/bin; apt-get install postgresql)")
+    state_dir = Path(tempfile.mkdtemp(prefix="lightclip-team-"))
+    team = TeamServices(state_dir)
+    try:
+        team.up()
+        yield team
+    finally:
+        team.down()
+        if os.environ.get("LIGHTCLIP_KEEP_TEAM_STATE") != "1":
+            shutil.rmtree(state_dir, ignore_errors=True)

@@ -101,6 +101,8 @@ def sharded_encoding(out: Path) -> None:
     if current.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sharded.json").write_text(json.dumps(results))
+    dist.barrier()  # neither rank leaves while the other still talks to it
+    dist.destroy_process_group()
 
 
 def main(argv: list[str]) -> int:

@@ -71,6 +71,21 @@ def _context(args: argparse.Namespace) -> StageContext:
     return StageContext(project_dir=_project(args), progress=not args.quiet, resume=getattr(args, "resume", False))
 
 
+def _main_rank() -> bool:
+    """False in the ranks 1.. that ``torchrun`` started (read from its ``RANK``, without importing torch)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _launch_ranks(args: argparse.Namespace, nproc: int) -> int:
+    """``train.nproc > 1`` outside ``torchrun``: run this very command in ``nproc`` ranks through it."""
+    from lightclip.distributed import launch_local
+
+    status = launch_local(nproc, args.argv)
+    if status:
+        raise CliError(f"{args.command} in {nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)")
+    return 0
+
+
 def _stage(
     args: argparse.Namespace,
     stage: str,
@@ -88,6 +103,8 @@ def _stage(
     Artifacts that exist are logged even when the stage fails (a failed validation's report),
     and so are the numbers of ``metrics_file`` when the stage failed after writing it.
     """
+    if not _main_rank():  # under torchrun, rank 0 alone opens the run, logs and writes
+        return call(_context(args))
     tracking = _tracking(args)
     context = _context(args)
     try:
@@ -294,6 +311,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from lightclip.pretrain import PretrainInputs, PretrainOutputs, run_pretrain, summarise
 
     config = _params(args).pretrain
+    if config.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(args, config.train.nproc)
     inputs = PretrainInputs(catalogue=Path(args.input), kg=Path(args.kg))
     outputs = PretrainOutputs(model=Path(args.out), metrics=Path(args.metrics))
     metrics = _stage(
@@ -303,7 +322,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         artifacts=[(outputs.metrics, None), (outputs.model, "teacher")],
         run_name=args.run_name,
     )
-    print(f"teacher ({config.model.arch}, concept weight {config.concept_weight}): {summarise(metrics)}")
+    if _main_rank():
+        print(f"teacher ({config.model.arch}, concept weight {config.concept_weight}): {summarise(metrics)}")
     return 0
 
 
@@ -353,6 +373,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from lightclip.pretrain import summarise
 
     job = _params(args).distill_job(args.student, variant=args.variant, seed=args.seed)
+    if job.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(args, job.train.nproc)
     inputs = DistillInputs(catalogue=Path(args.input), teacher=Path(args.teacher), teacher_embeddings=Path(args.teacher_embeddings))
     outputs = DistillOutputs(model=Path(args.out), metrics=Path(args.metrics))
     edges = ",".join(f"{e.edge}/{e.loss}" for e in job.edges)
@@ -366,7 +388,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         artifacts=[(outputs.metrics, None), (outputs.model, "student")],
         run_name=args.run_name or job.run_name,
     )
-    print(f"student ({job.student.arch}, edges {edges}): {summarise(metrics)}")
+    if _main_rank():
+        print(f"student ({job.student.arch}, edges {edges}): {summarise(metrics)}")
     return 0
 
 
@@ -526,14 +549,22 @@ def cmd_registry_promote(args: argparse.Namespace) -> int:
     if move is None:
         print(f"v{candidate.version} is already at @{args.to}; nothing moved")
         return 0
-    print(f"@{args.to}: {'v' + move.from_version if move.from_version else 'none'} -> v{move.to_version} by {move.actor} at {move.at}; audit log: {registry.audit_path}")
+    print(f"@{args.to}: {'v' + move.from_version if move.from_version else 'none'} -> v{move.to_version} by {move.actor} at {move.at}; audit log: {registry.audit_location}")
+    return 0
+
+
+def cmd_registry_audit(args: argparse.Namespace) -> int:
+    from lightclip.registry import format_audit
+
+    _, registry, _ = _registry(args)
+    print(format_audit(registry, args.name, args.last))
     return 0
 
 
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
     _, registry, name = _registry(args)
     move = registry.rollback(name, args.alias.lstrip("@"), reason=args.reason or "")
-    print(f"{name} @{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.actor} at {move.at}); audit log: {registry.audit_path}")
+    print(f"{name} @{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.actor} at {move.at}); audit log: {registry.audit_location}")
     return 0
 
 
@@ -563,12 +594,55 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tracking_migrate(args: argparse.Namespace) -> int:
+    """Copy the project's tracking store (default: its SQLite ``mlflow/mlflow.db``) to ``--to``, then
+    compare both object by object (docs/tracking_server.md)."""
+    from lightclip.tracking import apply_http_limits, default_tracking_uri, sqlite_path
+    from lightclip.tracking_migration import MigrationError, migrate, verify
+
+    source = args.source or default_tracking_uri(_project(args))
+    path = sqlite_path(source)
+    if path is not None and not path.is_file():
+        raise CliError(f"--from {source}: no such store ({path})")
+    apply_http_limits(_tracking(args))
+    report = migrate(source, args.to, log=(lambda _: None) if args.quiet else print)
+    print(report.summary())
+    problems = verify(source, args.to, report)
+    if problems:
+        raise MigrationError(f"{len(problems)} difference(s) between {source} and {args.to} after the copy: " + "; ".join(problems[:5]))
+    print(f"verified: every copied run, metric history, artifact listing, model version and alias matches {source}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lightclip.service import run_serve
 
     params = _params(args)
     config = _with(params.serve, model=args.model, host=args.host, port=args.port, catalogue=args.catalogue, index=args.index)
     run_serve(config, params.index, _project(args))
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    """Start, stop or list the team deployment (docs/team.md); `up` also writes the project's DVC remote `team`."""
+    from lightclip.services import TEAM_REMOTE, TeamServices, configure_dvc_remote
+
+    project = _project(args)
+    state_dir = Path(args.dir) if args.dir else project / ".services"
+    team = TeamServices(state_dir)
+    if args.services_command == "up":
+        started = time.monotonic()
+        team.up()
+        print(f"team services up in {time.monotonic() - started:.1f} s (state: {state_dir})")
+        if (project / ".dvc").is_dir():
+            print(f"DVC remote {TEAM_REMOTE!r} written to {configure_dvc_remote(project, team.env())}")
+        print(f"clients: source {team.env_file}")
+    elif args.services_command == "down":
+        team.down()
+        print(f"team services stopped; their data stays in {state_dir}")
+    for status in team.status():
+        state = f"running  pid {status.pid}" if status.running else "stopped"
+        print(f"  {status.name:<12} {status.url or '-':<48} {state}")
     return 0
 
 
@@ -757,12 +831,23 @@ def build_parser() -> argparse.ArgumentParser:
     reg_rollback.add_argument("--reason", help="why (recorded in the tags and the audit log)")
     reg_rollback.add_argument("--name", help="registered model (default: register.model_name)")
     reg_rollback.set_defaults(handler=cmd_registry_rollback)
+    reg_audit = registry_commands.add_parser("audit", help="the audit log of alias moves, oldest first (kept in the registry, shared by every client)")
+    reg_audit.add_argument("--name", help="only the moves of this registered model (default: every model)")
+    reg_audit.add_argument("--last", type=int, help="only the last N moves")
+    reg_audit.set_defaults(handler=cmd_registry_audit)
 
     pipeline = commands.add_parser("pipeline", help="run `dvc repro` inside one parent MLflow run")
     pipeline.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     pipeline.add_argument("--name", default="dvc-repro", help="name of the parent run")
     pipeline.add_argument("--force", action="store_true", help="pass --force to dvc repro")
     pipeline.set_defaults(handler=cmd_pipeline)
+
+    tracking = commands.add_parser("tracking", help="the tracking store: move it to a server")
+    tracking_commands = tracking.add_subparsers(dest="tracking_command", required=True, metavar="TRACKING_COMMAND")
+    migrate = tracking_commands.add_parser("migrate", help="copy every experiment, run, artifact, model version and alias to another store, then verify")
+    migrate.add_argument("--to", required=True, metavar="URI", help="the target tracking URI, e.g. the team's http://127.0.0.1:PORT")
+    migrate.add_argument("--from", dest="source", metavar="URI", help="the store to copy (default: the project's mlflow/mlflow.db)")
+    migrate.set_defaults(handler=cmd_tracking_migrate)
 
     plots = commands.add_parser("plots", help="draw the DVC plots of dvc.yaml as one offline HTML page (inline SVG; --rev compares, as dvc plots diff)")
     plots.add_argument("--rev", action="append", metavar="REV", help="also draw the data at this git revision (repeatable)")
@@ -777,11 +862,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--catalogue", help="the catalogue to serve (default: serve.catalogue)")
     serve.add_argument("--index", help="an index to reuse when it records the served weights (default: serve.index)")
     serve.set_defaults(handler=cmd_serve)
+
+    services = commands.add_parser("services", help="the team deployment: PostgreSQL, S3 (SeaweedFS), MLflow and Prefect servers, 2 workers (docs/team.md)")
+    services.add_argument("services_command", choices=["up", "down", "status"], help="start (idempotent), stop (data kept) or list them")
+    services.add_argument("--dir", help="state directory: data, logs, ports, team.env (default: .services in the project)")
+    services.set_defaults(handler=cmd_services)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what train.nproc re-runs under torchrun
     log_to_stderr()  # lightclip's own log lines (the thread choice, warnings) on stderr
     try:
         configure_environment(_project(args))

@@ -240,6 +240,7 @@ class TrainConfig(StrictModel):
     amp: Literal["none", "bf16"] = "none"
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
     log_every_n_steps: int = Field(10, ge=1)
+    nproc: int = Field(1, ge=1, description="ranks on this machine: >1 = data parallel through torchrun (batch_size stays the global batch); see docs/distributed.md")
 
 
 class ConceptLossConfig(StrictModel):
@@ -742,6 +743,9 @@ class OrchestrationConfig(StrictModel):
     the deployment is served). ``retries``: how often a failed stage task is retried before the
     flow fails; the first retry waits ``retry_delay_seconds``, and each next one twice as long
     when ``exponential_backoff`` (transient causes: a busy machine, a lock, memory).
+    The deployment to a work pool (``pipelines/deploy_pool.py``): a running flow run that sent no
+    heartbeat (every 30 s) for ``heartbeat_timeout_seconds`` is marked Crashed (its worker or
+    machine was lost), and a crashed run is scheduled again, ``crash_retries`` times at most.
     """
 
     cron: str = "0 2 * * *"
@@ -749,6 +753,8 @@ class OrchestrationConfig(StrictModel):
     retries: int = Field(2, ge=0, le=10)
     retry_delay_seconds: float = Field(60.0, ge=0.0)
     exponential_backoff: bool = True
+    crash_retries: int = Field(1, ge=0, le=10)
+    heartbeat_timeout_seconds: float = Field(120.0, ge=40.0)
 
     @field_validator("cron")
     @classmethod

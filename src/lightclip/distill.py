@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
+from lightclip import distributed
 from lightclip.config import ConfigError, DistillJob
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
@@ -71,6 +72,7 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
     if len(catalogue.split("train")) == 0:
         raise ValueError(f"{catalogue.table_path}: no items in split 'train'")
 
+    world = distributed.world()
     teacher: TeacherEmbeddings | None = None
     teacher_model = teacher_tok = teacher_images = None
     teacher_identity: str | None = None
@@ -96,15 +98,17 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
             teacher_pre = preprocess_config(teacher_model)
             teacher_size, teacher_mode = int(teacher_pre["size"]), resize_mode_of(teacher_pre)
             if teacher_size != spec.image_size or teacher_mode != spec.resize_mode:  # the teacher sees images its own way
-                teacher_images = build_image_cache(
-                    catalogue, "train", teacher_size, context.image_cache_dir, progress=context.progress, resize_mode=teacher_mode
-                )
+                with distributed.main_first(world):
+                    teacher_images = build_image_cache(
+                        catalogue, "train", teacher_size, context.image_cache_dir, progress=context.progress, resize_mode=teacher_mode
+                    )
 
     model, _ = create_model(spec, seed=job.train.seed)
     cache = context.image_cache_dir
     mode = spec.resize_mode
-    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
-    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
+    with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+        val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     task = DistillTask(
         model, tokenizer(spec), train_pairs, val_pairs,
         edges=job.edges,
@@ -119,6 +123,8 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
     key = checkpoint_key(job.trajectory(), file_sha256(catalogue.table_path), teacher_identity or "no-teacher")
     result, metrics = fit(task, job.train, stage=STAGE, key=key, context=context)
     metrics["params/projections"] = sum(p.numel() for p in task.projections.parameters())
+    if not world.is_main:  # under torchrun rank 0 alone writes the outputs
+        return metrics
     metrics.update(task.test_metrics(catalogue, cache, progress=context.progress))
 
     files = {HISTORY_FILE: history_json(result.history)}

@@ -21,6 +21,7 @@ no ``torch.distributed`` call is made: single-process results are unchanged.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -85,6 +86,14 @@ def backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+def _leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # a peer already gone: nothing left to tear down cleanly
+            log.debug("leaving the process group: %s", exc)
+
+
 def world() -> World:
     """This process's :class:`World`; joins the process group on the first call under ``torchrun``.
 
@@ -100,6 +109,7 @@ def world() -> World:
         if "nccl" in chosen and local_rank < torch.cuda.device_count():
             torch.cuda.set_device(local_rank)  # one GPU per rank, as NCCL expects
         dist.init_process_group(backend=chosen, timeout=TIMEOUT)
+        atexit.register(_leave_process_group)  # gloo's threads alive at interpreter exit abort the process
         log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), chosen)
     return World(
         rank=dist.get_rank(),

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 from torch import nn
 
+from lightclip import distributed
 from lightclip.config import PretrainConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
@@ -122,8 +123,10 @@ def _train_member(
     tok = tokenizer(spec)
     cache = context.image_cache_dir
     mode = spec.resize_mode
-    train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
-    val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
+    world = distributed.world()
+    with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+        val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     if concepts is None:
         task: ImageTextTask = ImageTextTask(model, tok, train_pairs, val_pairs, hflip=config.hflip)
     else:
@@ -141,7 +144,8 @@ def _train_member(
     if log is not None and member is not None:
         log = lambda values, step: context.log_metrics({f"member{member}/{k}": v for k, v in values.items()}, step)  # noqa: E731
     result, metrics = fit(task, config.train, stage=STAGE, key=checkpoint_key(trajectory, *identities), context=context, log_metrics=log)
-    metrics.update(task.test_metrics(catalogue, cache, progress=context.progress))
+    if world.is_main:
+        metrics.update(task.test_metrics(catalogue, cache, progress=context.progress))
     return TrainedMember(task=task, metrics=metrics, history=result.history)
 
 
@@ -194,6 +198,8 @@ def run_pretrain(config: PretrainConfig, inputs: PretrainInputs, outputs: Pretra
     configs = member_configs(config)
     members = [_train_member(catalogue, concepts, c, spec, context, i if len(configs) > 1 else None) for i, c in enumerate(configs)]
     first = members[0]
+    if not distributed.world().is_main:  # under torchrun rank 0 alone writes the outputs
+        return first.metrics
     if len(members) > 1:
         model: nn.Module = EnsembleCLIP([m.task.model for m in members])
         metrics = _ensemble_metrics([m.metrics for m in members], model, catalogue, spec, context)

@@ -29,13 +29,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightclip import distributed
 from lightclip.config import TrainConfig
 from lightclip.errors import LightclipError
 from lightclip.io import atomic_file, staged_dir, torch_threads
@@ -173,11 +174,16 @@ def train_step(
     amp: str = "none",
     step: int = 0,
     epoch: int = 0,
+    loss_fn: Callable[[Any], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """One optimisation step; returns the loss terms as floats. Raises :class:`TrainingDiverged`."""
+    """One optimisation step; returns the loss terms as floats. Raises :class:`TrainingDiverged`.
+
+    ``loss_fn``: what computes the loss terms of ``batch`` (default ``task.loss``; under
+    ``torchrun`` the task wrapped in ``DistributedDataParallel``, which averages the gradients).
+    """
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(amp):
-        out = task.loss(batch)
+        out = (loss_fn or task.loss)(batch)
     names = list(out)
     values = torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()
     terms = dict(zip(names, values))
@@ -271,13 +277,24 @@ def train(
     log_metrics: MetricsCallback | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``task``; see the module docstring. Returns a :class:`TrainResult`."""
+    """Train ``task``; see the module docstring. Returns a :class:`TrainResult`.
+
+    Under ``torchrun`` (:mod:`lightclip.distributed`) every rank calls this with the same task
+    and config: ``config.batch_size`` is the global batch, the task's gradients are averaged by
+    ``DistributedDataParallel``, and only rank 0 writes checkpoints, shows progress and calls
+    ``log_metrics``; it alone validates and its decisions (best epoch, early stop) are broadcast.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
-    with torch_threads(config.num_threads):
+    world = distributed.world()
+    main = world.is_main
+    if not main:
+        log_metrics, progress = None, False
+    with torch_threads(distributed.threads_per_rank(config.num_threads, world)):
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+        loss_fn = distributed.data_parallel(task, named, world) if world.distributed else None
         optimizer = make_optimizer(named, config)
         steps_per_epoch = task.batches_per_epoch(config.batch_size)
         total_steps = steps_per_epoch * config.epochs
@@ -289,7 +306,8 @@ def train(
         bad_epochs = 0
         stopped_early = False
         history: list[dict[str, float]] = []
-        state = load_checkpoint(last_path) if resume and last_path.is_file() else None
+        state = load_checkpoint(last_path) if main and resume and last_path.is_file() else None
+        state = distributed.broadcast_object(state, world)  # rank 0's disk decides, on every machine
         if state is not None:
             _check_resumable(state["config"], config, last_path)
             task.load_state_dict(state["task"])
@@ -303,7 +321,7 @@ def train(
             resumed_seconds, resumed_pairs = float(state.get("train_seconds", 0.0)), int(state.get("pairs_seen", 0))
         else:
             resumed_seconds, resumed_pairs = 0.0, 0
-            for stale in (last_path, best_path):
+            for stale in (last_path, best_path) if main else ():
                 stale.unlink(missing_ok=True)
             random.seed(config.seed)
             np.random.seed(config.seed % 2**32)
@@ -320,9 +338,12 @@ def train(
                 window: dict[str, float] = {}
                 window_steps, window_pairs, window_start = 0, 0, time.perf_counter()
                 for batch in task.train_batches(epoch, rng, config.batch_size):
-                    terms = train_step(task, batch, optimizer, scheduler, params, grad_clip_norm=config.grad_clip_norm, amp=config.amp, step=step, epoch=epoch)
+                    terms = train_step(
+                        task, batch, optimizer, scheduler, params,
+                        grad_clip_norm=config.grad_clip_norm, amp=config.amp, step=step, epoch=epoch, loss_fn=loss_fn,
+                    )
                     step += 1
-                    n = len(batch)
+                    n = len(batch) * world.size  # every rank's slice is the same size
                     pairs_seen += n
                     window_pairs += n
                     window_steps += 1
@@ -344,7 +365,8 @@ def train(
                 if epoch_hook is not None:
                     epoch_hook(epoch)
                 with torch.no_grad():
-                    val = {k: float(v) for k, v in task.evaluate().items()}
+                    val = {k: float(v) for k, v in task.evaluate().items()} if main else {}
+                val = distributed.broadcast_object(val, world)
                 metric = val.get(VAL_METRIC)
                 improved = metric is not None and (best_metric is None or metric > best_metric)
                 if improved:
@@ -373,8 +395,9 @@ def train(
                     "train_seconds": resumed_seconds + time.perf_counter() - started,
                     "pairs_seen": resumed_pairs + pairs_seen,
                 }
-                save_checkpoint(last_path, payload)
-                if improved or (metric is None and epoch + 1 == config.epochs):
+                if main:
+                    save_checkpoint(last_path, payload)
+                if main and (improved or (metric is None and epoch + 1 == config.epochs)):
                     with atomic_file(best_path) as tmp:
                         shutil.copyfile(last_path, tmp)
                 if log_metrics is not None:
@@ -406,10 +429,18 @@ def train(
 #: Knobs whose value here trains exactly as before they existed: left out of :func:`checkpoint_key`.
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {"resize_mode": "crop"}
 
+#: Knobs that never change the trajectory at any value: left out of :func:`checkpoint_key`, so a run
+#: killed on one process count resumes on another (the global batch is the same).
+KEY_NEUTRAL: frozenset[str] = frozenset({"nproc"})
+
 
 def _without_neutral_defaults(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _without_neutral_defaults(v) for k, v in value.items() if not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
+        return {
+            k: _without_neutral_defaults(v)
+            for k, v in value.items()
+            if k not in KEY_NEUTRAL and not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])
+        }
     if isinstance(value, list):
         return [_without_neutral_defaults(v) for v in value]
     return value
@@ -454,7 +485,7 @@ def fit(
     run_metrics = getattr(task, "run_metrics", None)  # of the whole run: read before the best checkpoint
     if run_metrics is not None:
         metrics.update(run_metrics())
-    if result.best_checkpoint.is_file():
+    if result.best_checkpoint.is_file() and distributed.world().is_main:  # the other ranks write nothing after training
         load_task_checkpoint(task, result.best_checkpoint)
     metrics.update({f"params/{k}": v for k, v in count_parameters(task.model).items()})
     return result, metrics

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightclip import distributed
 from lightclip.config import ConfigError, EdgeLossConfig, concrete_edges
 from lightclip.edges import PROJECTED_EDGES, needs_teacher, projected_modalities
 from lightclip.evaluation import embed_texts
@@ -157,7 +158,9 @@ class DistillTask(ImageTextTask):
             yield f"projections.{name}", param
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[DistillBatch]:
+        world = distributed.world()
         for rows, flips in self.epoch_rows(rng, batch_size):
+            rows, flips = distributed.shard(rows, world), distributed.shard(flips, world)
             flipped = torch.from_numpy(flips)
             raw = self.train_images(rows, flips)
             teacher_images = None
@@ -178,8 +181,11 @@ class DistillTask(ImageTextTask):
             )
 
     def loss(self, batch: DistillBatch) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        image_emb, text_emb, scale = self.encode(batch)
-        teacher_image, teacher_text = self.teacher_embeddings(batch)
+        image_emb, text_emb, scale = self.encode(batch)  # of the global batch
+        teacher_image, teacher_text = self.teacher_embeddings(batch)  # of this rank's slice: gathered
+        world = distributed.world()
+        teacher_image = None if teacher_image is None else distributed.gather_detached(teacher_image, world)
+        teacher_text = None if teacher_text is None else distributed.gather_detached(teacher_text, world)
         terms = distillation_losses(
             image_emb, text_emb, teacher_image, teacher_text, self.edges, scale,
             projections={k: v for k, v in self.projections.items()} or None,

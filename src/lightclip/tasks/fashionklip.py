@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightclip import distributed
 from lightclip.config import ConceptLossConfig
 from lightclip.evaluation import embed_texts
 from lightclip.kg.prototypes import select_prototypes
@@ -103,7 +104,8 @@ class ConceptBatch:
 
 @dataclass
 class FashionKLIPBatch(ClipBatch):
-    concepts: ConceptBatch | None = None
+    concepts: ConceptBatch | None = None  # of the global batch
+    global_indices: torch.Tensor | None = None  # the global batch's rows (None: ``indices``, one process)
 
 
 class FashionKLIPTask(ImageTextTask):
@@ -139,9 +141,14 @@ class FashionKLIPTask(ImageTextTask):
         self.bank_valid = torch.zeros(len(train), dtype=torch.bool)
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[FashionKLIPBatch]:
-        for batch in super().train_batches(epoch, rng, batch_size):
-            rows = batch.indices.numpy()
-            yield FashionKLIPBatch(indices=batch.indices, images=batch.images, tokens=batch.tokens, concepts=self._concept_batch(rows))
+        """This rank's images and titles; the concepts of the global batch (the loss is the global batch's)."""
+        world = distributed.world()
+        for rows, flips in self.epoch_rows(rng, batch_size):
+            batch = self.clip_batch(distributed.shard(rows, world), distributed.shard(flips, world))
+            yield FashionKLIPBatch(
+                indices=batch.indices, images=batch.images, tokens=batch.tokens,
+                concepts=self._concept_batch(rows), global_indices=torch.from_numpy(rows),
+            )
 
     def _concept_batch(self, rows: np.ndarray) -> ConceptBatch:
         ids = self.concepts.item_concepts[rows]
@@ -158,21 +165,24 @@ class FashionKLIPTask(ImageTextTask):
         )
 
     def loss(self, batch: FashionKLIPBatch) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        image_emb, text_emb, scale = self.encode(batch)
+        image_emb, text_emb, scale = self.encode(batch)  # of the global batch
+        indices = batch.indices if batch.global_indices is None else batch.global_indices
         out = self.clip_terms(image_emb, text_emb, scale)
         cb = batch.concepts
         if cb is not None and cb.tokens.shape[0]:
             cfg = self.concept_config
             items = cb.prototype_items.clamp_min(0)
+            # each rank encodes its share of the batch's concept prompts, gathered with gradients
+            concept_emb = distributed.encode_sharded(lambda tokens: encode_text(self.model, tokens, normalize=True), cb.tokens, distributed.world())
             terms = concept_alignment_loss(
                 image_emb,
-                encode_text(self.model, cb.tokens, normalize=True),
+                concept_emb,
                 cb.slot_ids,
                 scale,
                 prototype_emb=self.bank[items],  # C_b x P x D
                 prototype_mask=(cb.prototype_items >= 0) & self.bank_valid[items],
                 prototype_item_ids=cb.prototype_items,
-                item_ids=batch.indices,
+                item_ids=indices,
                 slot_weights=cb.slot_weights,
                 top_k=cfg.top_k,
                 prototype_weight=cfg.prototype_weight,
@@ -181,9 +191,9 @@ class FashionKLIPTask(ImageTextTask):
             )
             out["loss"] = combine_with_concept(out["loss"], terms["concept"], weight=self.concept_weight, adaptive=cfg.adaptive)
             out.update({k: v.detach() for k, v in terms.items()})
-        with torch.no_grad():
-            self.bank[batch.indices] = image_emb.detach().float()
-            self.bank_valid[batch.indices] = True
+        with torch.no_grad():  # every rank's bank gets the whole batch: the banks stay equal
+            self.bank[indices] = image_emb.detach().float()
+            self.bank_valid[indices] = True
         return out
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -219,6 +229,8 @@ class FashionKLIPTask(ImageTextTask):
             if rows:  # keep the old prototypes of a concept none of whose images was seen yet
                 self.concepts.prototypes[c] = -1
                 self.concepts.prototypes[c, : len(rows)] = rows
+        # ranks on machines with other thread counts could round a near tie differently: rank 0's choice holds
+        distributed.broadcast_array_(self.concepts.prototypes, distributed.world())
         self.prototype_refreshes += 1
 
     def run_metrics(self) -> dict[str, float]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightclip import distributed
 from lightclip.data.catalogue import Catalogue
 from lightclip.evaluation import embed_pairs, retrieval_metrics, title_groups
 from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise, resize_mode_of
@@ -146,19 +147,29 @@ class ImageTextTask:
         return hflip(images, flips) if self.hflip else images
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
+        world = distributed.world()
         for rows, flips in self.epoch_rows(rng, batch_size):
-            yield ClipBatch(
-                indices=torch.from_numpy(rows),
-                images=normalise(self.train_images(rows, flips), self.mean, self.std),
-                tokens=self.train_tokens[rows],
-            )
+            yield self.clip_batch(distributed.shard(rows, world), distributed.shard(flips, world))
+
+    def clip_batch(self, rows: np.ndarray, flips: np.ndarray) -> ClipBatch:
+        """The batch of ``rows`` (this rank's slice of a global batch under ``torchrun``)."""
+        return ClipBatch(
+            indices=torch.from_numpy(rows),
+            images=normalise(self.train_images(rows, flips), self.mean, self.std),
+            tokens=self.train_tokens[rows],
+        )
 
     def encode(self, batch: ClipBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(image embeddings, text embeddings, logit scale)`` of a batch, in train mode."""
+        """``(image embeddings, text embeddings, logit scale)`` of the global batch, in train mode.
+
+        Under ``torchrun`` each rank encodes its slice and the slices are gathered with gradients
+        (:func:`lightclip.distributed.gather_pair`): the losses see the single-process batch.
+        """
         if not self.model.training:
             self.model.train()
         image_emb = self.model.encode_image(batch.images, normalize=True)
         text_emb = encode_text(self.model, batch.tokens, normalize=True)
+        image_emb, text_emb = distributed.gather_pair(image_emb, text_emb, distributed.world())
         return image_emb, text_emb, self.model.logit_scale.exp()
 
     def clip_terms(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
