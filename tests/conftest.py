@@ -5,6 +5,7 @@ the metrics of a saved model)."""
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -430,3 +431,9 @@ def team_services() -> Iterator["TeamServices"]:  # noqa: F821
         team.down()
         if os.environ.get("LIGHTCLIP_KEEP_TEAM_STATE") != "1":
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def sigint_as_default() -> None:
+    """``preexec_fn`` for a child the test will interrupt: SIGINT back to its default action. A
+    shell starts background jobs (``cmd &``, nohup) with SIGINT ignored, and a child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import sigint_as_default
 import yaml
 
 from lightclip import orchestration as orch
@@ -164,7 +166,8 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_run_logged_stops_the_command_and_everything_it_started(tmp_path: Path, signum: int):
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE], cwd=tmp_path, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE], cwd=tmp_path, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_default)
     try:
         assert proc.stdout.readline().strip() == "started"
         grandchild = int((tmp_path / "grandchild.pid").read_text())

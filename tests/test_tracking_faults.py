@@ -19,6 +19,8 @@ from typing import Iterator
 
 import mlflow
 import pytest
+
+from conftest import sigint_as_default
 import requests
 
 from lightclip.cli import main
@@ -106,7 +108,8 @@ def read_line(process: subprocess.Popen, timeout: float) -> str:
 
 def start_sleeper(project: Path) -> tuple[subprocess.Popen, str]:
     """A stage process in ``project`` and its run id, once its run is open."""
-    process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_default)
     line = read_line(process, timeout=60)
     assert line.startswith("ready "), line
     return process, line.split()[1]
@@ -304,7 +307,7 @@ def test_a_sigkilled_stage_run_is_closed_killed_when_the_pipeline_starts(project
 def test_a_signalled_pipeline_stops_dvc_and_its_stage_and_ends_both_runs_killed(tmp_path: Path, monkeypatch, projects):
     root = projects.create(tmp_path / "pipe", PARAMS, files={"dvc.yaml": SLEEPER_PIPELINE, "sleeper.py": SLEEPER}, dvc=True, commit="a pipeline")
     projects.enter(root, monkeypatch)
-    pipeline = subprocess.Popen([sys.executable, "-m", "lightclip.cli", "pipeline"], cwd=root, env=stage_env(), stdout=subprocess.PIPE,
+    pipeline = subprocess.Popen([sys.executable, "-m", "lightclip.cli", "pipeline"], cwd=root, env=stage_env(), preexec_fn=sigint_as_default, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     line = ""
     deadline = time.monotonic() + 120
