@@ -198,3 +198,34 @@ def test_the_cli_prints_each_service_with_its_url(team_services: TeamServices, t
 def test_unknown_service_names_the_known_ones(team_services: TeamServices):
     with pytest.raises(ServicesError, match="unknown service 'redis'; the services are postgres, objectstore"):
         team_services.stop_service("redis")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 2 GB tmpfs: a disk with little free space, where SeaweedFS's automatic volume count
+    (free space / volume size) left the second bucket without volumes. Needs root."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2G,mode=1777", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_the_object_store_writes_both_buckets_on_a_disk_with_little_free_space(small_disk: Path):
+    team = TeamServices(small_disk / "state")
+    try:
+        team.start_service("objectstore")  # ready only when both buckets take a write
+        env = team.env()
+        s3 = s3_client(team)
+        for bucket in (env["LIGHTCLIP_S3_DVC_BUCKET"], env["LIGHTCLIP_S3_MLFLOW_BUCKET"]):
+            for index in range(3):
+                s3.put_object(Bucket=bucket, Key=f"tests/{index}.bin", Body=os.urandom(256 * 1024))
+            listed = s3.list_objects_v2(Bucket=bucket, Prefix="tests/")
+            assert sorted(item["Key"] for item in listed["Contents"]) == [f"tests/{index}.bin" for index in range(3)]
+    finally:
+        team.down()

@@ -75,6 +75,8 @@ READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 #: How long a port of a just-stopped process may take to come free before it counts as taken.
 PORT_GRACE_S = 3.0
+#: The object store's volume ceiling (1 GB each, sparse): room for many buckets on any disk.
+OBJECTSTORE_MAX_VOLUMES = 100
 
 
 def pg_bin() -> Path:
@@ -327,6 +329,12 @@ class _ObjectStore(_Service):
     election on every restart; the volume ids it would remember come back from the volume
     server's heartbeat. ``-volume.preStopSeconds=0``: no 10 s pause before stopping (no clients
     to drain). Telemetry off; the Iceberg and Lance ports off.
+
+    ``-volume.max`` is explicit: its default (0) sizes the volume count from the free disk space
+    divided by the volume size, and every bucket is a collection that grows 7 volumes at its first
+    write, so on a disk with a few GB free the first bucket took every volume and writes to the
+    second failed with "no free volumes" (HTTP 500 through MLflow's artifact proxy). Volumes are
+    sparse files, so the count costs no space; a full disk still turns them read-only.
     """
 
     name = "objectstore"
@@ -360,7 +368,7 @@ class _ObjectStore(_Service):
             "-filer", f"-filer.port={p['weed_filer']}", f"-filer.port.grpc={p['weed_filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self._identities()}",
-            "-master.telemetry=false", "-master.resumeState=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            "-master.telemetry=false", "-master.resumeState=false", "-master.volumeSizeLimitMB=1024", f"-volume.max={OBJECTSTORE_MAX_VOLUMES}",
             "-volume.preStopSeconds=0",
         ]
 
@@ -376,7 +384,8 @@ class _ObjectStore(_Service):
         )
 
     def ready(self) -> bool:
-        """Both buckets exist and a write goes through (the volume server has registered)."""
+        """Both buckets exist and take a write (the volume server has registered, and each bucket's
+        collection could grow its volumes: a store that cannot write one bucket is not ready)."""
         s3 = self.client()
         for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
             try:
@@ -384,8 +393,12 @@ class _ObjectStore(_Service):
             except botocore.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
-        s3.put_object(Bucket=DVC_BUCKET, Key=".lightclip-ready", Body=b"ok")
-        s3.delete_object(Bucket=DVC_BUCKET, Key=".lightclip-ready")
+        for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
+            try:
+                s3.put_object(Bucket=bucket, Key=".lightclip-ready", Body=b"ok")
+            except botocore.exceptions.ClientError as exc:
+                raise ServicesError(f"bucket {bucket!r} refuses a write: {exc}") from exc
+            s3.delete_object(Bucket=bucket, Key=".lightclip-ready")
         return True
 
     def stop(self) -> None:
