@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,7 @@ import numpy as np
 from lightclip.config import load_params
 from lightclip.data.catalogue import Catalogue
 from lightclip.io import usable_cpus, write_json
+from lightclip.processes import stop_process_group
 
 FORMAT = "lightclip-loadtest/1"
 GOAL_P95_MS = 50.0
@@ -47,7 +46,7 @@ def free_port() -> int:
 
 
 def start_server(project: Path, model: str, port: int, log_path: Path, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """`lightclip serve` for ``model`` in its own process group (stopped by :func:`stop_server`)."""
+    """`lightclip serve` for ``model`` in its own process group (stopped by :func:`lightclip.processes.stop_process_group`)."""
     command = [str(Path(sys.executable).with_name("lightclip")), "--project", str(project), "serve", "--model", model, "--port", str(port), *extra]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -68,18 +67,6 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float, log_p
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the server was not ready after {timeout:.0f}s:\n{log_path.read_text(errors='replace')[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)
 
 
 async def run_load(url: str, queries: Sequence[str], requests: int, concurrency: int, k: int = 10) -> dict[str, Any]:
@@ -131,7 +118,7 @@ def measure_model(project: Path, name: str, model: str, queries: Sequence[str], 
                   f"p99 {run['p99_ms']:8.2f} ms  errors {run['errors']}", flush=True)
             runs.append(run)
     finally:
-        stop_server(process)
+        stop_process_group(process, grace_s=15.0)
     return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs}
 
 

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from lightclip import orchestration as orch
+from lightclip.processes import stop_process_group
 from lightclip.tracking import PARENT_RUN_ENV, default_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -217,18 +218,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM to the process group we started (the runner's flow-run children too), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -263,7 +252,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
         wait_for(lambda: orch.server_is_up(url, timeout=1), 120, f"the Prefect server on port {port}", proc, log)
         yield url, {**env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": url}
     finally:
-        stop_group(proc)
+        stop_process_group(proc)
 
 
 def test_the_ui_of_make_prefect_server_calls_the_api_on_its_own_port(prefect_server):
@@ -319,7 +308,7 @@ def test_served_deployment_has_the_cron_schedule_and_runs_on_demand(prefect_serv
             assert any(tag.startswith("mlflow-run:") for tag in client.read_flow_run(manual.id).tags)
         assert attempts(project, "register") == 1  # it ran in the served project, in the runner's process
     finally:
-        stop_group(serve)
+        stop_process_group(serve)
 
 
 #: Prepended to the fake stage: ``prep`` records its pid and its parent's (``dvc repro``), then
@@ -409,7 +398,7 @@ def test_deploy_stops_on_sigint_and_sigterm_with_the_run_in_flight_and_leaves_no
             assert client.read_deployment_by_name(f"retrain/{name}").paused  # the schedule stops with it
         assert f"stopped by {signal.Signals(signum).name}" in log.read_text()
     finally:
-        stop_group(serve)
+        stop_process_group(serve)
 
 
 # -- the real pipeline end to end (tiny params) ----------------------------------------------------

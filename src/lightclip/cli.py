@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
@@ -29,6 +27,7 @@ from lightclip.config import Params, TrackingConfig, load_params
 from lightclip.env import configure_environment
 from lightclip.errors import LightclipError
 from lightclip.io import log_to_stderr, read_json, usable_cpus
+from lightclip.processes import stop_process_group
 from lightclip.stage import StageContext
 from lightclip.tracking import StageInterrupted, pipeline_run, project_root, stage_run
 
@@ -133,26 +132,6 @@ def _stopped(args: argparse.Namespace, exc: StageInterrupted) -> NoReturn:
     """One line and the shell's exit status for a signal (130 for SIGINT, 143 for SIGTERM)."""
     print(f"lightclip {args.command}: stopped by {exc.signal_name}; its MLflow run was ended KILLED", file=sys.stderr, flush=True)
     raise SystemExit(exc.exit_code)
-
-
-def _stop_process_group(process: subprocess.Popen, signum: int, grace: float = PIPELINE_STOP_GRACE_S) -> None:
-    """Pass ``signum`` on to ``process``'s group (dvc and the stage it runs) and wait until every
-    member is gone (a stage outliving dvc is still ending its run); SIGKILL the group after ``grace`` s."""
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        process.poll()  # reap dvc itself
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def _named_models(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -584,7 +563,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             try:
                 returncode = process.wait()
             except StageInterrupted as exc:
-                _stop_process_group(process, exc.signum)
+                stop_process_group(process, exc.signum, grace_s=PIPELINE_STOP_GRACE_S)
                 raise
             run.set_tags({"lightclip.exit_code": returncode})
             if returncode != 0:

@@ -51,6 +51,7 @@ from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.env import TELEMETRY_OFF
 from lightclip.errors import LightclipError
 from lightclip.io import staged_dir
+from lightclip.processes import stop_process_group
 from lightclip.tracking import data_version, default_tracking_uri, flatten
 
 DVC_FILE = "dvc.yaml"
@@ -199,37 +200,12 @@ def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log: Log) 
                 log(text)
         returncode = proc.wait()
     except BaseException as exc:
-        stop_process_group(proc, signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        stop_process_group(proc, signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM, grace_s=STOP_GRACE_S)
         raise
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
     return returncode, lines
-
-
-def stop_process_group(proc: subprocess.Popen, signum: int, grace: float | None = None) -> int | None:
-    """Send ``signum`` to ``proc``'s process group, SIGKILL the group after ``grace`` seconds.
-
-    Returns the exit code (None if it could not be reaped). The group is killed once more at the
-    end, so that a stage that ignored the signal while its parent exited does not linger.
-    """
-    grace = STOP_GRACE_S if grace is None else grace
-    try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        return proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        return None
 
 
 def _run_checked(command: list[str], cwd: Path, env: Mapping[str, str]) -> str:
