@@ -52,7 +52,7 @@ PARAMS = f"tracking:\n  experiment: {EXPERIMENT}\n  timeout_seconds: 1\n  retrie
 SLEEPER = """\
 import argparse, time
 import mlflow
-from lightclip.cli import _stage
+from lightclip.cli.common import _stage
 from lightclip.env import configure_environment
 
 configure_environment()
