@@ -290,14 +290,60 @@ def wait_final(pool: Pool, flow_run_ids: list, timeout: float) -> list[Any]:
         return wait_for(runs, timeout, f"flow runs {flow_run_ids} to end", pool.logs)
 
 
-def parent_runs(flow_run_id) -> Any:
-    """The MLflow parent runs of a flow run (one per attempt), from MLFLOW_TRACKING_URI (not from a
-    tracking URI another test of the session set process-wide)."""
-    import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+def parent_runs(pool: Pool, flow_run_id) -> list[Any]:
+    """The MLflow parent runs of a flow run (one per attempt), on the pool's tracking server.
 
-    with _use_tracking_uri(os.environ["MLFLOW_TRACKING_URI"]):
-        return mlflow.search_runs(experiment_names=["fake"], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    A client bound to that server, no global: ``mlflow.search_runs`` reads the process-wide
+    tracking URI, which an earlier test of the session set with ``mlflow.set_tracking_uri``
+    (test_retrain_flow.py: a SQLite store without experiment ``fake``), and MLflow's
+    ``_use_tracking_uri`` writes the previous URI back into ``MLFLOW_TRACKING_URI`` of
+    ``os.environ`` on exit (or deletes it), so that the next query went to the wrong store.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=pool.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("fake")
+    if experiment is None:
+        return []
+    return list(client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"))
+
+
+def tracking_report(pool: Pool, flow_run_ids: list) -> str:
+    """What the tracking server and Prefect hold for ``flow_run_ids``: the message of a failed check.
+
+    Every experiment, every run of ``fake`` (deleted ones too) with its tags, and per flow run its
+    state history, its ``mlflow-run:<id>`` tag and where that run is.
+    """
+    import mlflow
+    from mlflow.entities import ViewType
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    uri = pool.env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    lines = [f"tracking server {uri} (this process: global tracking URI {mlflow.get_tracking_uri()}, "
+             f"MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI')})"]
+    try:
+        lines.append("experiments:")
+        for experiment in client.search_experiments(view_type=ViewType.ALL):
+            lines.append(f"  {experiment.experiment_id} {experiment.name!r} {experiment.lifecycle_stage} {experiment.artifact_location}")
+        experiment = client.get_experiment_by_name("fake")
+        if experiment is not None:
+            lines.append(f"runs of experiment 'fake' ({experiment.experiment_id}), deleted ones too:")
+            for run in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000):
+                tags = {k: v for k, v in sorted(run.data.tags.items()) if k.startswith(("prefect.", "lightclip.", "mlflow.parentRunId", "mlflow.runName"))}
+                lines.append(f"  {run.info.run_id} {run.info.status} {run.info.lifecycle_stage} {tags}")
+        with temporary_settings(updates={PREFECT_API_URL: pool.api_url}), get_client(sync_client=True) as prefect:
+            for flow_run_id in flow_run_ids:
+                flow_run = prefect.read_flow_run(flow_run_id)
+                history = [(s.timestamp.isoformat(timespec="seconds"), s.type.value, s.name) for s in prefect.read_flow_run_states(flow_run_id)]
+                lines.append(f"flow run {flow_run.name} {flow_run_id}: run_count {flow_run.run_count}, tags {flow_run.tags}, states {history}")
+                for tag in (t for t in flow_run.tags if t.startswith("mlflow-run:")):
+                    run = client.get_run(tag.split(":", 1)[1])
+                    lines.append(f"  {tag}: experiment {run.info.experiment_id}, {run.info.status}, tags {run.data.tags}")
+    except Exception as exc:  # noqa: BLE001 -- the failure message says as much as it could learn
+        lines.append(f"(report cut short: {type(exc).__name__}: {exc})")
+    return "\n".join(lines)
 
 
 def experiments(project: Path) -> dict[str, str]:
@@ -307,18 +353,10 @@ def experiments(project: Path) -> dict[str, str]:
     return {n: next(r for r in refs if r.endswith("/" + n)) for n in names}
 
 
-@pytest.fixture
-def mlflow_uri(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", pool.env["MLFLOW_TRACKING_URI"])
-    return pool.env["MLFLOW_TRACKING_URI"]
-
-
 # -- the tests ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skip(reason="flaky in the full suite: both runs complete concurrently on both workers in their own "
-                         "worktrees, but one run's MLflow parent run is sometimes not found on the server (issue 13 follow-up)")
-def test_two_runs_at_once_run_on_both_workers_in_their_own_worktrees(pool: Pool, pool_project: Path, mlflow_uri: str):
+def test_two_runs_at_once_run_on_both_workers_in_their_own_worktrees(pool: Pool, pool_project: Path):
     project, held = pool_project, Held(pool_project.parent)
     before = origin_state(project)
     held.hold.touch()
@@ -335,7 +373,7 @@ def test_two_runs_at_once_run_on_both_workers_in_their_own_worktrees(pool: Pool,
     assert all(w.parent == project / orch.WORKSPACES_DIR for w in workspaces), workspaces
 
     ended = wait_final(pool, [r.id for r in runs.values()], 180)
-    assert all(r.state.is_completed() for r in ended), [(r.name, r.state) for r in ended]
+    assert all(r.state.is_completed() for r in ended), tracking_report(pool, [r.id for r in ended])
     first, second = ended
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they overlapped
     assert not any(w.exists() for w in workspaces)  # removed after the run
@@ -343,19 +381,21 @@ def test_two_runs_at_once_run_on_both_workers_in_their_own_worktrees(pool: Pool,
 
     exps = experiments(project)
     for seed, run in zip(runs, ended):
-        parents = parent_runs(run.id)
-        assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED", parents
-        parent = parents.iloc[0]
-        name = parent["tags.lightclip.dvc_exp_name"]
-        assert name in exps and parent["tags.lightclip.workspace"] in {str(w) for w in workspaces}
+        parents = parent_runs(pool, run.id)
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED", (
+            f"flow run {run.name} ({run.id}): parent runs {[(p.info.run_id, p.info.status) for p in parents]}, expected one FINISHED\n"
+            + tracking_report(pool, [r.id for r in ended]))
+        tags = parents[0].data.tags
+        name = tags.get("lightclip.dvc_exp_name")
+        assert name in exps and tags.get("lightclip.workspace") in {str(w) for w in workspaces}, (tags, exps, workspaces)
         params = subprocess.run(["git", "show", f"{exps[name]}:params.yaml"], cwd=project, capture_output=True, text=True, check=True).stdout
         assert yaml.safe_load(params)["split"]["seed"] == seed  # each experiment holds its own override
         lock = yaml.safe_load(subprocess.run(["git", "show", f"{exps[name]}:dvc.lock"], cwd=project, capture_output=True, text=True, check=True).stdout)
         assert lock["stages"]["prep"]["params"]["params.yaml"]["split.seed"] == seed
-    assert len({parent_runs(r.id).iloc[0]["run_id"] for r in ended}) == 2
+    assert len({parent_runs(pool, r.id)[0].info.run_id for r in ended}) == 2
 
 
-def test_a_run_whose_worker_is_killed_is_marked_crashed_and_retried_on_the_other_worker(pool: Pool, pool_project: Path, mlflow_uri: str):
+def test_a_run_whose_worker_is_killed_is_marked_crashed_and_retried_on_the_other_worker(pool: Pool, pool_project: Path):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -394,7 +434,7 @@ def test_a_run_whose_worker_is_killed_is_marked_crashed_and_retried_on_the_other
     assert ("SCHEDULED", "AwaitingRetry") in history[crashed_at:] and history[-1][0] == "COMPLETED", history
     assert detected_after < HEARTBEAT_TIMEOUT_S + 30 + 60
 
-    parents = parent_runs(run.id)  # the lost attempt's run is closed, none stays RUNNING
-    assert sorted(parents["status"]) == ["FINISHED", "KILLED"], parents[["run_id", "status"]]
+    parents = parent_runs(pool, run.id)  # the lost attempt's run is closed, none stays RUNNING
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"], tracking_report(pool, [run.id])
     assert origin_state(project) == before
     assert not any((project / orch.WORKSPACES_DIR).iterdir())
