@@ -1,11 +1,11 @@
 """A saved lightclip model as an MLflow pyfunc, logged as "models from code" (no pickled objects).
 
-This file is both a library module (``lightclip.serving``: :class:`Embedder`, the engine, usable
-without MLflow) and the *code file* that ``lightclip register`` logs with every model: when
-MLflow executes it to load a model, the last lines call ``mlflow.models.set_model``. The weights
-travel as the artifact ``model`` (the saved model directory: ``model.safetensors`` +
+:class:`Embedder` is the engine (usable without MLflow), :class:`LightclipPyfunc` the pyfunc that
+``lightclip register`` logs with every model; the model's code file,
+:mod:`lightclip.registry.model_code`, sets it once the package the model carries is importable.
+The weights travel as the artifact ``model`` (the saved model directory: ``model.safetensors`` +
 ``model.json`` with the open_clip config, tokenizer settings and image mean/std) and the
-``lightclip`` package source travels as ``code_paths``, so a registered version loads in a
+``lightclip`` package source as one archive in ``code_paths``, so a registered version loads in a
 fresh environment from its own files.
 
 Input (the signature): a pandas DataFrame with a ``text`` column (product titles) and/or an
@@ -159,8 +159,3 @@ class LightclipPyfunc(PythonModel):  # type: ignore[misc,valid-type]
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         return self.embedder.embed_frame(model_input)
 
-
-if __name__ != "lightclip.serving":  # executed by MLflow as the logged model's code file
-    from mlflow.models import set_model
-
-    set_model(LightclipPyfunc())

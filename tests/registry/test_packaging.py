@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import site
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -40,10 +42,19 @@ def test_the_logged_model_is_code_weights_and_pinned_requirements(staged):
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
-    assert (local / "serving.py").read_bytes() == (REPO_ROOT / "src" / "lightclip" / "serving.py").read_bytes()
-    shipped = local / "code" / "lightclip"
-    assert (shipped / "registry" / "stage.py").is_file() and (shipped / "serving.py").is_file()
-    assert not list(local.rglob("*.pkl")) and not list(local.rglob("__pycache__"))
+    assert (local / "model_code.py").read_bytes() == (REPO_ROOT / "src" / "lightclip" / "registry" / "model_code.py").read_bytes()
+    # A handful of files, whatever the package's size: through a server each one is an upload.
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                   if p.is_file() and p.name != "registered_model_meta")  # that one the registry's download writes
+    assert files == ["MLmodel", "artifacts/model/model.json", "artifacts/model/model.safetensors", "code/lightclip.zip", "conda.yaml",
+                     "input_example.json", "model_code.py", "python_env.yaml", "requirements.txt", "serving_input_example.json"]
+    source = REPO_ROOT / "src" / "lightclip"
+    with zipfile.ZipFile(local / "code" / "lightclip.zip") as archive:
+        assert archive.namelist() == [f"lightclip/{p.as_posix()}" for p in packaging.package_files(source)]
+        for name in ("serving.py", "registry/stage.py", "models/configs/lc-test-tiny.json"):
+            assert archive.read(f"lightclip/{name}") == (source / name).read_bytes()
+        assert not [n for n in archive.namelist() if "__pycache__" in n or n.endswith(".pyc")]
+    assert not list(local.rglob("*.pkl"))
     assert sorted(p.name for p in (local / "artifacts" / "model").iterdir()) == ["model.json", "model.safetensors"]
     requirements = (local / "requirements.txt").read_text().split()
     assert requirements == packaging.pip_requirements() and all("==" in r for r in requirements)
@@ -73,8 +84,11 @@ def test_fresh_process_loads_staging_and_returns_the_same_embeddings(staged, ass
         "import lightclip\n"
         "print(json.dumps({'lightclip': lightclip.__file__}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "request.json"), str(tmp_path / "out.npy")],
+    script = "import importlib.util\nassert importlib.util.find_spec('lightclip') is None, 'lightclip importable before loading'\n" + script
+    # -S: no site, so no .pth file puts this checkout (the editable install) on the path; the
+    # dependencies come through PYTHONPATH, lightclip only from the model.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
+    result = subprocess.run([sys.executable, "-S", "-c", script, str(tmp_path / "request.json"), str(tmp_path / "out.npy")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = np.load(tmp_path / "out.npy")
@@ -84,7 +98,26 @@ def test_fresh_process_loads_staging_and_returns_the_same_embeddings(staged, ass
     np.testing.assert_allclose(np.linalg.norm(fresh, axis=1), 1.0, atol=1e-5)
     # The fresh process ran the package shipped inside the model, not this checkout.
     shipped = json.loads(result.stdout.strip().splitlines()[-1])["lightclip"]
-    assert str(REPO_ROOT) not in shipped and f"code{os.sep}lightclip" in shipped
+    assert str(REPO_ROOT) not in shipped and shipped.endswith(os.path.join("code", "lightclip", "__init__.py"))
+
+
+def test_the_package_archive_is_the_source_tree_byte_for_byte_and_reproducible(tmp_path: Path):
+    source = tmp_path / "lightclip"
+    (source / "sub" / "__pycache__").mkdir(parents=True)
+    (source / "__init__.py").write_text("VALUE = 1\n")
+    (source / "sub" / "__init__.py").write_text("")
+    (source / "sub" / "config.json").write_text("{}\n")
+    (source / "sub" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
+    (source / "stray.pyc").write_bytes(b"cache")
+    (source / "lightclip.egg-info").mkdir()
+    (source / "lightclip.egg-info" / "PKG-INFO").write_text("meta")
+    first = packaging.write_package_archive(source, tmp_path / "one.zip")
+    os.utime(source / "__init__.py", (0, 0))  # timestamps do not reach the archive
+    second = packaging.write_package_archive(source, tmp_path / "two.zip")
+    assert first.read_bytes() == second.read_bytes()
+    with zipfile.ZipFile(first) as archive:
+        assert archive.namelist() == ["lightclip/__init__.py", "lightclip/sub/__init__.py", "lightclip/sub/config.json"]
+        assert archive.read("lightclip/__init__.py") == b"VALUE = 1\n"
 
 
 def test_serving_contract_and_bad_rows(assets: Path, mixed_request: pd.DataFrame):

@@ -1,8 +1,9 @@
 """What goes into a registered version: the logged pyfunc, its tags, its model card, the evidence.
 
-A version is an MLflow "models from code" pyfunc: ``lightclip/serving.py`` as the code file, the
-model's weights and ``model.json`` as an artifact, the ``lightclip`` package as ``code_paths``,
-explicit pip requirements, a signature and an input example; no pickles. Beside it: lineage and
+A version is an MLflow "models from code" pyfunc: ``lightclip/registry/model_code.py`` as the
+code file, the model's weights and ``model.json`` as an artifact, the ``lightclip`` package as one
+archive in ``code_paths`` (:mod:`lightclip.registry.model_code` unpacks it on load), explicit pip
+requirements, a signature and an input example; no pickles. Beside it: lineage and
 metric tags (what the gate and ``lightclip registry`` read), a Markdown model card as its
 description, and the measurements the gate needs (encode latency, test-set fingerprint).
 """
@@ -10,6 +11,7 @@ description, and the measurements the gate needs (encode latency, test-set finge
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import io
 import json
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
@@ -33,12 +36,12 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image, ImageDraw
 
 import lightclip
-from lightclip import serving
 from lightclip.bench import SAMPLE_TITLE
 from lightclip.config import Params
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.io import cpu_budget, torch_threads
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_model, load_tokenizer, preprocess_config
+from lightclip.registry import model_code
 from lightclip.registry.aliases import TAG_CANDIDATE, TAG_WEIGHTS, RegistryError
 from lightclip.registry.gate import (
     SPEED_TAG_PREFIX,
@@ -232,14 +235,41 @@ def input_example(image_size: int) -> pd.DataFrame:
                          IMAGE_COLUMN: [None, None, encoded]})
 
 
+#: A fixed timestamp for every archive entry: the same source gives the same archive, byte for byte.
+ARCHIVE_DATE = (1980, 1, 1, 0, 0, 0)
+#: What the package directory holds that is not source (caches, build metadata): never shipped.
+NOT_SHIPPED = ("__pycache__", "*.pyc", "*.egg-info")
+
+
+def package_files(source: Path) -> list[Path]:
+    """The package's files to ship, relative to ``source``, sorted (no caches, no build metadata)."""
+    def shipped(relative: Path) -> bool:
+        return not any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in NOT_SHIPPED)
+
+    return sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file() and shipped(p.relative_to(source)))
+
+
+def write_package_archive(source: Path, archive: Path) -> Path:
+    """Zip the package directory ``source`` as ``lightclip/...`` entries into ``archive``, reproducibly."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for relative in package_files(source):
+            entry = zipfile.ZipInfo(f"{model_code.PACKAGE}/{relative.as_posix()}", date_time=ARCHIVE_DATE)
+            entry.external_attr = 0o644 << 16
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            bundle.writestr(entry, (source / relative).read_bytes())
+    return archive
+
+
 @contextmanager
-def package_source() -> Iterator[Path]:
-    """A clean copy of the ``lightclip`` package source (no caches) to ship as ``code_paths``."""
+def package_archive() -> Iterator[Path]:
+    """The ``lightclip`` package source as one archive, ``lightclip.zip``, to ship as ``code_paths``.
+
+    One file, not the source tree: through a tracking server that proxies artifacts each file of
+    a logged model is one upload (about 90 per model for the tree).
+    """
     source = Path(lightclip.__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="lightclip-code-") as tmp:
-        target = Path(tmp) / "lightclip"
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-        yield target
+        yield write_package_archive(source, Path(tmp) / model_code.ARCHIVE_NAME)
 
 
 @contextmanager
@@ -265,10 +295,10 @@ def active_run_id() -> str | None:
 
 def log_pyfunc(model_dir: Path, *, artifact_name: str, embed_dim: int, image_size: int) -> ModelInfo:
     """Log one saved model as a models-from-code pyfunc in the active run; returns MLflow's ModelInfo."""
-    with package_source() as code, model_files(model_dir) as files:
+    with package_archive() as code, model_files(model_dir) as files:
         return mlflow.pyfunc.log_model(
             name=artifact_name,
-            python_model=str(Path(serving.__file__).resolve()),
+            python_model=str(Path(model_code.__file__).resolve()),
             artifacts={MODEL_ARTIFACT: str(files)},
             code_paths=[str(code)],
             signature=signature(embed_dim),
