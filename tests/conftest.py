@@ -8,6 +8,7 @@ import os
 import signal
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,24 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(tmp_home / "matplotlib"))
     os.environ.setdefault("DVC_SITE_CACHE_DIR", str(tmp_home / "dvc-site-cache"))
     configure_environment()
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leaks() -> Iterator[None]:
+    """What a test sets with ``mlflow.set_tracking_uri`` ends with it. That call is process-wide (a
+    module global, and ``MLFLOW_TRACKING_URI`` too), so a later test's ``mlflow.search_runs`` read
+    another test's store. Function scope: what a module fixture set is already in place here and kept."""
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    before_global = getattr(tracking_utils, "_tracking_uri", None)
+    yield
+    tracking_utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if tracking_utils is not None:
+        tracking_utils._tracking_uri = before_global  # MLflow's own holder of set_tracking_uri's value
+    if before_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 @pytest.fixture(scope="session")

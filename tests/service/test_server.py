@@ -17,6 +17,7 @@ import httpx
 import yaml
 
 from lightclip.cli import main as cli_main
+from lightclip.processes import stop_process_group
 
 from .conftest import STUDENT, free_port
 
@@ -78,7 +79,7 @@ def test_lightclip_serve_answers_every_endpoint_and_stops_on_sigterm(serve_proje
             assert time.monotonic() < script_deadline, "no swap to @production within 60 s"
             time.sleep(0.2)
     finally:
-        script.stop_server(process)
+        stop_process_group(process, grace_s=15.0)
     assert process.returncode is not None
     log = log_path.read_text(errors="replace")
     assert "@production is not set; serving @staging (v2)" in log and "hot swap: now serving" in log
