@@ -10,6 +10,8 @@
   tracking server shares them;
 * :mod:`~lightclip.registry.packaging`: what goes into a registered version (the
   models-from-code pyfunc, its tags and model card, the latency and test-set evidence);
+* :mod:`~lightclip.registry.model_code`: the code file of every registered model (unpacks the
+  package it carries, sets the pyfunc);
 * :mod:`~lightclip.registry.stage`: the ``register`` stage.
 
 The gate function itself is imported from its module (``from lightclip.registry.gate import
