@@ -158,7 +158,9 @@ def test_train_config_forbids_unknown_keys():
     with pytest.raises(ValueError, match="extra"):
         TrainConfig(epoch=3)
     with pytest.raises(ValueError):
-        TrainConfig(amp="fp16")
+        TrainConfig(amp="fp8")  # fp16 is a value (CUDA only: tests/test_devices.py)
+    with pytest.raises(ValueError):
+        TrainConfig(device="gpu")
 
 
 def test_checkpoint_key_changes_with_trajectory_and_inputs():

@@ -39,6 +39,11 @@ class ConfigError(LightclipError, ValueError):
     """A params file that cannot be used; the message names the file, key and what is allowed."""
 
 
+#: Where a stage's torch work runs: ``auto`` = CUDA when present, else CPU (resolved by
+#: :func:`lightclip.devices.resolve_device`, the one place that reads it; docs/devices.md).
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
 def _numeric(annotation: Any) -> bool:
     """Whether a field holds a number (``int``, ``float``, optionally ``None`` or both)."""
     args = get_args(annotation)
@@ -237,7 +242,8 @@ class TrainConfig(StrictModel):
     grad_clip_norm: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
     seed: int = 0
     early_stop_patience: int = Field(5, ge=0, description="epochs without a better val/mean_recall; 0 = off")
-    amp: Literal["none", "bf16"] = "none"
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast: bf16 on CPU or CUDA; fp16 (with a grad scaler) on CUDA only")
+    device: Device = Field("auto", description="auto = CUDA when present, else CPU; see docs/devices.md")
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
     log_every_n_steps: int = Field(10, ge=1)
     nproc: int = Field(1, ge=1, description="ranks on this machine: >1 = data parallel through torchrun (batch_size stays the global batch); see docs/distributed.md")
@@ -379,6 +385,7 @@ class TeacherEmbedConfig(StrictModel):
     #: Also store the embeddings of the horizontally flipped images (``distill.hflip`` with the cache).
     hflip: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
+    device: Device = Field("auto", description="where the teacher runs; see docs/devices.md")
 
     @field_validator("splits")
     @classmethod
@@ -553,6 +560,7 @@ class EvaluateConfig(StrictModel):
     attributes: list[list[str]] = Field(default_factory=lambda: [["articleType"], ["articleType", "baseColour"]])
     batch_size: int = Field(256, ge=1)
     num_threads: int | None = Field(None, ge=1)
+    device: Device = Field("auto", description="where the models embed the split; see docs/devices.md")
 
     @field_validator("models")
     @classmethod
@@ -600,6 +608,7 @@ class IndexConfig(StrictModel):
     eval_queries: int = Field(500, ge=0, description="titles used as queries for recall@10 vs flat and query latency")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
+    device: Device = Field("auto", description="where the model embeds the catalogue; see docs/devices.md")
 
 
 class BenchConfig(StrictModel):

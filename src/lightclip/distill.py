@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
-from lightclip import distributed
+from lightclip import devices, distributed
 from lightclip.config import ConfigError, DistillJob
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
@@ -64,6 +64,8 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
     steps, seconds, pairs/s, the student's ``params/*``) plus ``params/projections``.
     Checkpoints go to ``<cache>/checkpoints/distill/<key>``; ``resume`` continues the same run.
     """
+    distributed.world()  # under torchrun: join first, so that each rank resolves to its own GPU
+    devices.training_device(job.train.device, job.train.amp, section="distill.train")  # fail before any work
     catalogue = Catalogue.load(inputs.catalogue)
     try:
         spec = ModelSpec(**job.student.model_dump())

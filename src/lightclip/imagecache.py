@@ -221,6 +221,6 @@ def hflip(batch: torch.Tensor, flip: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def normalise(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``B x 3 x S x S`` -> float32 ``(x / 255 - mean) / std``."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return batch.to(torch.float32).mul_(scale).sub_(shift)

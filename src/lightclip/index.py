@@ -40,6 +40,7 @@ import faiss
 import numpy as np
 
 from lightclip.config import IndexConfig
+from lightclip.devices import resolve_device
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import check_items, model_geometry
 from lightclip.errors import LightclipError
@@ -356,7 +357,7 @@ def build_catalogue_index(
     if len(items) == 0:
         raise CatalogueIndexError(f"{catalogue.table_path}: {'no items' if config.split is None else f'split {config.split!r} has no items'} to index")
     fingerprint = model_fingerprint(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(resolve_device(config.device, field="index.device"))
     checked = check_items(model_geometry(read_model_info(model_dir)), catalogue, items)
     if checked is not None and checked[1] is not None:
         log.warning("index of %s with %s: %s", catalogue.root, model_dir, checked[1])

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 from torch import nn
 
-from lightclip import distributed
+from lightclip import devices, distributed
 from lightclip.config import PretrainConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
@@ -181,6 +181,8 @@ def run_pretrain(config: PretrainConfig, inputs: PretrainInputs, outputs: Pretra
     beside them). Checkpoints go to ``<cache>/checkpoints/pretrain/<key>``, so ``resume``
     continues exactly the run with the same config and inputs.
     """
+    distributed.world()  # under torchrun: join first, so that each rank resolves to its own GPU
+    devices.training_device(config.train.device, config.train.amp, section="pretrain.train")  # fail before any work
     catalogue = Catalogue.load(inputs.catalogue)
     try:
         spec = ModelSpec(**config.model.model_dump())

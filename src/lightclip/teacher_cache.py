@@ -33,6 +33,7 @@ from safetensors import safe_open
 
 from lightclip.config import TeacherEmbedConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
+from lightclip.devices import resolve_device
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
 from lightclip.imagecache import build_image_cache, resize_mode_of
@@ -119,12 +120,16 @@ def embed_with_teacher(
     batch_size: int = 256,
     hflip: bool = True,
     progress: bool = False,
+    device: str = "auto",
 ) -> TeacherEmbeddings:
-    """The teacher's embeddings of ``split`` (images from the uint8 cache under ``cache_dir``)."""
+    """The teacher's embeddings of ``split`` (images from the uint8 cache under ``cache_dir``).
+
+    ``device``: the ``teacher_embed.device`` knob (:func:`lightclip.devices.resolve_device`).
+    """
     teacher_dir = Path(teacher_dir)
     teacher_sha = teacher_weights_sha256(teacher_dir)
     info = read_model_info(teacher_dir)
-    model = load_model(teacher_dir)
+    model = load_model(teacher_dir).to(resolve_device(device, field="teacher_embed.device"))
     model.requires_grad_(False)
     pre = preprocess_config(model)
     size = int(pre["size"])
@@ -235,7 +240,8 @@ def run_teacher_embed(config: TeacherEmbedConfig, inputs: TeacherEmbedInputs, ou
         for split in config.splits:
             if len(catalogue.split(split)) == 0:
                 raise ValueError(f"{catalogue.table_path}: split {split!r} has no items (teacher_embed.splits)")
-            emb = embed_with_teacher(inputs.teacher, catalogue, split, context.image_cache_dir, batch_size=config.batch_size, hflip=config.hflip, progress=context.progress)
+            emb = embed_with_teacher(inputs.teacher, catalogue, split, context.image_cache_dir, batch_size=config.batch_size, hflip=config.hflip, progress=context.progress,
+                                     device=config.device)
             emb.save(tmp / f"{split}.safetensors")
             metrics[f"{split}_items"] = len(emb)
             metrics["embed_dim"] = emb.embed_dim

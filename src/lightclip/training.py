@@ -26,7 +26,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lightclip import distributed
+from lightclip import devices, distributed
 from lightclip.config import TrainConfig
 from lightclip.errors import LightclipError
 from lightclip.io import atomic_file, staged_dir, torch_threads
@@ -139,8 +138,10 @@ def make_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], config:
             (no_decay if _no_weight_decay(name, param) else decay).append(param)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": config.weight_decay}]
     # The fused CPU kernel: 4 ms instead of 72 ms per step for the 7.4M lc-vit-t on 2 threads
-    # (the 6.3M-entry token embedding dominates); same update rule as the default.
-    fused = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for g in groups for p in g["params"])
+    # (the 6.3M-entry token embedding dominates); same update rule as the default. On CUDA the
+    # fused kernel is one launch per step instead of one per tensor group.
+    kinds = {p.device.type for g in groups for p in g["params"]}
+    fused = len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.bfloat16) for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
 
 
@@ -159,8 +160,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     )
 
 
-def autocast_context(amp: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+def autocast_context(amp: str, device: torch.device | str = "cpu"):
+    """The forward pass's autocast (:func:`lightclip.devices.autocast`): CPU bf16 as it always was."""
+    return devices.autocast(amp, device)
 
 
 def train_step(
@@ -175,26 +177,41 @@ def train_step(
     step: int = 0,
     epoch: int = 0,
     loss_fn: Callable[[Any], dict[str, torch.Tensor]] | None = None,
+    device: torch.device | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One optimisation step; returns the loss terms as floats. Raises :class:`TrainingDiverged`.
 
     ``loss_fn``: what computes the loss terms of ``batch`` (default ``task.loss``; under
     ``torchrun`` the task wrapped in ``DistributedDataParallel``, which averages the gradients).
+    ``device``: where the task's model is (the batch is copied there; on CPU nothing moves).
+    ``scaler``: fp16's loss scaler; a step whose scaled gradients overflow is skipped by it (and
+    the scale lowered), which is how fp16 training works, not a divergence.
     """
+    device = device or torch.device("cpu")
+    batch = devices.to_device(batch, device)
     optimizer.zero_grad(set_to_none=True)
-    with autocast_context(amp):
+    with autocast_context(amp, device):
         out = (loss_fn or task.loss)(batch)
     names = list(out)
     values = torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()
     terms = dict(zip(names, values))
     if not math.isfinite(terms["loss"]):
         raise TrainingDiverged(step, epoch, terms)
-    out["loss"].backward()
+    if scaler is None:
+        out["loss"].backward()
+    else:
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
     if grad_clip_norm > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip_norm))
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and scaler is None:
             raise TrainingDiverged(step, epoch, terms | {"grad_norm": norm}, what="gradient norm")
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     hook = getattr(task, "on_step_end", None)
@@ -208,17 +225,22 @@ def train_step(
 # ----------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": random.getstate(),
     }
+    if device is not None and device.type == "cuda":  # CPU checkpoints keep their exact old content
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def _set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
@@ -263,6 +285,20 @@ def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) 
         raise ValueError(f"{path}: cannot resume, the config changed in ways that alter training ({'; '.join(changed)}); resume=False starts afresh")
 
 
+def move_task(task: TrainingTask, device: torch.device) -> None:
+    """Put the task's model and tensors on ``device`` (its ``to(device)``); on CPU nothing is touched.
+
+    A task that holds tensors besides its model (memory bank, teacher embeddings, projections)
+    must move them too, so only tasks with a ``to`` method can train off the CPU.
+    """
+    if device.type == "cpu":
+        return
+    move = getattr(task, "to", None)
+    if move is None:
+        raise LightclipError(f"{type(task).__name__} has no to(device): it can only train on the CPU (train.device: cpu)")
+    move(device)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +327,10 @@ def train(
     main = world.is_main
     if not main:
         log_metrics, progress = None, False
+    device = devices.training_device(config.device, config.amp)  # after world(): under torchrun each rank's own GPU
+    scaler = devices.grad_scaler(config.amp, device)
     with torch_threads(distributed.threads_per_rank(config.num_threads, world)):
+        move_task(task, device)
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         loss_fn = distributed.data_parallel(task, named, world) if world.distributed else None
@@ -313,7 +352,9 @@ def train(
             task.load_state_dict(state["task"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"], device)
             step, start_epoch = int(state["step"]), int(state["epoch"])
             best_metric, best_epoch = state["best_metric"], state["best_epoch"]
             bad_epochs, stopped_early = int(state["bad_epochs"]), bool(state["stopped_early"])
@@ -341,6 +382,7 @@ def train(
                     terms = train_step(
                         task, batch, optimizer, scheduler, params,
                         grad_clip_norm=config.grad_clip_norm, amp=config.amp, step=step, epoch=epoch, loss_fn=loss_fn,
+                        device=device, scaler=scaler,
                     )
                     step += 1
                     n = len(batch) * world.size  # every rank's slice is the same size
@@ -382,7 +424,7 @@ def train(
                     "task": task.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
+                    "rng": _rng_state(device),
                     "step": step,
                     "epoch": epoch + 1,
                     "best_metric": best_metric,
@@ -395,6 +437,8 @@ def train(
                     "train_seconds": resumed_seconds + time.perf_counter() - started,
                     "pairs_seen": resumed_pairs + pairs_seen,
                 }
+                if scaler is not None:
+                    payload["scaler"] = scaler.state_dict()
                 if main:
                     save_checkpoint(last_path, payload)
                 if main and (improved or (metric is None and epoch + 1 == config.epochs)):
@@ -430,8 +474,9 @@ def train(
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {"resize_mode": "crop"}
 
 #: Knobs that never change the trajectory at any value: left out of :func:`checkpoint_key`, so a run
-#: killed on one process count resumes on another (the global batch is the same).
-KEY_NEUTRAL: frozenset[str] = frozenset({"nproc"})
+#: killed on one process count resumes on another (the global batch is the same), and one killed
+#: on a GPU resumes on the CPU (the same computation, up to float rounding).
+KEY_NEUTRAL: frozenset[str] = frozenset({"nproc", "device"})
 
 
 def _without_neutral_defaults(value: Any) -> Any:

@@ -11,7 +11,10 @@ the same preprocessing and produce the same numbers:
   (trimmed to the batch's longest title);
 * outputs are float32, L2-normalised (``encode_*(..., normalize=True).float()``), row ``i`` the
   embedding of item ``i``. Batches are cut at multiples of ``batch_size``: a given batch size
-  always gives bit-identical embeddings.
+  always gives bit-identical embeddings;
+* the model runs where it is: inputs go to its device (uint8 images pinned and copied without
+  blocking, normalised there; :func:`lightclip.devices.to_device`), outputs come back to the
+  CPU. On a CPU model nothing is copied, so CPU numbers are those of a CPU-only build.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from lightclip.devices import model_device, to_device
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.imagecache import ImageCache, normalise
 from lightclip.models.zoo import encode_text, preprocess_config
@@ -70,22 +74,24 @@ def embed_images(model: torch.nn.Module, images: ImageSource, batch_size: int = 
     if int(pre["size"]) != _image_size(images):
         raise EvaluationError(f"images are {_image_size(images)}px but the model expects {pre['size']}px")
     out = []
+    device = model_device(model)
     with inference(model):
         for start in range(0, len(images), batch_size):
-            batch = _image_batch(images, start, min(start + batch_size, len(images)))
+            batch = to_device(_image_batch(images, start, min(start + batch_size, len(images))), device)
             if hflip:
                 batch = batch.flip(-1)
             out.append(model.encode_image(normalise(batch, pre["mean"], pre["std"]), normalize=True).float())
-    return torch.cat(out) if out else torch.zeros((0, 0))
+    return torch.cat(out).cpu() if out else torch.zeros((0, 0))
 
 
 def embed_texts(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Normalised float32 embeddings (``N x D``) of tokenised texts; an empty input gives ``0 x 0``."""
     out = []
+    device = model_device(model)
     with inference(model):
         for start in range(0, tokens.shape[0], batch_size):
-            out.append(encode_text(model, tokens[start : start + batch_size], normalize=True).float())
-    return torch.cat(out) if out else torch.zeros((0, 0))
+            out.append(encode_text(model, to_device(tokens[start : start + batch_size], device), normalize=True).float())
+    return torch.cat(out).cpu() if out else torch.zeros((0, 0))
 
 
 def embed_pairs(model: torch.nn.Module, images: ImageSource, tokens: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ import numpy as np
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.geometry import compare, items_geometry, model_geometry
+from lightclip.devices import resolve_device
 from lightclip.evaluation.embedding import Embeddings, embed_split
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.metrics import KS, evaluate_retrieval
@@ -182,7 +183,7 @@ def evaluate_model(
     items = catalogue.items.reset_index(drop=True) if whole else catalogue.split(config.split)
     if len(items) == 0:
         raise EvaluationError(f"{catalogue.table_path}: " + ("no items to evaluate" if whole else f"split {config.split!r} has no items to evaluate"))
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(resolve_device(config.device, field="evaluate.device"))
     tokenizer = load_tokenizer(model_dir)
     shift = geometry_check(name, model_dir, geometry or CatalogueGeometry(catalogue, items))
     pre = preprocess_config(model)

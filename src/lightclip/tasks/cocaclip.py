@@ -150,6 +150,18 @@ class DistillTask(ImageTextTask):
             image = torch.where(batch.flipped[:, None], self._teacher_image_hflip[batch.indices], image)
         return image, text
 
+    def to(self, device: torch.device) -> "DistillTask":
+        """The student, its projections, the teacher's embeddings and the online teacher on ``device``."""
+        super().to(device)
+        self.projections.to(device)
+        for name in ("_teacher_image", "_teacher_image_hflip", "_teacher_text"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        if self.teacher_model is not None:
+            self.teacher_model.to(device)
+        return self
+
     # -- the TrainingTask protocol ------------------------------------------------------------
 
     def named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:

@@ -140,6 +140,13 @@ class FashionKLIPTask(ImageTextTask):
         self.bank = torch.zeros((len(train), self.embed_dim()), dtype=torch.float32)
         self.bank_valid = torch.zeros(len(train), dtype=torch.bool)
 
+    def to(self, device: torch.device) -> "FashionKLIPTask":
+        """The model and the memory bank on ``device`` (the bank is read and written every step)."""
+        super().to(device)
+        self.bank = self.bank.to(device)
+        self.bank_valid = self.bank_valid.to(device)
+        return self
+
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[FashionKLIPBatch]:
         """This rank's images and titles; the concepts of the global batch (the loss is the global batch's)."""
         world = distributed.world()
@@ -208,7 +215,7 @@ class FashionKLIPTask(ImageTextTask):
         training images that name the concept (the memory bank); FAISS top-``prototype_pool``,
         then MMR for diversity. Images not embedded yet in this run are not eligible.
         """
-        valid = self.bank_valid.numpy()
+        valid = self.bank_valid.cpu().numpy()
         if not valid.any():
             return
         slots = self.concepts.item_concepts
@@ -219,7 +226,7 @@ class FashionKLIPTask(ImageTextTask):
         queries = embed_texts(self.model, self.concept_tokens, self.eval_batch_size)
         chosen = select_prototypes(
             queries.numpy(),
-            self.bank.numpy(),
+            self.bank.cpu().numpy(),
             k=self.concepts.prototypes.shape[1],
             mmr_lambda=self.selection.mmr_lambda,
             pool_size=self.selection.prototype_pool,

@@ -123,6 +123,11 @@ class ImageTextTask:
         with torch.no_grad():
             return int(encode_text(self.model, self.train_tokens[:1]).shape[-1])
 
+    def to(self, device: torch.device) -> "ImageTextTask":
+        """Put the model on ``device`` (the training loop's ``train.device``; batches follow it there)."""
+        self.model.to(device)
+        return self
+
     # -- the TrainingTask protocol ------------------------------------------------------------
 
     def named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
