@@ -151,3 +151,22 @@ def test_the_parser_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_evaluate_students_names_every_saved_model_under_the_folder(tmp_path: Path):
+    from lightclip.cli.common import CliError
+    from lightclip.cli.stages import _evaluated_models
+
+    students = tmp_path / "students"
+    for name in ("xxt", "xt"):
+        (students / name).mkdir(parents=True)
+        (students / name / "model.json").write_text("{}")
+    (students / "notes").mkdir()  # not a saved model: left out
+    assert _evaluated_models(["teacher=models/teacher"], str(students)) == {
+        "teacher": "models/teacher", "xt": str(students / "xt"), "xxt": str(students / "xxt")}
+    assert list(_evaluated_models(None, str(students))) == ["xt", "xxt"]
+    assert _evaluated_models(None, None) is None
+    with pytest.raises(CliError, match="'xt' is also given with --model"):
+        _evaluated_models(["xt=elsewhere"], str(students))
+    with pytest.raises(CliError, match="no saved model"):
+        _evaluated_models(None, str(tmp_path / "empty"))

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--figures", help="PNG figures directory (default: reports/eval)")
     evaluate.add_argument("--ranks", help="each query's rank per model, JSON: the gate's bootstrap interval (default: metrics/eval_ranks.json)")
     evaluate.add_argument("--model", action="append", metavar="NAME=DIR", help="evaluate this model instead of evaluate.models (repeatable)")
+    evaluate.add_argument("--students", metavar="DIR", help="also evaluate every model saved under DIR, each named after its folder (with --model: instead of evaluate.models)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     index = commands.add_parser("index", help="build the FAISS index of the catalogue's image embeddings (params: index)")

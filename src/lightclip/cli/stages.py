@@ -153,10 +153,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_models(specs: list[str] | None, students: str | None) -> dict[str, str] | None:
+    """``--model NAME=DIR`` pairs plus, with ``--students DIR``, every model saved under DIR (named
+    after its folder): a recipe evaluates whichever students it trained without listing them."""
+    models = _named_models(specs) or {}
+    if students is not None:
+        found = sorted(path for path in Path(students).iterdir() if (path / "model.json").is_file()) if Path(students).is_dir() else []
+        if not found:
+            raise CliError(f"--students {students}: no saved model (a folder with model.json) in it")
+        for path in found:
+            if path.name in models:
+                raise CliError(f"--students {students}: {path.name!r} is also given with --model")
+            models[path.name] = str(path)
+    return models or None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lightclip.evaluation import WHOLE, EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
 
-    config = _with(_params(args).evaluate, models=_named_models(args.model))
+    config = _with(_params(args).evaluate, models=_evaluated_models(args.model, args.students))
     whole = args.catalogue is not None
     if not whole and args.sample is not None:
         raise CliError("--sample needs --catalogue DIR (a split is evaluated whole)")
