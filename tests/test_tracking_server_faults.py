@@ -258,8 +258,12 @@ def assert_nothing_half_registered(registry: ModelRegistry) -> None:
 def kill_during_the_students_upload(server: MlflowServer, stage: subprocess.Popen) -> None:
     """Kill the server as soon as the second logged model's files appear in its artifact store (read
     on disk, not through the busy server): the teacher is registered, the student is being uploaded."""
-    models = lambda: len(list(server.artifacts.glob("*/models/m-*")))  # noqa: E731
-    wait_for(lambda: models() >= 2, 180, "the student's upload began", stage)
+    # polled every 10 ms: a logged model is about 10 files, uploaded in well under a second
+    deadline = time.monotonic() + 180
+    while len(list(server.artifacts.glob("*/models/m-*"))) < 2:
+        assert stage.poll() is None, f"the stage exited ({stage.returncode}) before the student's upload began: {stage.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "not within 180 s: the student's upload began"
+        time.sleep(0.01)
     server.kill()
     assert stage.poll() is None, "the stage ended before the kill: not mid-stage"
 

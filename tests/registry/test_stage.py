@@ -246,3 +246,19 @@ def test_ranks_from_another_evaluation_are_refused(project):
     project.write_ranks({"teacher": TEACHER_RANKS})
     with pytest.raises(RegistryError, match=r"eval_ranks.json: no ranks for model 'a'"):
         project.run_stage()
+
+
+def test_versions_a_retried_create_made_twice_are_one_again(project):
+    """A POST retried after the server died before replying creates a second version of the same
+    weights: register keeps the first and deletes the others."""
+    from lightclip.registry.aliases import TAG_WEIGHTS
+    from lightclip.registry.stage import first_of_same_weights
+
+    registry = project.registry()
+    registry.ensure_model("dup-test", "test")
+    made = [str(registry.client.create_model_version("dup-test", source=f"file://{registry.project_dir}/none", tags={TAG_WEIGHTS: sha}).version)
+            for sha in ("aaa", "bbb", "aaa")]
+    assert made == ["1", "2", "3"]
+    assert first_of_same_weights(registry, "dup-test", "aaa", "3") == "1"
+    assert sorted(str(v.version) for v in registry.versions("dup-test")) == ["1", "2"]  # the other weights untouched
+    assert first_of_same_weights(registry, "dup-test", "bbb", "2") == "2"

@@ -92,7 +92,7 @@ def test_env_file_is_private_and_outside_git(team_services: TeamServices):
     ignored = subprocess.run(["git", "check-ignore", "-q", ".services/team.env"], cwd=REPO_ROOT)
     assert ignored.returncode == 0, ".services/ must be in .gitignore"
     for secret in (values["AWS_SECRET_ACCESS_KEY"], values["LIGHTCLIP_POSTGRES_PASSWORD"]):
-        found = subprocess.run(["git", "grep", "-q", "-F", secret], cwd=REPO_ROOT)
+        found = subprocess.run(["git", "grep", "-q", "-F", "-e", secret], cwd=REPO_ROOT)  # -e: a secret may start with "-"
         assert found.returncode == 1
 
 

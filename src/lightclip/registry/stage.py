@@ -20,7 +20,7 @@ from lightclip.data.catalogue import file_sha256
 from lightclip.evaluation import EvaluationError, RatioInterval, check_model_dirs, item_recall_scores, paired_ratio_interval, read_ranks
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
-from lightclip.registry.aliases import NOT_STAGED_SUFFIX, AliasMove, ModelRegistry, RegistryError, actor, now_utc
+from lightclip.registry.aliases import NOT_STAGED_SUFFIX, TAG_WEIGHTS, AliasMove, ModelRegistry, RegistryError, actor, now_utc
 from lightclip.registry.gate import GateResult, gate_tag, latency_conditions
 from lightclip.registry.packaging import (
     active_run_id,
@@ -188,11 +188,26 @@ def register_one(
         logged = log_pyfunc(model_dir, artifact_name=name, embed_dim=embed_dim, image_size=image_size)
         created = registry.client.create_model_version(registered_name, source=logged.model_uri, run_id=run_id, tags=tags,
                                                        description=card, model_id=logged.model_id)
-        version, reused = str(created.version), False
+        version, reused = first_of_same_weights(registry, registered_name, sha, str(created.version)), False
     return Registered(name=name, role=role, registered_model=registered_name, version=version, reused=reused, mean_recall=mean_recall,
                       speed=dict(speed), model_dir=recorded_dir, weights_sha256=sha,
                       teacher_version=str(teacher["ref"]) if teacher else None,
                       fraction=teacher.get("fraction_interval") if teacher else None, card=card)
+
+
+def first_of_same_weights(registry: ModelRegistry, registered_name: str, sha: str, created: str) -> str:
+    """The version that holds these weights, once: the lowest of those tagged with ``sha``.
+
+    MLflow's HTTP client retries a request whose connection broke, a POST included; when the
+    tracking server died after creating the version but before replying, the retry creates a
+    second one. The extra versions, made by this very call, are deleted.
+    """
+    same = sorted((v for v in registry.versions(registered_name) if v.tags.get(TAG_WEIGHTS) == sha), key=lambda v: int(v.version))
+    if len(same) <= 1:
+        return created
+    for extra in same[1:]:
+        registry.client.delete_model_version(registered_name, str(extra.version))
+    return str(same[0].version)
 
 
 def best_passing(students: Sequence[Registered]) -> Registered | None:
