@@ -4,6 +4,7 @@ the metrics of a saved model)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
@@ -64,6 +66,18 @@ def real_catalogue_dir(shared_dir: Path) -> Path:
     if not (path / "styles.csv").is_file() or not (path / "images").is_dir():
         pytest.skip(f"shared real catalogue not found at {path} (set LIGHTCLIP_SHARED)")
     return path
+
+
+def load_script(relative: str, name: str) -> ModuleType:
+    """A script of the repository (``benchmarks/``, ``pipelines/``: not packages) as the module
+    ``name``, loaded once per session."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative)
+        assert spec is not None and spec.loader is not None, relative
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def make_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 48, fmt: str = "PNG") -> Path:

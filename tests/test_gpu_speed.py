@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 import lightclip.devices as devices
+from conftest import load_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script():
-    """benchmarks/gpu_speed.py as a module (benchmarks/ is not a package)."""
-    name = "gpu_speed"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "gpu_speed.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def gpu_speed_script():
+    return load_script("benchmarks/gpu_speed.py", "gpu_speed")
 
 
 def test_smoke_measures_the_cpu_rows_and_skips_the_gpu_ones(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], one_torch_thread):
-    script = load_script()
+    script = gpu_speed_script()
     monkeypatch.setattr(devices, "cuda_available", lambda: False)
     written_before = script.DEFAULT_OUT.stat().st_mtime_ns if script.DEFAULT_OUT.exists() else None
     assert script.main(["--smoke"]) == 0
@@ -47,7 +37,7 @@ def test_smoke_measures_the_cpu_rows_and_skips_the_gpu_ones(monkeypatch: pytest.
 
 
 def test_out_writes_the_json_and_devices_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread):
-    script = load_script()
+    script = gpu_speed_script()
     monkeypatch.setattr(devices, "cuda_available", lambda: False)
     out = tmp_path / "speed.json"
     assert script.main(["--smoke", "--devices", "cuda", "--out", str(out)]) == 0  # nothing to measure here: only the skip

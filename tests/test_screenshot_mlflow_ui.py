@@ -7,31 +7,23 @@ real headless Chromium, writing into a temp dir outside the repository.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    """benchmarks/screenshot_mlflow_ui.py as a module (benchmarks/ is not a package)."""
-    name = "screenshot_mlflow_ui"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "screenshot_mlflow_ui.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def screenshot_script():
+    return load_script("benchmarks/screenshot_mlflow_ui.py", "screenshot_mlflow_ui")
 
 
 def test_paths_are_shown_relative_to_the_repository_only_when_inside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    script = load_script()
+    script = screenshot_script()
     assert not tmp_path.resolve().is_relative_to(REPO_ROOT)
     assert script.display_path(tmp_path / "shots" / "a.png") == str(tmp_path.resolve() / "shots" / "a.png")
     assert script.display_path(REPO_ROOT / "docs" / "a.png") == "docs/a.png"
@@ -45,7 +37,7 @@ def test_a_screenshot_into_a_directory_outside_the_repository(tmp_path: Path, ca
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             pytest.skip("chromium is not installed and cannot be installed here (`make install` installs it with apt-get, which needs root on Debian)")
         pytest.fail("chromium is not installed: run `make install` (it runs `apt-get install -y chromium` as root)")
-    script = load_script()
+    script = screenshot_script()
     page_file = tmp_path / "page.html"
     page_file.write_text("<html><body><h1>lightclip screenshot check</h1></body></html>")
     out = tmp_path / "outside" / "shots"

@@ -4,10 +4,8 @@ benchmarks/loadtest.py at tiny size against two tiny models."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,19 +17,15 @@ import yaml
 from lightclip.cli import main as cli_main
 from lightclip.processes import stop_process_group
 
+from conftest import load_script
+
 from .conftest import STUDENT, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_loadtest():
-    name = "lightclip_loadtest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "loadtest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/loadtest.py", "lightclip_loadtest")
 
 
 def write_params(root: Path, assets: Path, **serve) -> None:
