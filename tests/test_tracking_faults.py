@@ -6,12 +6,15 @@ locked by another process with ``BEGIN EXCLUSIVE``, signals sent to real stage p
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -352,3 +355,74 @@ def test_an_upload_that_cannot_connect_fails_naming_the_uri_and_the_window():
     with pytest.raises(TrackingUnavailable, match=r"^tracking store http://127.0.0.1:9 failed while run r1 was logging artifact x "
                                                    r"\(gone longer than the ~14 s that tracking.retries 4 rides out\): Connection refused$"):
         handle._write("logging artifact x", upload)
+
+
+class _CutShortServer:
+    """An MLflow REST endpoint on 127.0.0.1 whose first ``cut`` replies to ``log-batch`` break off
+    mid-body (``Content-Length`` 64, 2 bytes sent, connection closed); it knows one run, ``r1``."""
+
+    RUN = {"run": {"info": {"run_id": "r1", "run_uuid": "r1", "experiment_id": "0", "status": "RUNNING",
+                            "start_time": 0, "lifecycle_stage": "active", "artifact_uri": "file:///nowhere"}, "data": {}}}
+
+    def __init__(self, cut: int) -> None:
+        self.cut, self.batches = cut, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, body: bytes, length: int | None = None) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+                self._reply(json.dumps(outer.RUN).encode())
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if not self.path.endswith("/runs/log-batch"):
+                    return self._reply(b"{}")
+                outer.batches.append(body)
+                if len(outer.batches) > outer.cut:
+                    return self._reply(b"{}")
+                self._reply(b"{}", length=64)
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_reply_cut_short_is_sent_again_once_with_the_same_metric_timestamp(cut, monkeypatch, capfd):
+    """A server killed while answering leaves the client an ``IncompleteRead``, which MLflow does
+    not retry: the write is sent once more, identical (the store deduplicates a metric with the same
+    timestamp); cut short twice, the stage fails naming the store."""
+    server = _CutShortServer(cut)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        handle = StageRun(mlflow.start_run(run_id="r1"), server.uri, TrackingConfig(retries=0))
+        if cut == 1:
+            handle.log_metrics({"loss": 0.5}, step=3)
+            assert len(server.batches) == 2 and server.batches[0] == server.batches[1]
+            sent = json.loads(server.batches[0])
+            assert sent["run_id"] == "r1" and [(m["key"], float(m["value"]), int(m["step"])) for m in sent["metrics"]] == [("loss", 0.5, 3)]
+            assert "cut its reply short while run r1 was logging metrics; sending it again" in capfd.readouterr().err
+        else:
+            with pytest.raises(TrackingUnavailable, match=rf"^tracking store {server.uri} failed while run r1 was logging metrics.*IncompleteRead"):
+                handle.log_metrics({"loss": 0.5}, step=3)
+            assert len(server.batches) == 2
+    finally:
+        mlflow.end_run()
+        server.close()

@@ -28,6 +28,7 @@ RUNNING on this host under a process that no longer exists (it says so on stderr
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -342,6 +343,19 @@ def _is_store_outage(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, sqlite3.OperationalError, RequestsConnectionError, RequestsTimeout))
 
 
+def _reply_cut_short(exc: BaseException) -> bool:
+    """A reply that broke off mid-body (``IncompleteRead``): the server died while answering."""
+    from requests.exceptions import ChunkedEncodingError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ChunkedEncodingError, http.client.IncompleteRead)) or "IncompleteRead" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # Who runs a run, and the sweep of runs whose process is gone
 # ----------------------------------------------------------------------------------------------
@@ -516,11 +530,25 @@ class StageRun:
         return self._run.info.run_id
 
     def _write(self, what: str, call: Callable[[], T]) -> T:
+        """``call`` (an idempotent write), sent again once when the server's reply was cut short.
+
+        MLflow's retries cover a refused or reset connection, not a reply that breaks off mid-body
+        (a server killed while answering): the write may or may not have landed, so it is sent
+        again. Every write here is idempotent: params and tags set the same values, artifacts
+        overwrite, and metrics carry a fixed timestamp, which the store deduplicates.
+        """
         path = sqlite_path(self.uri)
         if path is not None and not sqlite_write_lock_free(path, self.settings.timeout_seconds):
             raise TrackingUnavailable(_locked_message(self.uri, self.settings, f"run {self.run_id} was {what}"))
         try:
-            return call()
+            try:
+                return call()
+            except Exception as exc:
+                if not _reply_cut_short(exc):
+                    raise
+                print(f"lightclip: tracking store {self.uri} cut its reply short while run {self.run_id} was {what}; "
+                      "sending it again", file=sys.stderr)
+                return call()
         except Exception as exc:
             if _is_store_outage(exc):
                 window = (f" (gone longer than the ~{outage_window_seconds(self.settings):g} s that tracking.retries "
@@ -533,7 +561,8 @@ class StageRun:
         """Log numeric values; names are made MLflow-safe (``R@1`` -> ``R_at_1``), others skipped."""
         clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
-            self._write("logging metrics", lambda: _mlflow().log_metrics(clean, step=step))
+            timestamp = int(time.time() * 1000)  # fixed, so that a write sent twice is stored once
+            self._write("logging metrics", lambda: _mlflow().log_metrics(clean, step=step, timestamp=timestamp))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = flatten(params)
