@@ -21,34 +21,18 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _synthetic, beside this script
 
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from lightclip.imagecache import ImageCache, normalise  # noqa: E402
+from lightclip.imagecache import normalise  # noqa: E402
 from lightclip.models import ModelSpec, create_model, preprocess_config, tokenizer  # noqa: E402
 from lightclip.config import TrainConfig  # noqa: E402
 from lightclip.tasks import ConceptInputs, FashionKLIPTask, ImageTextTask, PairSet  # noqa: E402
 from lightclip.training import make_optimizer, make_scheduler, train_step  # noqa: E402
-
-WORDS = (
-    "Men Women Navy Blue Black White Red Check Striped Printed Slim Fit Casual Formal Shirt Tshirt Jeans Dress "
-    "Kurta Sports Shoes Watch Handbag Cotton Leather Round Neck Polo Analogue Sandals Flip Flops Track Pants"
-).split()
-
-
-def synthetic(n: int, size: int, seed: int = 0) -> tuple[ImageCache, list[str], list[list[str]]]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
-    titles, links = [], []
-    for i in range(n):
-        words = list(rng.choice(WORDS, size=int(rng.integers(5, 9))))
-        titles.append(f"Brand{rng.integers(0, 300)} " + " ".join(words) + f" {rng.integers(1000, 99999)}")
-        head = words[-1].lower()
-        mods = [w.lower() for w in words[-4:-1]]
-        links.append([" ".join(mods[-k:] + [head]) for k in (3, 2, 1)] + [head])
-    return ImageCache.from_array(images), titles, links
+from _synthetic import synthetic  # noqa: E402
 
 
 def time_ours(task, optimizer, scheduler, params, epoch, batch, steps, amp="none", grad_clip_norm=0.0) -> float:

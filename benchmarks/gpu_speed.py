@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _synthetic, beside this script
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,34 +41,17 @@ import torch  # noqa: E402
 from lightclip import devices  # noqa: E402
 from lightclip.config import DistillConfig, Params, TrainConfig  # noqa: E402
 from lightclip.evaluation.embedding import embed_images, embed_texts  # noqa: E402
-from lightclip.imagecache import ImageCache  # noqa: E402
 from lightclip.io import write_json  # noqa: E402
 from lightclip.models import ModelSpec, create_model, preprocess_config, tokenizer  # noqa: E402
 from lightclip.tasks import ConceptInputs, DistillTask, FashionKLIPTask, PairSet  # noqa: E402
 from lightclip.teacher_cache import TeacherEmbeddings  # noqa: E402
 from lightclip.training import make_optimizer, make_scheduler, move_task, train_step  # noqa: E402
+from _synthetic import synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "metrics" / "gpu_speed.json"
-WORDS = (
-    "Men Women Navy Blue Black White Red Check Striped Printed Slim Fit Casual Formal Shirt Tshirt Jeans Dress "
-    "Kurta Sports Shoes Watch Handbag Cotton Leather Round Neck Polo Analogue Sandals Flip Flops Track Pants"
-).split()
 PRECISIONS = ("none", "bf16")
 ENCODE_BATCHES = (1, 256)
-
-
-def synthetic(n: int, size: int, seed: int = 0) -> tuple[ImageCache, list[str], list[list[str]]]:
-    """``n`` random uint8 images, catalogue-like titles and concept links (head noun, modifiers)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
-    titles, links = [], []
-    for _ in range(n):
-        words = list(rng.choice(WORDS, size=int(rng.integers(5, 9))))
-        titles.append(f"Brand{rng.integers(0, 300)} " + " ".join(words) + f" {rng.integers(1000, 99999)}")
-        head, mods = words[-1].lower(), [w.lower() for w in words[-4:-1]]
-        links.append([" ".join(mods[-k:] + [head]) for k in (3, 2, 1)] + [head])
-    return ImageCache.from_array(images), titles, links
 
 
 def embed_width(model: torch.nn.Module) -> int:

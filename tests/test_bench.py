@@ -31,7 +31,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: 
     params["evaluate"]["models"] = {"teacher": "models/teacher", "student": "models/student"}
     params["evaluate"]["batch_size"] = 16
     params["bench"].update(
-        warmup=1, runs=100, batch_size=8, throughput_batches=1, gallery_size=300, eval_rounds=2, index_sizes=[200, 400],
+        warmup=1, runs=100, rounds=1, batch_size=8, throughput_batches=1, gallery_size=300, eval_rounds=2, index_sizes=[200, 400],
         index_queries=10, hnsw_max_build_seconds=1e-9, num_threads=1,
     )
     params["evaluate"]["num_threads"] = 1
