@@ -214,8 +214,9 @@ class KGConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Which model: an architecture (ours, ``lc-*``, or any open_clip built-in) and its weights.
 
-    ``pretrained``: None = random init (the embedded default: no network); a local checkpoint
-    file or a directory written by lightclip; or an open_clip tag (downloads: off by default).
+    ``pretrained``: None = random init (the embedded default: no network); a downloaded open_clip
+    directory (``open_clip_config.json`` + weights), a checkpoint file or a directory written by
+    lightclip; or an open_clip tag or ``hf-hub:org/name`` (downloads: off by default). See docs/pretrained.md.
     The architecture is checked against open_clip when the model is built
     (``lightclip.models.ModelSpec``), so that loading params never imports torch.
     """
@@ -261,6 +262,31 @@ class ConceptLossConfig(StrictModel):
     refresh_every_epochs: int = Field(1, ge=0, description="re-pick prototypes with the current teacher every N epochs; 0 = never")
 
 
+class FinetuneConfig(StrictModel):
+    """How a teacher that starts from pretrained weights is fine-tuned (see ``lightclip.finetune``).
+
+    A tower's parameter trains at ``lr x lr_scale x layer_decay ** (blocks + 1 - depth)``
+    (depth 0 = its embeddings, 1..blocks = its blocks, blocks + 1 = final norm and projection);
+    ``logit_scale`` at ``lr``. ``freeze``: towers kept exactly as loaded (out of the optimizer);
+    ``freeze_layers``: the embeddings and first N blocks of every other tower. The defaults train
+    everything at ``lr``, as from scratch.
+    """
+
+    lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="lr multiplier of the image and text towers (not logit_scale)")
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="layer-wise lr decay per block below the top; 1 = off")
+    freeze: list[Literal["image", "text"]] = Field(default_factory=list, description="towers not trained at all")
+    freeze_layers: int = Field(0, ge=0, description="embeddings + first N blocks of each tower not frozen whole; 0 = none")
+
+    @field_validator("freeze")
+    @classmethod
+    def _unique_towers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate towers in {value}")
+        if len(value) == 2:
+            raise ValueError("both towers frozen leaves only logit_scale to train; freeze one at most")
+        return value
+
+
 class PretrainConfig(StrictModel):
     """The ``pretrain`` stage: the FashionKLIP teacher (CLIP + concept-level alignment)."""
 
@@ -274,6 +300,8 @@ class PretrainConfig(StrictModel):
     #: and ships their ensemble (mean cosine similarity), the teacher that beats a lone student
     #: from scratch (see lightclip.models.ensemble).
     ensemble_members: int = Field(2, ge=1, le=8)
+    #: Lower / layer-wise learning rates and frozen towers for a pretrained ``model.pretrained``.
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 # -- CocaCLIP/ConaCLIP distillation ------------------------------------------------------------
@@ -377,6 +405,16 @@ _ABLATION_VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+class ImageSourceConfig(StrictModel):
+    """Where ``teacher_embed``, ``evaluate`` and ``index`` read a split's images (``lightclip.imagestream``, docs/scaling.md)."""
+
+    #: cache: decode once into the memory-mapped uint8 array (reused by later stages); stream:
+    #: decode the image files batch by batch (memory bounded by a batch); webdataset: stream ``shards``.
+    source: Literal["cache", "stream", "webdataset"] = "cache"
+    shards: str | None = Field(None, description="webdataset: shard spec (globs, {000000..000009}, '::' between specs)")
+    decode_threads: int | None = Field(None, ge=1, description="stream/webdataset decoding threads; None = the CPUs this process may use")
+
+
 class TeacherEmbedConfig(StrictModel):
     """The ``teacher_embed`` stage: the frozen teacher's embeddings of catalogue splits, computed once."""
 
@@ -386,6 +424,7 @@ class TeacherEmbedConfig(StrictModel):
     hflip: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
     device: Device = Field("auto", description="where the teacher runs; see docs/devices.md")
+    images: ImageSourceConfig = ImageSourceConfig()
 
     @field_validator("splits")
     @classmethod
@@ -561,6 +600,10 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     num_threads: int | None = Field(None, ge=1)
     device: Device = Field("auto", description="where the models embed the split; see docs/devices.md")
+    images: ImageSourceConfig = ImageSourceConfig()
+    #: name -> a pretrained model ({arch, pretrained} as pretrain.model), evaluated zero-shot beside
+    #: ``models`` (a baseline row; never registered). See docs/pretrained.md.
+    baselines: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
@@ -568,6 +611,12 @@ class EvaluateConfig(StrictModel):
         if not value:
             raise ValueError("name at least one model directory, e.g. {teacher: models/teacher}")
         return _check_model_names(value)
+
+    @field_validator("baselines")
+    @classmethod
+    def _baseline_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        _check_model_names(value)
+        return value
 
     @field_validator("ks", "curve_ks")
     @classmethod
@@ -609,6 +658,7 @@ class IndexConfig(StrictModel):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: Device = Field("auto", description="where the model embeds the catalogue; see docs/devices.md")
+    images: ImageSourceConfig = ImageSourceConfig()
 
 
 class BenchConfig(StrictModel):

@@ -45,7 +45,8 @@ from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import check_items, model_geometry
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
-from lightclip.imagecache import ImageCacheError, build_image_cache, decode_image, resize_mode_of
+from lightclip.imagecache import ImageCache, ImageCacheError, decode_image, resize_mode_of
+from lightclip.imagestream import embed_image_stream, open_image_source
 from lightclip.io import staged_dir, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
 from lightclip.stage import StageContext
@@ -364,9 +365,9 @@ def build_catalogue_index(
     pre = preprocess_config(model)
     size = int(pre["size"])
     with _threads(config, faiss_too=False):  # the query latencies below: FAISS on its default threads
-        cache = build_image_cache(catalogue, config.split, size, cache_dir, progress=progress, resize_mode=resize_mode_of(pre))
+        source = open_image_source(config.images, catalogue, config.split, size, cache_dir, resize_mode=resize_mode_of(pre), progress=progress)
         t0 = time.perf_counter()
-        vectors = embed_images(model, cache, config.batch_size).numpy()
+        vectors = (embed_images(model, source, config.batch_size) if isinstance(source, ImageCache) else embed_image_stream(model, source, config.batch_size).image).numpy()
         embed_seconds = time.perf_counter() - t0
         if vectors.shape[1] != fingerprint["embed_dim"]:
             raise IndexMismatchError(f"{model_dir}: model.json says {fingerprint['embed_dim']} dims, the model embeds to {vectors.shape[1]}")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 from torch import nn
 
-from lightclip import devices, distributed
+from lightclip import devices, distributed, finetune
 from lightclip.config import PretrainConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.data.geometry import MODEL_KEY as GEOMETRY_KEY
@@ -120,6 +120,7 @@ def _train_member(
     """Train one teacher model to its best checkpoint; its metrics include ``test/*``."""
     train_ids = [str(i) for i in catalogue.split("train")["id"]]
     model, _ = create_model(spec, seed=config.train.seed)
+    frozen = finetune.freeze(model, config.finetune)  # before the optimizer is built: frozen weights stay out of it
     tok = tokenizer(spec)
     cache = context.image_cache_dir
     mode = spec.resize_mode
@@ -143,7 +144,11 @@ def _train_member(
     log = context.log_metrics
     if log is not None and member is not None:
         log = lambda values, step: context.log_metrics({f"member{member}/{k}": v for k, v in values.items()}, step)  # noqa: E731
-    result, metrics = fit(task, config.train, stage=STAGE, key=checkpoint_key(trajectory, *identities), context=context, log_metrics=log)
+    result, metrics = fit(task, config.train, stage=STAGE, key=checkpoint_key(trajectory, *identities), context=context, log_metrics=log,
+                          lr_scales=finetune.lr_scales(model, config.finetune))
+    if frozen:
+        frozen_names = set(frozen)
+        metrics["params/frozen"] = sum(p.numel() for n, p in model.named_parameters() if n in frozen_names)
     if world.is_main:
         metrics.update(task.test_metrics(catalogue, cache, progress=context.progress))
     return TrainedMember(task=task, metrics=metrics, history=result.history)

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lightclip.config import TeacherEmbedConfig
+from lightclip.config import ImageSourceConfig, TeacherEmbedConfig
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.devices import resolve_device
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, retrieval_metrics, title_groups
-from lightclip.imagecache import build_image_cache, resize_mode_of
+from lightclip.imagecache import ImageCache, resize_mode_of
+from lightclip.imagestream import embed_image_stream, open_image_source
 from lightclip.io import atomic_write_bytes, staged_dir, torch_threads, write_json
 from lightclip.models.common import canonical_safetensors
 from lightclip.models.zoo import WEIGHTS_FILE, ModelError, load_model, load_tokenizer, preprocess_config, read_model_info, weights_sha256
@@ -121,10 +122,13 @@ def embed_with_teacher(
     hflip: bool = True,
     progress: bool = False,
     device: str = "auto",
+    images: ImageSourceConfig | None = None,
 ) -> TeacherEmbeddings:
     """The teacher's embeddings of ``split`` (images from the uint8 cache under ``cache_dir``).
 
     ``device``: the ``teacher_embed.device`` knob (:func:`lightclip.devices.resolve_device`).
+    ``images``: the ``teacher_embed.images`` knob: the cache, or a stream that decodes each
+    image once for both the plain and the flipped embedding (:mod:`lightclip.imagestream`).
     """
     teacher_dir = Path(teacher_dir)
     teacher_sha = teacher_weights_sha256(teacher_dir)
@@ -133,13 +137,19 @@ def embed_with_teacher(
     model.requires_grad_(False)
     pre = preprocess_config(model)
     size = int(pre["size"])
-    cache = build_image_cache(catalogue, split, size, cache_dir, progress=progress, resize_mode=resize_mode_of(pre))
+    source = open_image_source(images or ImageSourceConfig(), catalogue, split, size, cache_dir, resize_mode=resize_mode_of(pre), progress=progress)
+    if isinstance(source, ImageCache):
+        image = embed_images(model, source, batch_size)
+        image_hflip = embed_images(model, source, batch_size, hflip=True) if hflip else None
+    else:
+        streamed = embed_image_stream(model, source, batch_size, hflip=hflip)
+        image, image_hflip = streamed.image, streamed.image_hflip
     tokens = load_tokenizer(teacher_dir)([str(t) for t in catalogue.split(split)["title"]])
     return TeacherEmbeddings(
-        ids=cache.ids,
-        image=embed_images(model, cache, batch_size).numpy(),
+        ids=source.ids,
+        image=image.numpy(),
         text=embed_texts(model, tokens, batch_size).numpy(),
-        image_hflip=embed_images(model, cache, batch_size, hflip=True).numpy() if hflip else None,
+        image_hflip=image_hflip.numpy() if image_hflip is not None else None,
         split=split,
         catalogue_sha256=file_sha256(catalogue.table_path),
         teacher_sha256=teacher_sha,
@@ -241,7 +251,7 @@ def run_teacher_embed(config: TeacherEmbedConfig, inputs: TeacherEmbedInputs, ou
             if len(catalogue.split(split)) == 0:
                 raise ValueError(f"{catalogue.table_path}: split {split!r} has no items (teacher_embed.splits)")
             emb = embed_with_teacher(inputs.teacher, catalogue, split, context.image_cache_dir, batch_size=config.batch_size, hflip=config.hflip, progress=context.progress,
-                                     device=config.device)
+                                     device=config.device, images=config.images)
             emb.save(tmp / f"{split}.safetensors")
             metrics[f"{split}_items"] = len(emb)
             metrics["embed_dim"] = emb.embed_dim

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ranks", help="each query's rank per model, JSON: the gate's bootstrap interval (default: metrics/eval_ranks.json)")
     evaluate.add_argument("--model", action="append", metavar="NAME=DIR", help="evaluate this model instead of evaluate.models (repeatable)")
     evaluate.add_argument("--students", metavar="DIR", help="also evaluate every model saved under DIR, each named after its folder (with --model: instead of evaluate.models)")
+    evaluate.add_argument("--baseline", action="append", metavar="NAME=ARCH[@PRETRAINED]",
+                          help="also evaluate this pretrained open_clip model zero-shot, e.g. clip=ViT-B-32@/data/clip-vit-b-32 (repeatable; instead of evaluate.baselines)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     index = commands.add_parser("index", help="build the FAISS index of the catalogue's image embeddings (params: index)")

@@ -168,10 +168,24 @@ def _evaluated_models(specs: list[str] | None, students: str | None) -> dict[str
     return models or None
 
 
+def _baselines(specs: list[str] | None) -> dict[str, dict[str, str | None]] | None:
+    """``--baseline NAME=ARCH[@PRETRAINED]`` as ``evaluate.baselines`` entries; None when none were given."""
+    if not specs:
+        return None
+    baselines: dict[str, dict[str, str | None]] = {}
+    for spec in specs:
+        name, sep, model = spec.partition("=")
+        arch, _, pretrained = model.partition("@")
+        if not sep or not name or not arch:
+            raise CliError(f"--baseline {spec!r}: expected NAME=ARCH[@PRETRAINED], e.g. clip=ViT-B-32@/data/clip-vit-b-32")
+        baselines[name] = {"arch": arch, "pretrained": pretrained or None}
+    return baselines
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lightclip.evaluation import WHOLE, EvaluateInputs, EvaluateOutputs, run_evaluate, summarise
 
-    config = _with(_params(args).evaluate, models=_evaluated_models(args.model, args.students))
+    config = _with(_params(args).evaluate, models=_evaluated_models(args.model, args.students), baselines=_baselines(args.baseline))
     whole = args.catalogue is not None
     if not whole and args.sample is not None:
         raise CliError("--sample needs --catalogue DIR (a split is evaluated whole)")
@@ -190,14 +204,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = _stage(
         args, "evaluate", run_params,
         lambda context: run_evaluate(config, inputs, outputs, context),
-        tags=lambda _: {"lightclip.models": ",".join(config.models), "lightclip.split": label},
+        tags=lambda _: {"lightclip.models": ",".join([*config.models, *config.baselines]), "lightclip.split": label},
         artifacts=[(outputs.metrics, None), (outputs.ranks, None), (outputs.plots, "plots"), (outputs.figures, "figures")],
     )
     gallery = int(next(v for k, v in metrics.items() if k.endswith(f"/{label}/n_items")))
     what = f"whole catalogue {source}" if whole else f"split {config.split!r} of {source}"
     sampled = f" (a sample, seed {args.seed})" if whole and args.sample is not None and gallery == args.sample else ""
     print(f"{what}: gallery of {gallery} items{sampled}")
-    print(summarise(metrics, label, list(config.models)))
+    print(summarise(metrics, label, [*config.models, *config.baselines]))
     print(f"metrics: {paths['metrics']}; ranks: {paths['ranks']}; plot data: {paths['plots']}; figures: {paths['figures']}")
     return 0
 

@@ -30,6 +30,7 @@ import torch
 from lightclip.devices import model_device, to_device
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.imagecache import ImageCache, normalise
+from lightclip.imagestream import ImageStream, embed_image_stream
 from lightclip.models.zoo import encode_text, preprocess_config
 
 #: uint8 images, ``N x 3 x S x S``.
@@ -138,3 +139,18 @@ def embed_split(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], 
     texts = embed_texts(model, tokens, batch_size)
     t2 = time.perf_counter()
     return Embeddings(images=images, texts=texts, image_seconds=t1 - t0, text_seconds=t2 - t1, truncated=truncated)
+
+
+def embed_split_stream(
+    model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], stream: ImageStream, titles: Sequence[str], batch_size: int = 256,
+    *, content_groups: bool = False,
+) -> tuple[Embeddings, np.ndarray | None]:
+    """:func:`embed_split` over a stream (memory bounded by a batch); also the groups of
+    byte-identical images when ``content_groups`` (for the ``image`` positives rule)."""
+    t0 = time.perf_counter()
+    streamed = embed_image_stream(model, stream, batch_size, content_groups=content_groups)
+    t1 = time.perf_counter()
+    tokens, truncated = tokenize_checked(tokenizer, list(titles))
+    texts = embed_texts(model, tokens, batch_size)
+    t2 = time.perf_counter()
+    return Embeddings(images=streamed.image, texts=texts, image_seconds=t1 - t0, text_seconds=t2 - t1, truncated=truncated), streamed.content_groups

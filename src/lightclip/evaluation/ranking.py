@@ -409,13 +409,14 @@ def image_content_groups(cache: ImageCache) -> np.ndarray:
     return groups
 
 
-def catalogue_positives(titles: Sequence[str], cache: ImageCache | None, rules: Sequence[str]) -> Positives:
+def catalogue_positives(titles: Sequence[str], cache: ImageCache | None, rules: Sequence[str], *, image_groups: np.ndarray | None = None) -> Positives:
     """Item-level positives: item ``i``'s own text, plus the texts of items sharing a rule's group.
 
     ``title``: identical titles (after case and whitespace folding) are interchangeable, so
     every image of that title is a positive of the title and vice versa. ``image``: items whose
     decoded images are byte-identical give the model identical inputs, so each one's title is
     a positive of the other's image (otherwise the metric would score a forced tie by index).
+    ``image_groups``: those groups when already known (a streamed pass hashes each image), instead of ``cache``.
     """
     n = len(titles)
     images, texts = [np.arange(n)], [np.arange(n)]
@@ -423,9 +424,12 @@ def catalogue_positives(titles: Sequence[str], cache: ImageCache | None, rules: 
         if rule == "title":
             groups = title_groups(titles)
         elif rule == "image":
-            if cache is None:
+            if image_groups is not None:
+                groups = image_groups
+            elif cache is None:
                 raise EvaluationError("positives rule 'image' needs the decoded images")
-            groups = image_content_groups(cache)
+            else:
+                groups = image_content_groups(cache)
         else:
             raise EvaluationError(f"unknown positives rule {rule!r}; allowed: title, image")
         if np.unique(groups).size < n:  # all distinct: nothing beyond the items' own pairs

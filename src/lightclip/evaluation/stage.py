@@ -19,15 +19,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lightclip.config import EvaluateConfig
+from lightclip.config import EvaluateConfig, ModelConfig
 from lightclip.data.catalogue import Catalogue
 from lightclip.data.geometry import compare, items_geometry, model_geometry
 from lightclip.devices import resolve_device
-from lightclip.evaluation.embedding import Embeddings, embed_split
+from lightclip.evaluation.baselines import baseline_dirs
+from lightclip.evaluation.embedding import Embeddings, embed_split, embed_split_stream
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.evaluation.metrics import KS, evaluate_retrieval
 from lightclip.evaluation.ranking import DIRECTIONS, Positives, catalogue_positives
-from lightclip.imagecache import ImageCache, build_image_cache, resize_mode_of
+from lightclip.imagecache import ImageCache, resize_mode_of
+from lightclip.imagestream import open_image_source
 from lightclip.io import read_format_json, staged_dir, torch_threads, write_json
 from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, load_model, load_tokenizer, preprocess_config, read_model_info
 from lightclip.stage import StageContext
@@ -124,7 +126,8 @@ def item_attributes(items: Any, config: EvaluateConfig) -> dict[str, list[list[A
 
 
 def score_embeddings(
-    emb: Embeddings, titles: Sequence[str], cache: ImageCache | None, attributes: Mapping[str, Sequence[Sequence[Any]]], config: EvaluateConfig
+    emb: Embeddings, titles: Sequence[str], cache: ImageCache | None, attributes: Mapping[str, Sequence[Sequence[Any]]], config: EvaluateConfig,
+    *, image_groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], Positives, float]:
     """The evaluate stage's work after embedding: positives and every metric, with its seconds.
 
@@ -132,7 +135,7 @@ def score_embeddings(
     10% of the embedding time on a 10k gallery.
     """
     t0 = time.perf_counter()
-    positives = catalogue_positives(titles, cache, config.positives)
+    positives = catalogue_positives(titles, cache, config.positives, image_groups=image_groups)
     result = evaluate_retrieval(
         emb.images, emb.texts, positives, ks=config.ks, precision_ks=config.ks, attributes=attributes, curve_ks=config.curve_ks
     )
@@ -187,13 +190,18 @@ def evaluate_model(
     tokenizer = load_tokenizer(model_dir)
     shift = geometry_check(name, model_dir, geometry or CatalogueGeometry(catalogue, items))
     pre = preprocess_config(model)
-    cache = build_image_cache(catalogue, None if whole else config.split, int(pre["size"]), cache_dir, progress=progress,
-                              resize_mode=resize_mode_of(pre))
+    source = open_image_source(config.images, catalogue, None if whole else config.split, int(pre["size"]), cache_dir, progress=progress,
+                               resize_mode=resize_mode_of(pre))
     titles = [str(t) for t in items["title"]]
-    emb = embed_split(model, tokenizer, cache, titles, config.batch_size)
+    cache: ImageCache | None = source if isinstance(source, ImageCache) else None
+    image_groups = None
+    if cache is not None:
+        emb = embed_split(model, tokenizer, cache, titles, config.batch_size)
+    else:  # a stream: the image positives come from its per-image hashes
+        emb, image_groups = embed_split_stream(model, tokenizer, source, titles, config.batch_size, content_groups="image" in config.positives)
 
     attributes = item_attributes(items, config)
-    result, positives, metric_seconds = score_embeddings(emb, titles, cache, attributes, config)
+    result, positives, metric_seconds = score_embeddings(emb, titles, cache, attributes, config, image_groups=image_groups)
     n = len(items)
     embed_seconds = emb.image_seconds + emb.text_seconds
     prefix = f"{scope or config.split}/"
@@ -322,6 +330,7 @@ def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: Evalua
     """
     catalogue = Catalogue.load(context.resolve(inputs.catalogue))
     model_dirs = check_model_dirs(config.models, context.project_dir)
+    model_dirs.update(baseline_dirs(config.baselines, config.models, context.cache_dir, context.project_dir))
     scope = inputs.scope
     label = scope or config.split
     if inputs.whole:
@@ -336,10 +345,10 @@ def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: Evalua
         results = [
             evaluate_model(name, model_dirs[name], catalogue, config, cache_dir=context.image_cache_dir, progress=context.progress, scope=scope,
                            geometry=geometry)
-            for name in config.models
+            for name in model_dirs
         ]
     for r in results:  # record the paths as given in params (portable), not resolved
-        r.model_dir = str(config.models[r.name])
+        r.model_dir = str(config.models[r.name]) if r.name in config.models else _baseline_label(config.baselines[r.name])
     write_outputs(results, label, metrics_path=context.resolve(outputs.metrics), plots_dir=context.resolve(outputs.plots),
                   figures_dir=None if outputs.figures is None else context.resolve(outputs.figures))
     if outputs.ranks is not None:
@@ -349,6 +358,11 @@ def run_evaluate(config: EvaluateConfig, inputs: EvaluateInputs, outputs: Evalua
         metrics.update({f"{r.name}/{k}": v for k, v in r.metrics.items()})
         metrics.update({f"{r.name}/timing/{k}": v for k, v in r.timings.items()})
     return metrics
+
+
+def _baseline_label(config: ModelConfig) -> str:
+    """How a zero-shot baseline is named where a model directory would be: ``arch@pretrained``."""
+    return f"{config.arch}@{config.pretrained}" if config.pretrained else config.arch
 
 
 def summarise(metrics: Mapping[str, float], split: str, models: Sequence[str]) -> str:

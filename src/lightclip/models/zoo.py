@@ -8,11 +8,15 @@ Weights come from one of three places (:class:`ModelSpec.pretrained`):
 
 * ``None``: random initialisation; never touches the network (timm towers included:
   ``timm_model_pretrained`` is forced off).
-* a local path: a directory written by :func:`save_model`, or a checkpoint file
-  (``.safetensors``, or a torch state dict loaded with ``weights_only=True``). Tensors that do
-  not match the architecture are an error that names the keys and shapes.
-* an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"`` ...): downloaded by
-  open_clip, so only when the user asks for it (the environment must allow the hub).
+* a local path: a directory written by :func:`save_model`; a downloaded open_clip model (the
+  Hugging Face hub layout: ``open_clip_config.json`` beside ``open_clip_model.safetensors`` or
+  ``open_clip_pytorch_model.bin``), whose config must be the architecture's and whose image
+  size, mean/std come with it; or a bare checkpoint file (``.safetensors``, ``.bin``, ``.pt``:
+  loaded by ``open_clip.load_checkpoint`` with ``weights_only=True``). Tensors that do not match
+  the architecture are an error that names the keys and shapes.
+* an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"`` ...) or ``hf-hub:org/name``:
+  downloaded by open_clip, so only when the user asks for it (the environment must allow the
+  hub; offline, the error says to pass a downloaded directory instead).
 
 A released model is a directory with ``model.safetensors`` and ``model.json`` (architecture
 name, the full open_clip config, tokenizer settings, image mean/std, embedding size, and the
@@ -35,13 +39,15 @@ import json
 import logging
 import math
 from copy import deepcopy
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg
+from open_clip.factory import HF_HUB_PREFIX, _find_checkpoint_in_dir
+from open_clip.pretrained import download_pretrained_from_hf
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from pydantic import field_validator
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
@@ -65,6 +71,7 @@ WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "model.json"
 WEIGHTS_SHA256_KEY = "weights_sha256"  # in model.json: the sha256 of model.safetensors
 DEFAULT_ARCH = "lc-vit-t"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # a downloaded open_clip model: {"model_cfg", "preprocess_cfg"}
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +183,14 @@ def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module
     config = spec.config
     pretrained = spec.pretrained
     mode = {"resize_mode": RESIZE_MODES[spec.resize_mode]}
+    if pretrained is not None and pretrained.startswith(HF_HUB_PREFIX):
+        pretrained = str(hub_download(pretrained))
     if pretrained is not None and not Path(pretrained).expanduser().exists():
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         if pretrained not in tags:
             raise ModelError(
                 f"pretrained={pretrained!r} is neither an existing local path nor an open_clip tag of "
-                f"{spec.arch!r} (tags: {tags or 'none'})"
+                f"{spec.arch!r} (tags: {tags or 'none'}), nor an hf-hub:org/name"
             )
         try:
             model = open_clip.create_model(spec.arch, pretrained=pretrained)
@@ -191,24 +200,127 @@ def create_model(spec: ModelSpec, *, seed: int | None = None) -> tuple[nn.Module
                 "and HF_HUB_OFFLINE unset; offline, pass a local checkpoint path instead"
             ) from exc
         open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), **mode})
+        model.lightclip_arch = spec.arch
         return model, preprocess_config(model)
 
+    path = None if pretrained is None else Path(pretrained).expanduser()
+    download = read_download(path, spec.arch) if path is not None and (path / OPEN_CLIP_CONFIG_FILE).is_file() else None
+    preprocess = {**(download.preprocess if download else {}), **mode}
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = build_from_config(config, mode)
+        model = build_from_config(download.config if download else config, preprocess)
     model.lightclip_arch = spec.arch
-    if pretrained is not None:
-        path = Path(pretrained).expanduser()
-        if path.is_dir():
+    if path is not None:
+        if download is not None:
+            load_checkpoint_file(model, download.weights)
+        elif path.is_dir():
             info = read_model_info(path)
             if info["arch"] != spec.arch:
                 raise ModelError(f"{path}: holds a {info['arch']!r} model, but the spec asks for {spec.arch!r}")
-            state = read_verified_weights(path)
+            load_weights(model, read_verified_weights(path), source=str(path))
         else:
-            state = read_checkpoint(path)
-        load_weights(model, state, source=str(path))
+            load_checkpoint_file(model, path)
     return model, preprocess_config(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloaded open_clip models (the Hugging Face hub layout) and checkpoint files
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    """A downloaded open_clip model: its architecture config, preprocessing and weights file."""
+
+    config: dict[str, Any]
+    preprocess: dict[str, Any]
+    weights: Path
+
+
+def hub_download(name: str) -> Path:
+    """The local directory of ``hf-hub:org/name`` (config and weights fetched by open_clip into the hub cache).
+
+    Offline (no network, or ``HF_HUB_OFFLINE`` set and nothing cached) it is an error saying how
+    to get the directory and pass it instead.
+    """
+    model_id = name[len(HF_HUB_PREFIX):]
+    try:
+        config_file = Path(download_pretrained_from_hf(model_id, filename=OPEN_CLIP_CONFIG_FILE))
+        weights = Path(download_pretrained_from_hf(model_id))
+    except Exception as exc:  # huggingface_hub raises many types (offline, 404, gated repo, no network)
+        raise ModelError(
+            f"pretrained={name!r}: could not fetch it from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Offline, download it where the network is (huggingface-cli download {model_id} --local-dir DIR, or git clone) "
+            "and pass the local directory: pretrained: DIR (it holds open_clip_config.json and the weights)"
+        ) from exc
+    if weights.parent != config_file.parent:
+        raise ModelError(f"pretrained={name!r}: the hub cache holds its config and weights in different folders ({config_file.parent}, {weights.parent})")
+    return config_file.parent
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def config_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """``key: ours vs theirs`` for every leaf where two open_clip configs differ (lists compared whole)."""
+    a, b = _flatten(ours), _flatten(theirs)
+    return [f"{k}: {a.get(k, '(absent)')!r} vs {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def read_download(directory: Path | str, arch: str) -> Download:
+    """A directory in open_clip's download layout, checked against the architecture ``arch``.
+
+    Its ``model_cfg`` must be ``arch``'s config (else the weights belong to another architecture:
+    an error naming the differing keys); its ``preprocess_cfg`` (image size, mean/std,
+    interpolation) becomes the model's; the weights file is the one open_clip would pick.
+    """
+    directory = Path(directory)
+    path = directory / OPEN_CLIP_CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable JSON file: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
+        raise ModelError(f"{path}: no 'model_cfg' object (an open_clip config holds {{\"model_cfg\": ..., \"preprocess_cfg\": ...}})")
+    differences = config_differences(arch_config(arch), data["model_cfg"])
+    if differences:
+        raise ModelError(
+            f"{path}: the checkpoint is not a {arch!r}: {len(differences)} config key(s) differ ({arch} vs checkpoint): {_short(differences, 5)}. "
+            "Set model.arch to the checkpoint's architecture"
+        )
+    weights = _find_checkpoint_in_dir(directory)
+    if weights is None:
+        raise ModelError(f"{directory}: {OPEN_CLIP_CONFIG_FILE} but no weights file (open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+    # what the file sets; the rest is open_clip's defaults, the size the architecture's (build_from_config)
+    preprocess = merge_preprocess_dict({}, dict(data.get("preprocess_cfg") or {}))
+    if "size" in preprocess:
+        preprocess["size"] = square_side(preprocess["size"])
+    return Download(config=data["model_cfg"], preprocess=preprocess, weights=Path(weights))
+
+
+def load_checkpoint_file(model: nn.Module, path: Path | str) -> None:
+    """Load a checkpoint file with ``open_clip.load_checkpoint`` (its conversions included, strict).
+
+    When open_clip refuses it, the file is read again to say why: the keys missing, unexpected
+    or of another shape (:func:`load_weights`'s message), or that it is no weights file at all.
+    A file whose tensors sit under ``model`` (some trainers' layout) is loaded from there.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except Exception as exc:
+        state = read_checkpoint(path)  # a clear ModelError when the file is unreadable
+        load_weights(model, state, source=str(path))  # a clear ModelError naming the keys on a mismatch
+        log.info("%s: loaded from its nested state dict (open_clip: %s)", path, exc)
 
 
 def tokenizer(spec: ModelSpec | str) -> Callable[..., torch.Tensor]:
