@@ -125,3 +125,23 @@ def test_hf_hub_name_offline_says_to_pass_a_local_directory(no_network):
     message = str(err.value)
     assert "could not fetch it from the Hugging Face hub" in message
     assert "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K --local-dir DIR" in message and "pretrained: DIR" in message
+
+
+def test_the_identity_of_local_pretrained_weights_follows_their_bytes_not_their_path(tmp_path, source):
+    """What checkpoint keys hold: a download replaced at the same path is another run, not a resume."""
+    from lightclip.models.zoo import pretrained_identity, weights_sha256
+
+    assert pretrained_identity(None) is None and pretrained_identity("hf-hub:org/name") is None and pretrained_identity("openai") is None
+    download = write_download(tmp_path / "dl", "lc-test-tiny", source.state_dict(), weights="open_clip_model.safetensors")
+    first = pretrained_identity(str(download))
+    assert first == pretrained_identity(str(download)) and len(first) == 64
+    other, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=8)
+    write_download(download, "lc-test-tiny", other.state_dict(), weights="open_clip_model.safetensors")
+    assert pretrained_identity(str(download)) != first
+    file = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    before = pretrained_identity(str(file))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
+    assert pretrained_identity(str(file)) != before
+    saved = save_model(source, "lc-test-tiny", tmp_path / "saved")
+    assert pretrained_identity(str(saved)) == weights_sha256(saved)

@@ -396,6 +396,31 @@ def weights_sha256(directory: Path | str) -> str:
         return _verify(directory, info, hashlib.file_digest(handle, "sha256").hexdigest())
 
 
+def pretrained_identity(pretrained: str | None) -> str | None:
+    """What identifies the weights a local ``pretrained`` path holds (for checkpoint keys), else None.
+
+    The path alone does not: a download replaced at the same path must not resume a run that
+    started from the old weights. A lightclip model directory: its verified weights sha256; a
+    download directory: the sha256 of its config and weights file; a checkpoint file: its sha256.
+    A tag or ``hf-hub:`` name (None too) is identified by the name the run's params already hold.
+    """
+    if pretrained is None or pretrained.startswith(HF_HUB_PREFIX):
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_dir() and (path / INFO_FILE).is_file():
+        return weights_sha256(path)
+    files = [path / OPEN_CLIP_CONFIG_FILE, Path(_find_checkpoint_in_dir(path) or path / "(no weights)")] if path.is_dir() else [path]
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"{file}: not found (pretrained={pretrained!r})")
+        with file.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
 def read_verified_weights(directory: Path | str, info: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a saved model, from bytes whose sha256 matches ``model.json`` (else an error).
 
