@@ -229,6 +229,24 @@ class ModelConfig(StrictModel):
     resize_mode: Literal["crop", "pad", "squash"] = "crop"
 
 
+class TrainImagesConfig(StrictModel):
+    """Where training reads the train split's images (``lightclip.trainstream``, docs/scaling.md "Training from shards")."""
+
+    #: cache: decode the split once into the memory-mapped uint8 array (a global permutation per
+    #: epoch); webdataset: stream ``shards`` (shard order drawn per epoch, a shuffle buffer; memory
+    #: bounded by the buffer and one batch).
+    source: Literal["cache", "webdataset"] = "cache"
+    shards: str | None = Field(None, description="webdataset: shard spec (globs, {000000..000009}, '::' between specs)")
+    shuffle_buffer: int = Field(1000, ge=1, description="webdataset: samples (encoded bytes) held for the shuffle")
+    decode_threads: int | None = Field(None, ge=1, description="webdataset decoding threads; None = the CPUs this process may use")
+
+    @model_validator(mode="after")
+    def _shards_named(self) -> "TrainImagesConfig":
+        if self.source == "webdataset" and not self.shards:
+            raise ValueError("train.images.source is webdataset but train.images.shards is null: name the shards (e.g. data/shards/shard-*.tar)")
+        return self
+
+
 class TrainConfig(StrictModel):
     """How to train (shared by every trainer)."""
 
@@ -248,6 +266,7 @@ class TrainConfig(StrictModel):
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = the CPUs this process may use (affinity, cgroup quota; LIGHTCLIP_THREADS overrides)")
     log_every_n_steps: int = Field(10, ge=1)
     nproc: int = Field(1, ge=1, description="ranks on this machine: >1 = data parallel through torchrun (batch_size stays the global batch); see docs/distributed.md")
+    images: TrainImagesConfig = TrainImagesConfig()
 
 
 class ConceptLossConfig(StrictModel):

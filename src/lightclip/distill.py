@@ -27,7 +27,7 @@ from lightclip.data.geometry import catalogue_geometry
 from lightclip.imagecache import build_image_cache, resize_mode_of
 from lightclip.io import write_json
 from lightclip.models.common import canonical_safetensors
-from lightclip.models.zoo import ModelError, ModelSpec, create_model, load_model, load_tokenizer, preprocess_config, read_model_info, tokenizer
+from lightclip.models.zoo import ModelError, ModelSpec, create_model, load_model, load_tokenizer, preprocess_config, pretrained_identity, read_model_info, tokenizer
 from lightclip.stage import StageContext
 from lightclip.tasks import DistillTask, PairSet
 from lightclip.tasks.cocaclip import check_widths, hflip_cache_error
@@ -109,7 +109,7 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
     cache = context.image_cache_dir
     mode = spec.resize_mode
     with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
-        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=job.train.images)
         val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     task = DistillTask(
         model, tokenizer(spec), train_pairs, val_pairs,
@@ -122,7 +122,8 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
         hflip=job.hflip,
         seed=job.train.seed,
     )
-    key = checkpoint_key(job.trajectory(), file_sha256(catalogue.table_path), teacher_identity or "no-teacher")
+    weights = pretrained_identity(spec.pretrained)  # a replaced download is another run
+    key = checkpoint_key(job.trajectory(), file_sha256(catalogue.table_path), teacher_identity or "no-teacher", *([weights] if weights else []))
     result, metrics = fit(task, job.train, stage=STAGE, key=key, context=context)
     metrics["params/projections"] = sum(p.numel() for p in task.projections.parameters())
     if not world.is_main:  # under torchrun rank 0 alone writes the outputs

@@ -28,7 +28,7 @@ from lightclip.kg.build import ITEM_CONCEPTS_FILE, PROTOTYPES_FILE, SELECTION_FI
 from lightclip.kg.concepts import KGError
 from lightclip.kg.graph import load_graph
 from lightclip.models.ensemble import EnsembleCLIP
-from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, tokenizer
+from lightclip.models.zoo import ModelError, ModelSpec, count_parameters, create_model, pretrained_identity, tokenizer
 from lightclip.stage import StageContext
 from lightclip.tasks import ConceptInputs, FashionKLIPTask, ImageTextTask, PairSet, split_metrics
 from lightclip.tasks.fashionklip import PrototypeSelection
@@ -126,7 +126,7 @@ def _train_member(
     mode = spec.resize_mode
     world = distributed.world()
     with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
-        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode)
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=config.train.images)
         val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     if concepts is None:
         task: ImageTextTask = ImageTextTask(model, tok, train_pairs, val_pairs, hflip=config.hflip)
@@ -141,6 +141,8 @@ def _train_member(
         )
     trajectory = config.model_dump(mode="json", exclude={"ensemble_members"})
     identities = [file_sha256(catalogue.table_path)] + ([concepts.identity] if concepts is not None else [])
+    weights = pretrained_identity(spec.pretrained)
+    identities += [weights] if weights is not None else []  # a replaced download is another run
     log = context.log_metrics
     if log is not None and member is not None:
         log = lambda values, step: context.log_metrics({f"member{member}/{k}": v for k, v in values.items()}, step)  # noqa: E731

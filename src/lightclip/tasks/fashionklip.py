@@ -242,7 +242,7 @@ class FashionKLIPTask(ImageTextTask):
 
     def run_metrics(self) -> dict[str, float]:
         """Read by :func:`lightclip.training.fit` at the end of the run, before the best checkpoint."""
-        return {"prototype_refreshes": self.prototype_refreshes}
+        return {**super().run_metrics(), "prototype_refreshes": self.prototype_refreshes}
 
     def prototype_ids(self, item_ids: Sequence[str]) -> dict[str, list[str]]:
         """Concept -> current prototype item ids (for saving beside the teacher)."""

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from lightclip import distributed
+from lightclip.config import TrainImagesConfig
 from lightclip.data.catalogue import Catalogue
 from lightclip.evaluation import embed_pairs, retrieval_metrics, title_groups
 from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise, resize_mode_of
 from lightclip.losses import clip_loss
 from lightclip.models.zoo import encode_text, logit_scale_max, preprocess_config
+from lightclip.trainstream import ShardTrainStream, StreamBatch
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
@@ -31,7 +33,7 @@ Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 class PairSet:
     """Image-title pairs of one split: decoded images and their titles, in the same order."""
 
-    images: ImageCache
+    images: ImageCache | ShardTrainStream  # a stream: the train split read from shards (train.images)
     titles: tuple[str, ...]
     groups: np.ndarray | None = None  # evaluation positives; default: identical titles
 
@@ -46,10 +48,17 @@ class PairSet:
 
     @classmethod
     def from_catalogue(
-        cls, catalogue: Catalogue, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True, resize_mode: str = "crop"
+        cls, catalogue: Catalogue, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True, resize_mode: str = "crop",
+        images: TrainImagesConfig | None = None,
     ) -> "PairSet":
-        cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress, resize_mode=resize_mode)
+        """The split's pairs; ``images`` (the trainers' ``train.images``) may stream them from shards instead of the cache."""
         items = catalogue.split(split)
+        if images is not None and images.source == "webdataset":
+            assert images.shards is not None  # the config's validator
+            stream = ShardTrainStream([str(i) for i in items["id"]], images.shards, image_size, resize_mode=resize_mode,
+                                      shuffle_buffer=images.shuffle_buffer, num_workers=images.decode_threads)
+            return cls(images=stream, titles=tuple(str(t) for t in items["title"]))
+        cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress, resize_mode=resize_mode)
         return cls(images=cache, titles=tuple(str(t) for t in items["title"]))
 
 
@@ -113,6 +122,8 @@ class ImageTextTask:
         self.hflip = hflip
         self.eval_batch_size = eval_batch_size
         self.train_tokens = tokenizer(list(train.titles))
+        self._streamed: StreamBatch | None = None  # this rank's images of the current streamed batch
+        self._batch_size: int | None = None  # the global batch a streamed training runs with (for run_metrics)
         self.val_tokens = tokenizer(list(val.titles)) if val is not None else None
 
     def embed_dim(self) -> int:
@@ -134,10 +145,16 @@ class ImageTextTask:
         return self.model.named_parameters()
 
     def batches_per_epoch(self, batch_size: int) -> int:
+        if isinstance(self.train_set.images, ShardTrainStream):
+            self._batch_size = batch_size
+            return self.train_set.images.steps_per_epoch(batch_size)
         return max(1, len(self.train_set) // batch_size)
 
     def epoch_rows(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, flip flags) of each batch of an epoch: a pure function of ``rng`` (exact resume)."""
+        if isinstance(self.train_set.images, ShardTrainStream):
+            yield from self._streamed_rows(self.train_set.images, rng, batch_size)
+            return
         n = len(self.train_set)
         order = rng.permutation(n)
         flips = rng.random(n) < 0.5 if self.hflip else np.zeros(n, dtype=bool)
@@ -146,9 +163,27 @@ class ImageTextTask:
             rows = order[b * size : (b + 1) * size]
             yield rows, flips[rows]
 
+    def _streamed_rows(self, stream: ShardTrainStream, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The global batch's (rows, flips) gathered from the ranks' streamed shares, in rank order
+        (so :func:`~lightclip.distributed.shard` gives each rank its own share back); this rank's
+        images wait in ``_streamed`` for :meth:`train_images`."""
+        world = distributed.world()
+        try:
+            for batch in stream.epoch(rng, batch_size, hflip=self.hflip):
+                self._streamed = batch
+                rows = distributed.gather_detached(torch.from_numpy(batch.rows), world).numpy()
+                flips = distributed.gather_detached(torch.from_numpy(batch.flips.astype(np.uint8)), world).numpy().astype(bool)
+                yield rows, flips
+        finally:
+            self._streamed = None
+
     def train_images(self, rows: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """The batch's images, flipped where drawn (uint8, not yet normalised)."""
-        images = self.train_set.images.batch(rows)
+        streamed = self._streamed
+        if streamed is not None and np.array_equal(rows, streamed.rows):
+            images = streamed.images
+        else:
+            images = self.train_set.images.batch(rows)
         return hflip(images, flips) if self.hflip else images
 
     def train_batches(self, epoch: int, rng: np.random.Generator, batch_size: int) -> Iterator[ClipBatch]:
@@ -188,6 +223,13 @@ class ImageTextTask:
     def on_step_end(self) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, logit_scale_max())
+
+    def run_metrics(self) -> dict[str, float]:
+        """What a streamed epoch passed over: items of the split left out per epoch, samples of other splits."""
+        stream = self.train_set.images
+        if not isinstance(stream, ShardTrainStream) or self._batch_size is None:
+            return {}
+        return {"train/stream_items_left_out_per_epoch": stream.left_out(self._batch_size), "train/stream_other_items": stream.index.other_items}
 
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None or self.val_tokens is None:
