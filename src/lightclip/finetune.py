@@ -84,11 +84,6 @@ def parameter_places(names: Iterable[str]) -> dict[str, Place]:
     return places
 
 
-def is_default(config: FinetuneConfig) -> bool:
-    """Whether ``config`` changes nothing (every parameter trains, at ``lr``)."""
-    return config == FinetuneConfig()
-
-
 def freeze(model: nn.Module, config: FinetuneConfig) -> list[str]:
     """Stop gradients of ``config.freeze`` towers and of the bottom ``freeze_layers`` of the others.
 

@@ -82,8 +82,21 @@ class ImageStream:
 
     ids: tuple[str, ...]
     image_size: int
+    resize_mode: str
+    num_workers: int
     rank: int
     world: int
+
+    def _set_decoding(self, image_size: int, resize_mode: str, num_workers: int | None, rank: int | None, world: int | None) -> None:
+        """How images are fitted and decoded, and which rank of how many this stream reads for
+        (default: the initialised process group's, else the one process)."""
+        check_resize_mode(resize_mode)
+        self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+        self.num_workers = max(1, num_workers or default_threads())
+        default_rank, default_world = current_rank_world()
+        self.rank, self.world = (default_rank if rank is None else rank), (default_world if world is None else world)
+        _check_rank(self.rank, self.world)
 
     def __len__(self) -> int:
         """Items of the whole split (all ranks together)."""
@@ -105,15 +118,9 @@ class FileImageStream(ImageStream):
                  num_workers: int | None = None, rank: int | None = None, world: int | None = None) -> None:
         if len(ids) != len(paths):
             raise ImageStreamError(f"{len(ids)} ids but {len(paths)} image paths")
-        check_resize_mode(resize_mode)
+        self._set_decoding(image_size, resize_mode, num_workers, rank, world)
         self.ids = tuple(str(i) for i in ids)
         self.paths = [Path(p) for p in paths]
-        self.image_size = int(image_size)
-        self.resize_mode = resize_mode
-        self.num_workers = max(1, num_workers or default_threads())
-        default_rank, default_world = current_rank_world()
-        self.rank, self.world = (default_rank if rank is None else rank), (default_world if world is None else world)
-        _check_rank(self.rank, self.world)
 
     @classmethod
     def from_catalogue(cls, catalogue: Catalogue, split: str | None, image_size: int, **kwargs: object) -> "FileImageStream":
@@ -156,7 +163,7 @@ class ShardImageStream(ImageStream):
 
     def __init__(self, ids: Sequence[str], shards: Sequence[Path] | str, image_size: int, *, resize_mode: str = "crop",
                  num_workers: int | None = None, rank: int | None = None, world: int | None = None) -> None:
-        check_resize_mode(resize_mode)
+        self._set_decoding(image_size, resize_mode, num_workers, rank, world)
         self.ids = tuple(str(i) for i in ids)
         self.row_of: Mapping[str, int] = {item_id: row for row, item_id in enumerate(self.ids)}
         if len(self.row_of) != len(self.ids):
@@ -164,12 +171,6 @@ class ShardImageStream(ImageStream):
         self.shards = expand_shards(shards) if isinstance(shards, str) else [Path(s) for s in shards]
         if not self.shards:
             raise ImageStreamError("no shards given")
-        self.image_size = int(image_size)
-        self.resize_mode = resize_mode
-        self.num_workers = max(1, num_workers or default_threads())
-        default_rank, default_world = current_rank_world()
-        self.rank, self.world = (default_rank if rank is None else rank), (default_world if world is None else world)
-        _check_rank(self.rank, self.world)
         self.last_pass = ShardPass()
 
     def my_shards(self) -> list[Path]:

@@ -76,3 +76,24 @@ def test_cli_baseline_flag_becomes_evaluate_baselines():
     assert _baselines(None) is None and _with(EvaluateConfig(), baselines=None).baselines == {}
     with pytest.raises(CliError, match="expected NAME=ARCH"):
         _baselines(["no-arch"])
+
+
+def test_a_download_replaced_in_place_is_converted_again_even_with_its_old_size_and_time(workspace: Path, tmp_path: Path):
+    """The conversion cache is keyed by the weights' bytes, not by the files' size and mtime."""
+    import os
+    import shutil
+
+    from lightclip.evaluation.baselines import baseline_dir
+
+    download = shutil.copytree(workspace / "downloads" / "tiny-clip", tmp_path / "dl")
+    config = ModelConfig(arch="lc-test-tiny", pretrained=str(download))
+    first = baseline_dir("zs", config, tmp_path / "cache")
+    assert baseline_dir("zs", config, tmp_path / "cache") == first  # unchanged: reused
+    weights = download / "open_clip_pytorch_model.bin"
+    stat = weights.stat()
+    other, _ = create_model(ModelSpec(arch="lc-test-tiny"), seed=6)
+    torch.save(other.state_dict(), weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    second = baseline_dir("zs", config, tmp_path / "cache")
+    assert second != first and torch.equal(load_model(second).visual.conv1.weight, other.visual.conv1.weight)

@@ -5,8 +5,8 @@ shape of ``pretrain.model``: a downloaded open_clip directory, a checkpoint file
 ``hf-hub:`` name). Each is loaded once through the same path pre-training takes
 (:func:`lightclip.models.zoo.create_model`) and saved as a lightclip model directory under
 ``<cache>/baselines``, so evaluating it is evaluating any saved model (its own image size,
-mean/std and tokenizer from ``model.json``). The directory is keyed by the spec and the weights
-file's size and modification time: a changed download is converted again.
+mean/std and tokenizer from ``model.json``). The directory is keyed by the spec and the sha256 of
+the local weights (:func:`~lightclip.models.zoo.pretrained_identity`): a changed download is converted again.
 """
 
 from __future__ import annotations
@@ -21,18 +21,9 @@ from pydantic import ValidationError
 from lightclip.config import ModelConfig
 from lightclip.evaluation.errors import EvaluationError
 from lightclip.io import staged_dir
-from lightclip.models.zoo import INFO_FILE, ModelSpec, create_model, save_model
+from lightclip.models.zoo import INFO_FILE, ModelSpec, create_model, pretrained_identity, save_model
 
 BASELINE_STAGE = "baseline"
-
-
-def _weights_stamp(pretrained: str | None) -> list[object]:
-    """Size and mtime of the local files behind ``pretrained`` ([] for a tag or the hub)."""
-    if pretrained is None:
-        return []
-    path = Path(pretrained).expanduser()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def _resolved(config: ModelConfig, project_dir: Path | None) -> ModelConfig:
@@ -49,7 +40,7 @@ def baseline_dir(name: str, config: ModelConfig, cache_dir: Path, project_dir: P
         spec = ModelSpec(**config.model_dump())
     except ValidationError as exc:
         raise EvaluationError(f"evaluate.baselines.{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    identity = json.dumps({"model": config.model_dump(mode="json"), "files": _weights_stamp(config.pretrained)}, sort_keys=True)
+    identity = json.dumps({"model": config.model_dump(mode="json"), "weights": pretrained_identity(config.pretrained)}, sort_keys=True)
     directory = Path(cache_dir) / "baselines" / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     if not (directory / INFO_FILE).is_file():
         model, _ = create_model(spec)
