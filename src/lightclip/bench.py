@@ -18,6 +18,10 @@ Per model (``bench.models``, default ``evaluate.models``):
   ``peak_rss_mb`` (the peak resident memory of a fresh process that loads the model and encodes
   a batch of ``bench.batch_size`` images and titles: what serving the model costs, free of what
   the bench process did before).
+* ``efficiency`` (a section of its own): FLOPs per image and per title (counted), achieved
+  GFLOP/s at batch ``bench.efficiency_batch_size`` (256) and its ratio to a square-matmul peak
+  timed in the same run, fp32 and bf16 where the CPU has it (``lightclip.efficiency``,
+  docs/efficiency.md).
 * ``eval_overhead/*``: the evaluate stage's own time (positives and every metric:
   ``evaluation.score_embeddings``) on a split of ``bench.gallery_size`` products rendered by the
   embedded default's generator vs the
@@ -52,6 +56,7 @@ import numpy as np
 import torch
 
 from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
+from lightclip.efficiency import efficiency_metrics, efficiency_report
 from lightclip.io import cpu_budget, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
 from lightclip.stage import StageContext
@@ -482,6 +487,10 @@ def bench_report(
         log(f"encode speed, {config.rounds} interleaved rounds:")
         speed = encode_speed(model_dirs, config, log=log)
         gc.collect()
+        efficiency: dict[str, Any] = {}
+        if config.efficiency_batch_size:
+            efficiency = efficiency_report(model_dirs, batch_size=config.efficiency_batch_size, runs=config.efficiency_runs, seed=config.seed, log=log)
+            gc.collect()
         # the evaluate-overhead split, rendered once per image size and shared by the models
         splits = {size: synthetic_gallery(config.gallery_size, size, seed=config.seed) for size in sorted({r["image_size"] for r in speed.values()})}
         results = {}
@@ -503,6 +512,7 @@ def bench_report(
         "models": results,
         "ratios": ratios,
         "index_scaling": scaling,
+        "efficiency": efficiency,
         "config": {"bench": config.model_dump(mode="json"), "index": index_config.model_dump(mode="json")},
     }
 
@@ -521,4 +531,5 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         for k in ("build_s", "query_ms_p50", "query_ms_p95", "recall@10_vs_flat"):
             if k in row:
                 out[f"index_scaling/{row['kind']}/{row['n']}/{k}"] = float(row[k])
+    out.update(efficiency_metrics(report.get("efficiency") or {}))
     return out

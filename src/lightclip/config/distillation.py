@@ -163,7 +163,7 @@ class DistillConfig(StrictModel):
     students: dict[str, ModelConfig] = Field(
         default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt"), "xxt": ModelConfig(arch="lc-vit-xxt")}
     )
-    train: TrainConfig = TrainConfig(epochs=15)
+    train: TrainConfig = TrainConfig(epochs=40)
     edges: list[EdgeLossConfig] = Field(default_factory=lambda: _edges(*FULL_GRAPH_EDGES))
     projection: bool = True
     teacher_online: bool = False

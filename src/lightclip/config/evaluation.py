@@ -107,6 +107,8 @@ class BenchConfig(StrictModel):
     hnsw_max_build_seconds: float = Field(600.0, gt=0, description="skip an HNSW size whose estimated build exceeds this")
     num_threads: int | None = Field(None, ge=1)
     seed: int = 0
+    efficiency_batch_size: int = Field(256, ge=0, description="batch of the achieved-vs-peak GFLOP/s check (docs/efficiency.md); 0 = skip it")
+    efficiency_runs: int = Field(3, ge=1, description="timed calls per forward and per peak matmul; the best counts")
 
     @field_validator("models")
     @classmethod
