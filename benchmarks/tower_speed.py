@@ -10,7 +10,6 @@ are exported first (into their directory), so pass copies of DVC-tracked models.
 """
 import json
 import sys
-import time
 
 import numpy as np
 import torch
@@ -18,17 +17,13 @@ import torch
 from lightclip.evaluation import embed_images, embed_texts
 from lightclip.models.onnx_runtime import export_onnx, has_onnx, load_runtime_model
 from lightclip.models.zoo import load_tokenizer, preprocess_config
+from runtime_speed import timed as median_seconds  # benchmarks/ is on the path when a script runs
 
 
 def timed(call, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
+    """One warm-up call, then ``runtime_speed``'s median of ``repeats`` timed calls."""
     call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median_seconds(call, repeats)
 
 
 def main(argv: list[str]) -> int:

@@ -20,10 +20,9 @@ int8 has a peak only (``torch._int_mm``, checked exact first): lightclip encodes
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightclip.devices import autocast
 from lightclip.errors import LightclipError
+from lightclip.models.common import unfused_attention
 from lightclip.models.zoo import encode_text, load_model, preprocess_config
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -181,19 +181,6 @@ def encode_calls(model: nn.Module, batch: EncodeBatch) -> dict[str, Callable[[],
     }
 
 
-@contextmanager
-def _attention_visible() -> Iterator[None]:
-    """``nn.MultiheadAttention``'s inference fast path is one fused op the FLOP counter cannot
-    see into (it would drop every attention FLOP); counting runs the unfused ops instead, which
-    do the same arithmetic, and timing keeps the fast path, as serving does."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
 # torch's FLOP counter knows the CUDA attention kernels but not the CPU one that
 # ``scaled_dot_product_attention`` runs without a mask: the same q k^T and attention x v arithmetic.
 def _cpu_attention_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
@@ -206,7 +193,7 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` as ``FlopCounterMode`` counts them (matmuls, convolutions, attention)."""
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-    with torch.inference_mode(), _attention_visible(), counter:
+    with torch.inference_mode(), unfused_attention(), counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import open_clip
 import torch
@@ -22,6 +23,21 @@ from lightclip.errors import LightclipError
 
 class ModelError(LightclipError, ValueError):
     """A model that cannot be built, loaded or saved; the message says which and why."""
+
+
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """``nn.MultiheadAttention`` without its fused inference kernel, restored on exit.
+
+    The fused kernel is one opaque op: it has no ONNX form and the FLOP counter cannot see into
+    it. The plain path does the same arithmetic, so export and counting run it; serving and
+    timing keep the fused one."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:

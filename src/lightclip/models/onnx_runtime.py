@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -29,7 +28,7 @@ from torch import nn
 
 from lightclip.data.catalogue import file_sha256
 from lightclip.io import default_threads, read_format_json, staged_dir, write_json
-from lightclip.models.common import ModelError, can_trim_text, encode_text, encode_text_prefix, preprocess_config
+from lightclip.models.common import ModelError, can_trim_text, encode_text, encode_text_prefix, preprocess_config, unfused_attention
 from lightclip.models.ensemble import EnsembleCLIP
 from lightclip.models.zoo import INFO_FILE, load_model, load_tokenizer, read_model_info, weights_sha256
 
@@ -81,17 +80,6 @@ class _Tower(nn.Module):
 def _cut_after_end_of_text(tokens: np.ndarray) -> np.ndarray:
     """Token ids cut after the batch's last end-of-text token (the largest id, as open_clip pools)."""
     return tokens[:, : int(tokens.argmax(axis=1).max()) + 1] if tokens.shape[1] > 1 else tokens
-
-
-@contextmanager
-def _without_fused_attention() -> Iterator[None]:
-    """nn.MultiheadAttention's fused inference kernel has no ONNX form: trace the plain path."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _probe_inputs(model: nn.Module, model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -151,7 +139,7 @@ def export_onnx(model_dir: Path | str, *, opset: int = DEFAULT_OPSET) -> dict[st
             shape = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
             if module.prefix:
                 shape[1] = torch.export.Dim("length", min=2, max=int(checks["text"][0].shape[1]))
-            with _without_fused_attention(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with unfused_attention(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, (trace[tower],), str(path), input_names=["input"], output_names=["output"],
                                   dynamic_shapes=(shape,), opset_version=opset, dynamo=True, verbose=False)
