@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
-from lightclip.efficiency import efficiency_metrics, efficiency_report
+from lightclip.efficiency import efficiency_metrics, efficiency_report, time_calls
 from lightclip.io import cpu_budget, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
 from lightclip.stage import StageContext
@@ -73,18 +73,6 @@ EVAL_OVERHEAD_LIMIT = 0.10
 # ----------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------
-
-
-def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> np.ndarray:
-    """Seconds per call of ``fn`` over ``runs`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    samples = np.empty(runs, dtype=np.float64)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples[i] = time.perf_counter() - t0
-    return samples
 
 
 def p50_p95_ms(samples: Sequence[float] | np.ndarray) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -92,17 +93,22 @@ def int8_support() -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> np.ndarray:
+    """Seconds per call of ``fn`` over ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples[i] = time.perf_counter() - t0
+    return samples
+
+
 def best_seconds(fn: Callable[[], Any], *, runs: int, warmup: int = 1) -> float:
     """The fastest of ``runs`` timed calls after ``warmup`` untimed ones: on a shared machine the
     best run is the one least disturbed, so peak and achieved are compared like for like."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return float(time_calls(fn, warmup=warmup, runs=max(1, runs)).min())
 
 
 def matmul_peak_gflops(dtype: torch.dtype, *, sizes: Sequence[int] = PEAK_SIZES, runs: int = 3, seed: int = 0) -> dict[str, Any]:
