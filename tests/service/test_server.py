@@ -4,6 +4,7 @@ benchmarks/loadtest.py at tiny size against two tiny models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -94,13 +95,51 @@ def test_the_load_test_writes_qps_and_percentiles_per_model_and_concurrency(serv
     write_params(project.root, svc_assets)
     script = load_loadtest()
     assert script.main(["--project", str(project.root), "--requests", "6", "--concurrency", "1", "3", "--warmup", "2", "--queries", "5",
-                        "--ready-timeout", "120"]) == 0
+                        "--gallery", "30", "--ready-timeout", "120"]) == 0
     report = json.loads((project.root / "metrics" / "serve.json").read_text())
     assert list(report["models"]) == ["teacher", "xt"] and report["requests_per_level"] == 6
+    assert report["catalogue_items"] == 30  # the rendered gallery, not the project's own 24-item catalogue
     for entry in report["models"].values():
+        assert entry["served"]["index_items"] == 30
         assert [r["concurrency"] for r in entry["runs"]] == [1, 3]
-        for run in entry["runs"]:
+        for run in [*entry["runs"], entry["ceiling"]]:
             assert run["errors"] == 0 and run["requests"] == 6 and run["qps"] > 0
             assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
-    assert report["summary"]["teacher"] == "teacher" and "xt" in report["summary"]["students"] and report["summary"]["errors"] == 0
-    assert "| teacher | 3 | 6 |" in report["table"]
+        assert entry["ceiling"]["concurrency"] == 3
+    summary = report["summary"]
+    assert summary["teacher"] == "teacher" and summary["errors"] == 0
+    student = summary["students"]["xt"]
+    assert student["ceiling_vs_teacher"] == round(report["models"]["xt"]["ceiling"]["qps"] / summary["teacher_qps"], 2)
+    assert "| teacher | 3 | 6 |" in report["table"] and "| xt: /healthz (ceiling) | 3 | 6 |" in report["table"]
+
+
+def test_the_load_test_client_counts_refusals_and_broken_connections_as_errors():
+    """A 4xx/5xx, a search without results and a connection the server drops are errors, never successes."""
+    script = load_loadtest()
+    calls = {"n": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            calls["n"] += 1
+            n = calls["n"]
+            if n % 4 == 0:  # dropped mid-request
+                writer.close()
+                return
+            status, body = (200, b'{"results": [1]}') if n % 4 == 1 else (200, b'{"results": []}') if n % 4 == 2 else (503, b"{}")
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> dict:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await script.run_load(f"http://127.0.0.1:{port}", ["q"], 8, 1)
+
+    run = asyncio.run(scenario())
+    assert run["requests"] == 8 and run["errors"] == 6
+    assert run["error_kinds"] == {"no results": 2, "http 503": 2, "IncompleteReadError": 2}
