@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lightclip.service.engine import PRICE_COLUMN, Filters, Outcome, ServedModel, ServiceError
 from lightclip.service.state import ServiceState
@@ -78,6 +78,48 @@ def safe_image_path(path: Path, allowed_root: Path) -> Path | None:
     return resolved
 
 
+class RequestMetrics:
+    """ASGI middleware: counts and times every HTTP request by route, and refuses an upload whose
+    ``Content-Length`` is over ``max_body_bytes`` before its body is read.
+
+    Plain ASGI, not Starlette's ``@app.middleware("http")``: that wraps every request in a task and
+    a memory stream, a cost each search paid again on top of its own work."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    def too_large(self, scope: Scope) -> bool:
+        if scope["method"] != "POST":
+            return False
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        return length.isdigit() and int(length) > self.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an exception on its way to the 500 handler
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.too_large(scope):
+                limit = self.max_body_bytes - MULTIPART_SLACK_BYTES
+                await error_response(413, "image", f"upload is larger than {limit} bytes")(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")  # set by the router on a match
+            endpoint = getattr(route, "path", "other") if route is not None else "unmatched"
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
     """The FastAPI app over ``state`` (its model already installed, or installed later)."""
     config = state.config
@@ -120,34 +162,7 @@ def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, None, "internal error (logged on the server)")
 
-    # -- metrics per endpoint -------------------------------------------------------------------
-
-    def endpoint_of(request: Request) -> str:
-        for route in app.router.routes:
-            match, _ = route.matches(request.scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "other")
-        return "unmatched"
-
-    def too_large(request: Request) -> bool:
-        length = request.headers.get("content-length", "")
-        return request.method == "POST" and length.isdigit() and int(length) > config.max_upload_bytes + MULTIPART_SLACK_BYTES
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            if too_large(request):  # refused before the multipart body is read and spooled
-                response = error_response(413, "image", f"upload is larger than {config.max_upload_bytes} bytes")
-            else:
-                response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            endpoint = endpoint_of(request)
-            metrics.requests.labels(endpoint, request.method, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    app.add_middleware(RequestMetrics, metrics=metrics, max_body_bytes=config.max_upload_bytes + MULTIPART_SLACK_BYTES)
 
     # -- helpers --------------------------------------------------------------------------------
 
