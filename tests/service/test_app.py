@@ -131,7 +131,7 @@ def test_an_unexpected_error_is_a_500_without_a_traceback(client, served_a, monk
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(served_a, "search", broken)
+    monkeypatch.setattr(served_a, "embed_texts", broken)
     response = client.get("/search", params={"q": "dress"})
     assert response.status_code == 500
     assert "secret" not in response.text and "Traceback" not in response.text and response.json()["error"]["message"]

@@ -14,7 +14,7 @@ from lightclip.service.batching import MicroBatcher
 def fake_embed(calls: list[list[str]]):
     def embed(texts):
         calls.append(list(texts))
-        return np.array([[float(len(t)), float(i)] for i, t in enumerate(texts)], dtype=np.float32)
+        return [np.array([[float(len(t)), float(i)]], dtype=np.float32) for i, t in enumerate(texts)]
 
     return embed
 
@@ -58,3 +58,21 @@ def test_an_encoder_error_reaches_every_query_of_its_batch():
 
     results = asyncio.run(main())
     assert all(isinstance(r, ValueError) for r in results)
+
+
+def test_a_failed_item_fails_alone_and_a_batch_answered_short_fails_whole():
+    def picky(texts):
+        return [ValueError(f"bad {t}") if t.startswith("bad") else t.upper() for t in texts]
+
+    def short(texts):
+        return [t for t in texts[:-1]]
+
+    async def main(process):
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(process, window_s=0.01, max_batch=8, executor=pool)
+            return await asyncio.gather(*(batcher.submit(t) for t in ("a", "bad b", "c")), return_exceptions=True)
+
+    a, b, c = asyncio.run(main(picky))
+    assert (a, c) == ("A", "C") and isinstance(b, ValueError) and str(b) == "bad bad b"
+    results = asyncio.run(main(short))
+    assert all(isinstance(r, RuntimeError) and "a batch of 3 got 2 results" in str(r) for r in results)

@@ -11,7 +11,7 @@ from lightclip.data.catalogue import Catalogue
 from lightclip.index import CatalogueIndex, IndexMismatchError
 from lightclip.models.zoo import weights_sha256
 from lightclip.service import Filters, ServedModel, ServiceError, load_served
-from lightclip.service.engine import CatalogueRows, served_index
+from lightclip.service.engine import CatalogueRows, TextQuery, served_index
 from lightclip.service.models import ResolvedModel
 
 from .conftest import INDEX
@@ -98,3 +98,22 @@ def test_price_ranges_filter_when_the_catalogue_has_prices(svc_assets, served_a)
     prices = rows.prices[mask]
     assert len(prices) == 6 and prices.min() >= 50 and prices.max() <= 100
     assert rows.facets()["price"] == {"min": 0.0, "max": 10.0 * (len(catalogue.items) - 1)}
+
+
+def test_a_batch_of_text_queries_gets_what_each_would_get_alone(served_a):
+    """One encoder pass and one index search for the unfiltered queries of a batch, the filtered
+    ones searched alone: every answer is the one a query alone gets; a bad filter fails only its query."""
+    items = served_a.rows.items
+    colour = str(items["baseColour"].iloc[0])
+    queries = [TextQuery("red shoes", 3), TextQuery("blue shirt", 10), TextQuery("red shoes", 5, Filters({"baseColour": colour})),
+               TextQuery("bag", 1), TextQuery("bag", 4, Filters({"nonsense": "x"})), TextQuery("watch", 100)]
+    outcomes = served_a.answer_texts(queries)
+    assert isinstance(outcomes[4], ServiceError) and outcomes[4].field == "nonsense"
+    for query, outcome in zip(queries, outcomes):
+        if query.filters.values.get("nonsense"):
+            continue
+        alone = served_a.search(served_a.embed_texts([query.text]), query.k, query.filters)
+        assert [(h.id, round(h.score, 5)) for h in outcome.hits] == [(h.id, round(h.score, 5)) for h in alone.hits]
+        assert outcome.matching == alone.matching
+    assert len(outcomes[5].hits) == len(items)  # k above the catalogue: all of it, never more
+    assert all(h.attributes["baseColour"] == colour for h in outcomes[2].hits)

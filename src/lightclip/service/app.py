@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lightclip.service.engine import PRICE_COLUMN, Filters, Outcome, ServedModel, ServiceError
+from lightclip.service.engine import PRICE_COLUMN, Filters, Outcome, ServedModel, ServiceError, TextQuery
 from lightclip.service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,7 @@ def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
             raise ServiceError("q", f"query is {len(text)} characters, at most {config.max_query_chars} are accepted")
         check_k(k)
         filters = filters_of(served, request, price_min, price_max)
-        vector = await served.batcher.submit(text)
-        outcome = await run_search(served, vector, k, filters)
+        outcome = await served.batcher.submit(TextQuery(text, k, filters))
         return answer(served, outcome, k, filters, started, query=text)
 
     @app.post("/search/image", summary="image upload -> products")

@@ -1,39 +1,43 @@
-"""Micro-batching: text queries that arrive within a few milliseconds are embedded in one call.
+"""Micro-batching: text queries that arrive within a few milliseconds are answered by one call.
 
-On a 2-core machine the encoder is the cost of a text query, and one forward pass over 16 titles
-costs far less than 16 passes over one: under load, batching is what lets throughput grow with
-concurrency. The first query of a batch waits at most ``window_s``; a full batch (``max_batch``)
-goes at once. Batches run on the executor given (one worker thread: the model's threads do the
-parallel work), so the event loop keeps accepting requests meanwhile.
+On a 2-core machine a text query's cost is its encoder pass and its index search, and one pass
+and one search over 16 queries cost far less than 16 of each: under load, batching is what lets
+throughput grow with concurrency. The first query of a batch waits at most ``window_s``; a full
+batch (``max_batch``) goes at once. Batches run on the executor given (one worker thread: the
+model's threads do the parallel work), so the event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from typing import Callable, Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
-import numpy as np
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
-class MicroBatcher:
-    """Collects concurrent ``submit`` calls into batches of ``embed`` (one batcher per served model)."""
+class MicroBatcher(Generic[Item, Result]):
+    """Collects concurrent ``submit`` calls into batches of ``process`` (one batcher per served model).
 
-    def __init__(self, embed: Callable[[Sequence[str]], np.ndarray], *, window_s: float, max_batch: int, executor: Executor,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        self.embed = embed
+    ``process`` answers a batch with one result per item, in order; a result that is an exception
+    fails that item alone, an exception raised by ``process`` fails the whole batch."""
+
+    def __init__(self, process: Callable[[Sequence[Item]], Sequence[Result | BaseException]], *, window_s: float, max_batch: int,
+                 executor: Executor, on_batch: Callable[[int], None] | None = None) -> None:
+        self.process = process
         self.window_s = window_s
         self.max_batch = max_batch
         self.executor = executor
         self.on_batch = on_batch
-        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    async def submit(self, text: str) -> np.ndarray:
-        """The ``1 x D`` embedding of ``text``, computed in a batch with whatever else arrived meanwhile."""
+    async def submit(self, item: Item) -> Result:
+        """The result of ``item``, computed in a batch with whatever else arrived meanwhile."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((text, future))
+        future: asyncio.Future[Result] = loop.create_future()
+        self._pending.append((item, future))
         if len(self._pending) >= self.max_batch or self.window_s <= 0:
             self._flush(loop)
         elif self._timer is None:
@@ -49,16 +53,20 @@ class MicroBatcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(batch))
-        work = loop.run_in_executor(self.executor, self.embed, [text for text, _ in batch])
+        work = loop.run_in_executor(self.executor, self.process, [item for item, _ in batch])
 
-        def deliver(done: asyncio.Future[np.ndarray]) -> None:
+        def deliver(done: asyncio.Future[Sequence[Result | BaseException]]) -> None:
             error = done.exception()
+            results = None if error is not None else done.result()
+            if results is not None and len(results) != len(batch):
+                error, results = RuntimeError(f"a batch of {len(batch)} got {len(results)} results"), None
             for i, (_, future) in enumerate(batch):
                 if future.done():  # the client went away
                     continue
-                if error is not None:
-                    future.set_exception(error)
+                outcome = error if results is None else results[i]
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
                 else:
-                    future.set_result(done.result()[i : i + 1])
+                    future.set_result(outcome)
 
         work.add_done_callback(deliver)

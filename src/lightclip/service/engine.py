@@ -72,6 +72,15 @@ class Filters:
 
 
 @dataclass(frozen=True)
+class TextQuery:
+    """One text search as the batcher takes it: the words, how many hits, and the filters."""
+
+    text: str
+    k: int
+    filters: Filters = Filters()
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The hits of one query, and how many catalogue items passed its filters (all of them unfiltered)."""
 
@@ -186,6 +195,30 @@ class ServedModel:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
             return self.embedder.embed_texts(list(texts))
+
+    def answer_texts(self, queries: Sequence[TextQuery]) -> list[Outcome | Exception]:
+        """The outcome of each query of a batch: one encoder pass for all, one index search for
+        all unfiltered ones (its top hits are the same as each query's own search), a filtered
+        one searched alone; a query that fails gets its exception, the others their answers."""
+        vectors = self.embed_texts([q.text for q in queries])
+        outcomes: list[Outcome | Exception | None] = [None] * len(queries)
+        plain = [i for i, q in enumerate(queries) if not q.filters]
+        n = len(self.index)
+        if plain:
+            depth = max(queries[i].k for i in plain)
+            scores, rows = search_faiss(self.index.index, normalise_rows(vectors[plain]), depth)
+            for i, srow, rrow in zip(plain, scores.tolist(), rows.tolist()):
+                want = min(queries[i].k, n)
+                found = [(s, r) for s, r in zip(srow, rrow) if r >= 0][:want]
+                # An ANN index may return fewer than asked: that query takes the filtered path's exact fall-back.
+                outcomes[i] = self._outcome(found, n, 1) if len(found) == want else None
+        for i, query in enumerate(queries):
+            if outcomes[i] is None:
+                try:
+                    outcomes[i] = self.search(vectors[i : i + 1], query.k, query.filters)
+                except Exception as exc:  # this query's own fault (e.g. a filter): the rest of the batch is answered
+                    outcomes[i] = exc
+        return outcomes  # type: ignore[return-value]
 
     def embed_image(self, data: bytes) -> np.ndarray:
         with self._lock:

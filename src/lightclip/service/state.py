@@ -65,7 +65,7 @@ class ServiceState:
 
     def install(self, served: ServedModel, *, swap: bool = False) -> None:
         """Make ``served`` the model new requests get (requests in flight keep theirs)."""
-        served.batcher = MicroBatcher(served.embed_texts, window_s=self.config.batch_window_ms / 1000, max_batch=self.config.max_batch,
+        served.batcher = MicroBatcher(served.answer_texts, window_s=self.config.batch_window_ms / 1000, max_batch=self.config.max_batch,
                                       executor=self.executor, on_batch=self._batch_done)
         with self._swap_lock:
             self.current = served
