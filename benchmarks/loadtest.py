@@ -36,6 +36,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from lightclip.config import SynthConfig, load_params
 from lightclip.data.catalogue import CATALOGUE_FILE, Catalogue
@@ -155,6 +156,17 @@ async def run_load(url: str, queries: Sequence[str], requests: int, concurrency:
             "p95_ms": round(float(np.percentile(ms, 95)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
+def model_work(metrics_text: str) -> dict[str, float]:
+    """From the service's /metrics: the model's time per text query (encoder pass and index search,
+    per batch, shared by its queries), and the mean batch size, over every search served so far."""
+    values = {sample.name: sample.value for family in text_string_to_metric_families(metrics_text) for sample in family.samples}
+    queries = values.get("lightclip_text_batch_size_sum", 0.0)
+    batches = values.get("lightclip_text_batch_size_count", 0.0)
+    seconds = values.get("lightclip_text_batch_seconds_sum", 0.0)
+    return {"queries": int(queries), "batches": int(batches), "ms_per_query": round(1000 * seconds / queries, 4) if queries else float("nan"),
+            "mean_batch": round(queries / batches, 2) if batches else float("nan")}
+
+
 def gallery_catalogue(project: Path, config: SynthConfig, items: int) -> Path:
     """A catalogue of ``items`` products rendered by the default's generator with ``config``'s seed
     and image size (its first products are the default catalogue's), made once under .cache/loadtest."""
@@ -182,12 +194,21 @@ def measure_model(project: Path, name: str, model: str, queries: Sequence[str], 
             print(f"{name:>8}  c={concurrency:<3} {run['qps']:9.1f} qps  p50 {run['p50_ms']:8.2f}  p95 {run['p95_ms']:8.2f}  "
                   f"p99 {run['p99_ms']:8.2f} ms  errors {run['errors']}", flush=True)
             runs.append(run)
+        work = model_work(httpx.get(f"{url}/metrics", timeout=10).text)
+        print(f"{name:>8}  model work {work['ms_per_query']:.3f} ms per query in batches of {work['mean_batch']:.1f} on average", flush=True)
         ceiling = asyncio.run(run_load(url, queries, requests, max(concurrencies), path="/healthz"))
         print(f"{name:>8}  c={ceiling['concurrency']:<3} {ceiling['qps']:9.1f} qps on /healthz (the ceiling)  p95 {ceiling['p95_ms']:8.2f} ms  "
               f"errors {ceiling['errors']}", flush=True)
     finally:
         stop_process_group(process, grace_s=15.0)
-    return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs, "ceiling": ceiling}
+    return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs, "model_work": work, "ceiling": ceiling}
+
+
+def free_model_ratio(qps: float, model_ms_per_query: float, teacher_qps: float) -> float:
+    """The QPS ratio to the teacher of this service if its model's work per query cost nothing
+    (the request's time at this load less the model's share of it): what a faster student could still gain."""
+    rest_ms = 1000 / qps - model_ms_per_query
+    return round((1000 / teacher_qps) / rest_ms, 2) if rest_ms > 0 and teacher_qps else float("nan")
 
 
 def summarise(report: dict[str, dict[str, Any]], teacher: str) -> dict[str, Any]:
@@ -206,7 +227,9 @@ def summarise(report: dict[str, dict[str, Any]], teacher: str) -> dict[str, Any]
         students[name] = {"concurrency": top, "p95_ms": run["p95_ms"], "qps_vs_teacher": round(ratio, 2),
                           "p95_goal_met": run["p95_ms"] <= GOAL_P95_MS, "qps_goal_met": ratio >= GOAL_QPS_RATIO,
                           # /search does all /healthz does and more: no model can answer it faster than this
-                          "ceiling_qps": entry["ceiling"]["qps"], "ceiling_vs_teacher": round(bound, 2)}
+                          "ceiling_qps": entry["ceiling"]["qps"], "ceiling_vs_teacher": round(bound, 2),
+                          # an estimate: this service's time per request less its model's share, i.e. a student whose model cost nothing
+                          "free_model_vs_teacher": free_model_ratio(run["qps"], entry["model_work"]["ms_per_query"], teacher_qps)}
     errors = sum(r["errors"] for entry in report.values() for r in [*entry["runs"], entry["ceiling"]])
     return {"teacher": teacher, "teacher_qps": teacher_qps, "students": students, "errors": errors,
             "goals": {"p95_ms": GOAL_P95_MS, "qps_vs_teacher": GOAL_QPS_RATIO, "errors": 0}}

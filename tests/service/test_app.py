@@ -118,7 +118,7 @@ def test_health_readiness_and_metrics(client, served_a):
     assert 'lightclip_request_seconds_count{endpoint="/search"} 4.0' in text
     assert f'lightclip_model_info{{label="{served_a.label}",version="local",weights_sha256="{served_a.weights_sha256}"}} 1.0' in text
     assert f"lightclip_index_items {float(len(served_a.index))}" in text
-    assert "lightclip_text_batch_size_count 3.0" in text
+    assert "lightclip_text_batch_size_count 3.0" in text and "lightclip_text_batch_seconds_count 3.0" in text
 
 
 def test_readyz_is_503_when_the_index_does_not_record_the_models_weights(client, served_a, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,7 +26,7 @@ def run(texts: list[str], *, window_s: float, max_batch: int) -> tuple[list[np.n
 
     async def main():
         with ThreadPoolExecutor(1) as pool:
-            batcher = MicroBatcher(fake_embed(calls), window_s=window_s, max_batch=max_batch, executor=pool, on_batch=sizes.append)
+            batcher = MicroBatcher(fake_embed(calls), window_s=window_s, max_batch=max_batch, executor=pool, on_batch=lambda size, seconds: sizes.append(size))
             return await asyncio.gather(*(batcher.submit(t) for t in texts))
 
     return asyncio.run(main()), calls, sizes
@@ -43,8 +44,36 @@ def test_a_full_batch_goes_at_once_and_no_window_means_no_waiting():
     texts = [f"q{i}" for i in range(10)]
     _, calls, sizes = run(texts, window_s=0.3, max_batch=4)  # full batches go before the window ends, the rest after it
     assert sizes == [4, 4, 2] and [len(c) for c in calls] == [4, 4, 2]
-    _, calls, sizes = run(texts, window_s=0.0, max_batch=64)
-    assert sizes == [1] * 10
+    _, calls, sizes = run(texts, window_s=0.0, max_batch=64)  # the first goes at once; the others gather while it runs
+    assert sizes == [1, 9]
+
+
+def test_one_batch_runs_at_a_time_and_what_arrives_meanwhile_goes_next_without_a_window():
+    """Under load, batches grow instead of queueing behind each other; the window is never waited twice."""
+    running = {"now": 0, "most": 0}
+    calls: list[list[str]] = []
+
+    def slow(texts):
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        time.sleep(0.05)
+        calls.append(list(texts))
+        running["now"] -= 1
+        return list(texts)
+
+    async def main():
+        with ThreadPoolExecutor(4) as pool:  # even a pool with room for more runs one batch at a time
+            batcher = MicroBatcher(slow, window_s=10.0, max_batch=3, executor=pool)
+            first = [asyncio.ensure_future(batcher.submit(t)) for t in ("a", "b", "c")]  # full: goes at once
+            await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            later = [asyncio.ensure_future(batcher.submit(t)) for t in ("d", "e")]  # not full, and the window is 10 s
+            results = await asyncio.gather(*first, *later)
+            return results, time.perf_counter() - started
+
+    results, seconds = asyncio.run(main())
+    assert results == ["a", "b", "c", "d", "e"] and calls == [["a", "b", "c"], ["d", "e"]]
+    assert running["most"] == 1 and seconds < 1.0  # "d" and "e" went when the first batch ended, not after 10 s
 
 
 def test_an_encoder_error_reaches_every_query_of_its_batch():

@@ -51,10 +51,16 @@ class Metrics:
         self.requests = Counter("lightclip_requests", "HTTP requests by endpoint and status", ["endpoint", "method", "status"], registry=self.registry)
         self.latency = Histogram("lightclip_request_seconds", "request latency by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch = Histogram("lightclip_text_batch_size", "text queries embedded per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.batch_seconds = Histogram("lightclip_text_batch_seconds", "model work per text batch (encoder pass and index search)",
+                                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=self.registry)
         self.model = Gauge("lightclip_model_info", "the served model (1 for the current one)", ["version", "label", "weights_sha256"], registry=self.registry)
         self.index_items = Gauge("lightclip_index_items", "items in the served index", registry=self.registry)
         self.swaps = Counter("lightclip_model_swaps", "hot swaps to a new version", registry=self.registry)
         self.swap_failures = Gauge("lightclip_swap_failures", "failed swap attempts so far", registry=self.registry)
+
+    def text_batch(self, size: int, seconds: float) -> None:
+        self.batch.observe(size)
+        self.batch_seconds.observe(seconds)
 
     def served(self, served: ServedModel) -> None:
         self.model.clear()
@@ -124,7 +130,7 @@ def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
     """The FastAPI app over ``state`` (its model already installed, or installed later)."""
     config = state.config
     metrics = metrics or Metrics()
-    state.on_batch = metrics.batch.observe
+    state.on_batch = metrics.text_batch
 
     def installed(served: ServedModel, swap: bool) -> None:
         metrics.served(served)

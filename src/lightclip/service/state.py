@@ -51,7 +51,7 @@ class ServiceState:
     load: Callable[[ResolvedModel], ServedModel]
     current: ServedModel | None = None
     swaps: list[SwapRecord] = field(default_factory=list)
-    on_batch: Callable[[int], None] | None = None  # told each text batch's size (the /metrics histogram)
+    on_batch: Callable[[int, float], None] | None = None  # told each text batch's size and seconds (the /metrics histograms)
     on_install: list[Callable[[ServedModel, bool], None]] = field(default_factory=list)  # told (model, is_swap)
 
     def __post_init__(self) -> None:
@@ -72,9 +72,9 @@ class ServiceState:
         for listener in self.on_install:
             listener(served, swap)
 
-    def _batch_done(self, size: int) -> None:
+    def _batch_done(self, size: int, seconds: float) -> None:
         if self.on_batch is not None:
-            self.on_batch(size)
+            self.on_batch(size, seconds)
 
     def load_initial(self) -> ServedModel:
         """Resolve the reference and load it (errors propagate: the service does not start)."""
