@@ -145,3 +145,13 @@ def test_the_load_test_client_counts_refusals_and_broken_connections_as_errors()
     run = asyncio.run(scenario())
     assert run["requests"] == 8 and run["errors"] == 6
     assert run["error_kinds"] == {"no results": 2, "http 503": 2, "IncompleteReadError": 2}
+
+
+def test_the_model_leaves_the_event_loop_a_core(monkeypatch):
+    from lightclip.config import ServeConfig
+    from lightclip.service import server
+
+    for usable, expected in ((1, 1), (2, 1), (16, 15)):
+        monkeypatch.setattr(server, "default_threads", lambda usable=usable: usable)
+        assert server.model_threads(ServeConfig()) == expected
+    assert server.model_threads(ServeConfig(threads=3)) == 3  # a setting wins

@@ -42,7 +42,7 @@ class ServeConfig(StrictModel):
     max_query_chars: int = Field(300, ge=1)
     k_default: int = Field(12, ge=1)
     k_max: int = Field(100, ge=1)
-    threads: int | None = Field(None, ge=1, description="torch threads for the model; null = the usable CPUs")
+    threads: int | None = Field(None, ge=1, description="torch and FAISS threads for the model; null = the usable CPUs less one for the event loop")
 
     @model_validator(mode="after")
     def _k(self) -> "ServeConfig":

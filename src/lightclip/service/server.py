@@ -14,7 +14,7 @@ import uvicorn
 
 from lightclip.config import IndexConfig, ServeConfig
 from lightclip.data.catalogue import Catalogue
-from lightclip.io import torch_threads
+from lightclip.io import default_threads, torch_threads
 from lightclip.registry.aliases import ModelRegistry
 from lightclip.service.app import create_app
 from lightclip.service.engine import ServedModel, load_served
@@ -42,9 +42,16 @@ def build_state(config: ServeConfig, index_config: IndexConfig, project_dir: Pat
     return ServiceState(config, resolver, load)
 
 
+def model_threads(config: ServeConfig) -> int:
+    """The model's torch and FAISS threads: ``serve.threads``, else the usable CPUs less the one
+    the event loop needs (at least one). Under load every request's parsing, JSON and routing runs
+    on the event loop; threads of the model that take its core only spin against it."""
+    return config.threads or max(1, default_threads() - 1)
+
+
 def run_serve(config: ServeConfig, index_config: IndexConfig, project_dir: Path | str, *, tracking_uri: str | None = None) -> None:
     """Load the model and its index, then serve until interrupted (Ctrl-C or SIGTERM)."""
-    with torch_threads(config.threads):
+    with torch_threads(model_threads(config), faiss_too=True):
         state = build_state(config, index_config, project_dir, tracking_uri=tracking_uri)
         app = create_app(state)
         served = state.load_initial()
