@@ -156,14 +156,16 @@ async def run_load(url: str, queries: Sequence[str], requests: int, concurrency:
             "p95_ms": round(float(np.percentile(ms, 95)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
-def model_work(metrics_text: str) -> dict[str, float]:
-    """From the service's /metrics: the model's time per text query (encoder pass and index search,
-    per batch, shared by its queries), and the mean batch size, over every search served so far."""
+def model_work(metrics_text: str, since: dict[str, float] | None = None) -> dict[str, float]:
+    """From the service's /metrics: text queries and batches served, the model's seconds on them
+    (encoder pass and index search, per batch), its time per query and the mean batch size; with
+    ``since`` (an earlier reading), only what was served after it."""
     values = {sample.name: sample.value for family in text_string_to_metric_families(metrics_text) for sample in family.samples}
-    queries = values.get("lightclip_text_batch_size_sum", 0.0)
-    batches = values.get("lightclip_text_batch_size_count", 0.0)
-    seconds = values.get("lightclip_text_batch_seconds_sum", 0.0)
-    return {"queries": int(queries), "batches": int(batches), "ms_per_query": round(1000 * seconds / queries, 4) if queries else float("nan"),
+    queries = values.get("lightclip_text_batch_size_sum", 0.0) - (since or {}).get("queries", 0)
+    batches = values.get("lightclip_text_batch_size_count", 0.0) - (since or {}).get("batches", 0)
+    seconds = values.get("lightclip_text_batch_seconds_sum", 0.0) - (since or {}).get("seconds", 0.0)
+    return {"queries": int(queries), "batches": int(batches), "seconds": round(seconds, 6),
+            "ms_per_query": round(1000 * seconds / queries, 4) if queries else float("nan"),
             "mean_batch": round(queries / batches, 2) if batches else float("nan")}
 
 
@@ -186,22 +188,23 @@ def measure_model(project: Path, name: str, model: str, queries: Sequence[str], 
     try:
         ready = wait_ready(url, process, ready_timeout, log_path)
         startup = time.perf_counter() - started
-        if warmup:
-            asyncio.run(run_load(url, queries, warmup, min(8, warmup)))
         runs = []
         for concurrency in concurrencies:
+            if warmup:  # untimed, at this level's concurrency: new batch sizes and connections are not what is measured
+                asyncio.run(run_load(url, queries, warmup, min(concurrency, warmup)))
+            before = model_work(httpx.get(f"{url}/metrics", timeout=10).text)
             run = asyncio.run(run_load(url, queries, requests, concurrency))
+            run["model_work"] = work = model_work(httpx.get(f"{url}/metrics", timeout=10).text, since=before)
             print(f"{name:>8}  c={concurrency:<3} {run['qps']:9.1f} qps  p50 {run['p50_ms']:8.2f}  p95 {run['p95_ms']:8.2f}  "
-                  f"p99 {run['p99_ms']:8.2f} ms  errors {run['errors']}", flush=True)
+                  f"p99 {run['p99_ms']:8.2f} ms  errors {run['errors']}  model work {work['ms_per_query']:.3f} ms/query, "
+                  f"batches of {work['mean_batch']:.1f}", flush=True)
             runs.append(run)
-        work = model_work(httpx.get(f"{url}/metrics", timeout=10).text)
-        print(f"{name:>8}  model work {work['ms_per_query']:.3f} ms per query in batches of {work['mean_batch']:.1f} on average", flush=True)
         ceiling = asyncio.run(run_load(url, queries, requests, max(concurrencies), path="/healthz"))
         print(f"{name:>8}  c={ceiling['concurrency']:<3} {ceiling['qps']:9.1f} qps on /healthz (the ceiling)  p95 {ceiling['p95_ms']:8.2f} ms  "
               f"errors {ceiling['errors']}", flush=True)
     finally:
         stop_process_group(process, grace_s=15.0)
-    return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs, "model_work": work, "ceiling": ceiling}
+    return {"model": model, "served": ready["model"], "startup_seconds": round(startup, 2), "runs": runs, "ceiling": ceiling}
 
 
 def free_model_ratio(qps: float, model_ms_per_query: float, teacher_qps: float) -> float:
@@ -229,7 +232,7 @@ def summarise(report: dict[str, dict[str, Any]], teacher: str) -> dict[str, Any]
                           # /search does all /healthz does and more: no model can answer it faster than this
                           "ceiling_qps": entry["ceiling"]["qps"], "ceiling_vs_teacher": round(bound, 2),
                           # an estimate: this service's time per request less its model's share, i.e. a student whose model cost nothing
-                          "free_model_vs_teacher": free_model_ratio(run["qps"], entry["model_work"]["ms_per_query"], teacher_qps)}
+                          "free_model_vs_teacher": free_model_ratio(run["qps"], run["model_work"]["ms_per_query"], teacher_qps)}
     errors = sum(r["errors"] for entry in report.values() for r in [*entry["runs"], entry["ceiling"]])
     return {"teacher": teacher, "teacher_qps": teacher_qps, "students": students, "errors": errors,
             "goals": {"p95_ms": GOAL_P95_MS, "qps_vs_teacher": GOAL_QPS_RATIO, "errors": 0}}
@@ -251,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--teacher", default="teacher", help="the model students are compared with (default: teacher)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level (default 2000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels (default: 1 8 32)")
-    parser.add_argument("--warmup", type=int, default=50, help="untimed requests first (default 50)")
+    parser.add_argument("--warmup", type=int, default=100, help="untimed requests before each concurrency level (default 100)")
     parser.add_argument("--queries", type=int, default=500, help="distinct catalogue titles used as queries (default 500)")
     parser.add_argument("--gallery", type=int, default=10000,
                         help="products served: a catalogue of this many rendered by the default's generator (default 10000); 0 = serve.catalogue")
