@@ -7,6 +7,7 @@ the model stop the command with one line, so a half-ready service is never serve
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -49,11 +50,21 @@ def model_threads(config: ServeConfig) -> int:
     return config.threads or max(1, default_threads() - 1)
 
 
+def freeze_heap() -> None:
+    """Move every object alive now (the libraries, the model, the catalogue rows: ~0.5 M) out of the
+    garbage collector's sight. A full collection otherwise walks them all, a pause of 100-300 ms
+    that every request in flight waits out (the p99 at concurrency 32). Freed by reference counts
+    as usual; a cycle among them (an old model after a swap) stays: swaps are rare."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_serve(config: ServeConfig, index_config: IndexConfig, project_dir: Path | str, *, tracking_uri: str | None = None) -> None:
     """Load the model and its index, then serve until interrupted (Ctrl-C or SIGTERM)."""
     with torch_threads(model_threads(config), faiss_too=True):
         state = build_state(config, index_config, project_dir, tracking_uri=tracking_uri)
         app = create_app(state)
+        state.on_install.append(lambda served, swap: freeze_heap())
         served = state.load_initial()
         log.warning("lightclip serve: %s, %d items; http://%s:%d/ (API docs at /docs)", served.label, len(served.index), config.host, config.port)
         state.start_polling()
