@@ -438,17 +438,29 @@ class BenchInputs:
     evaluate: EvaluateConfig
     index: IndexConfig
     index_scaling: bool = True
+    catalogue: Path | None = None  # the evaluated catalogue (data/split): each runtime's recall; None skips the runtimes
 
 
 @dataclass(frozen=True)
 class BenchOutputs:
     report: Path  # metrics/speed.json
+    plot_data: Path | None = None  # metrics/plots/bench/recall_vs_latency.csv (DVC plot): every model and runtime
+    figure: Path | None = None  # the same plot as a PNG (MLflow)
 
 
 def run_bench(config: BenchConfig, inputs: BenchInputs, outputs: BenchOutputs, context: StageContext, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``lightclip bench``: the speed report, written to ``outputs.report`` and returned."""
-    report = bench_report(config, inputs.evaluate, inputs.index, project_dir=context.project_dir, index_scaling=inputs.index_scaling, log=log)
+    """``lightclip bench``: the speed report, written to ``outputs.report`` and returned; with a
+    catalogue and ``bench.runtimes``, the recall-vs-latency plot of every model and runtime too."""
+    report = bench_report(config, inputs.evaluate, inputs.index, project_dir=context.project_dir, index_scaling=inputs.index_scaling, log=log,
+                          catalogue=inputs.catalogue, cache_dir=context.cache_dir)
     write_json(outputs.report, report)
+    if report.get("runtimes"):
+        from lightclip.runtimes import write_figure, write_plot_data  # see the note at the imports
+
+        if outputs.plot_data is not None:
+            write_plot_data(report["runtimes"], outputs.plot_data)
+        if outputs.figure is not None:
+            write_figure(report["runtimes"], outputs.figure, inputs.evaluate.split)
     return report
 
 
@@ -460,8 +472,11 @@ def bench_report(
     project_dir: Path,
     index_scaling: bool = True,
     log: Callable[[str], None] = print,
+    catalogue: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Benchmark every model (a missing model dir is an error) and the index kinds at scale."""
+    """Benchmark every model (a missing model dir is an error) and the index kinds at scale; with
+    ``catalogue``, every model on every runtime of ``bench.runtimes`` (:mod:`lightclip.runtimes`)."""
     from lightclip.evaluation import check_model_dirs  # see the note at the imports
 
     models = config.models if config.models is not None else evaluate_config.models
@@ -490,6 +505,16 @@ def bench_report(
         ratios = model_ratios(results, config.teacher)
         for name, r in ratios.items():
             log(f"  {config.teacher} / {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+        runtimes: dict[str, Any] = {}
+        if catalogue is not None and config.runtimes:
+            from lightclip.data.catalogue import Catalogue  # see the note at the imports
+            from lightclip.runtimes import compare_runtimes
+
+            log(f"runtimes ({', '.join(config.runtimes)}): batch-1 latency, {config.rounds} interleaved rounds, and {evaluate_config.split} recall:")
+            caches = Path(cache_dir if cache_dir is not None else project_dir / ".cache")
+            runtimes = compare_runtimes(model_dirs, config.runtimes, Catalogue.load(catalogue), evaluate_config, cache_dir=caches / "runtimes",
+                                        image_cache_dir=caches / "images", rounds=config.rounds, calls=config.runs, log=log)
+            gc.collect()
         scaling: list[dict[str, Any]] = []
         if index_scaling and config.index_sizes:
             dim = next(iter(results.values()))["embed_dim"]
@@ -501,6 +526,7 @@ def bench_report(
         "ratios": ratios,
         "index_scaling": scaling,
         "efficiency": efficiency,
+        "runtimes": runtimes,
         "config": {"bench": config.model_dump(mode="json"), "index": index_config.model_dump(mode="json")},
     }
 
@@ -520,4 +546,9 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
             if k in row:
                 out[f"index_scaling/{row['kind']}/{row['n']}/{k}"] = float(row[k])
     out.update(efficiency_metrics(report.get("efficiency") or {}))
+    for name, runtimes in (report.get("runtimes") or {}).items():
+        for runtime, row in runtimes.items():
+            for k in ("batch1_ms", "mean_recall", "recall_change"):
+                if row.get(k) is not None:
+                    out[f"runtimes/{name}/{runtime}/{k}"] = float(row[k])
     return out

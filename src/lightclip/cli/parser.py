@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed, size and memory of each model and of the index kinds -> metrics/speed.json (params: bench)")
     bench.add_argument("--out", default="metrics/speed.json", help="report JSON (default: metrics/speed.json)")
+    bench.add_argument("--in", dest="input", default="data/split", help="the evaluated catalogue, for each runtime's recall (default: data/split)")
+    bench.add_argument("--plots", default="metrics/plots/bench/recall_vs_latency.csv",
+                       help="recall-vs-latency plot data, every model and runtime (default: metrics/plots/bench/recall_vs_latency.csv)")
+    bench.add_argument("--figure", default="reports/bench/recall_vs_latency.png", help="the same plot as a PNG, logged to MLflow")
     bench.add_argument("--model", action="append", metavar="NAME=DIR", help="benchmark this model instead of bench.models (repeatable)")
     bench.add_argument("--index-sizes", type=int, nargs="+", metavar="N", help="override bench.index_sizes, e.g. 10000 100000")
     bench.add_argument("--no-index-scaling", action="store_true", help="skip the index kinds x sizes table")

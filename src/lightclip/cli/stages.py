@@ -264,15 +264,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     params = _params(args)
     config = _with(params.bench, index_sizes=args.index_sizes, models=_named_models(args.model), num_threads=args.threads)
-    inputs = BenchInputs(evaluate=params.evaluate, index=params.index, index_scaling=not args.no_index_scaling)
+    catalogue = Path(args.input) if config.runtimes and Path(args.input).exists() else None
+    if config.runtimes and catalogue is None:
+        print(f"bench: no catalogue at {args.input}: the runtimes' recall-vs-latency plot is skipped (give --in DIR)", file=sys.stderr)
+    inputs = BenchInputs(evaluate=params.evaluate, index=params.index, index_scaling=not args.no_index_scaling, catalogue=catalogue)
+    outputs = BenchOutputs(report=Path(args.out), plot_data=Path(args.plots), figure=Path(args.figure))
     _stage(
-        args, "bench", {"bench": config.model_dump(mode="json"), "index": params.index.model_dump(mode="json")},
-        lambda context: run_bench(config, inputs, BenchOutputs(report=Path(args.out)), context),
+        args, "bench", {"bench": config.model_dump(mode="json"), "index": params.index.model_dump(mode="json"), "in": str(args.input)},
+        lambda context: run_bench(config, inputs, outputs, context),
         metrics=flat_metrics,
         tags=lambda report: {f"lightclip.machine.{k}": v for k, v in report["machine"].items()},
-        artifacts=[(Path(args.out), None)],
+        artifacts=[(Path(args.out), None)] + ([(outputs.plot_data, "plots"), (outputs.figure, "figures")] if catalogue is not None else []),
     )
-    print(f"speed report: {args.out}")
+    print(f"speed report: {args.out}" + (f"; recall vs latency, every model and runtime: {args.plots}, {args.figure}" if catalogue is not None else ""))
     return 0
 
 

@@ -109,6 +109,8 @@ class BenchConfig(StrictModel):
     seed: int = 0
     efficiency_batch_size: int = Field(256, ge=0, description="batch of the achieved-vs-peak GFLOP/s check (docs/efficiency.md); 0 = skip it")
     efficiency_runs: int = Field(3, ge=1, description="timed calls per forward and per peak matmul; the best counts")
+    runtimes: list[Literal["torch", "onnx"]] = Field(default_factory=lambda: ["torch", "onnx"],
+                                                     description="runtimes of the recall-vs-latency plot (each evaluated on it); [] = skip")
 
     @field_validator("models")
     @classmethod
@@ -119,3 +121,10 @@ class BenchConfig(StrictModel):
     @classmethod
     def _sizes(cls, value: list[int]) -> list[int]:
         return _check_ks(value)
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a runtime is listed twice: {value}")
+        return value

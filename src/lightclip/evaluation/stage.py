@@ -176,17 +176,25 @@ def evaluate_model(
     progress: bool = False,
     scope: str | None = None,
     geometry: CatalogueGeometry | None = None,
+    runtime: str = "torch",
 ) -> ModelEvaluation:
     """Embed ``config.split`` of ``catalogue`` (every item for ``scope`` :data:`WHOLE`) with the
     model in ``model_dir`` and score it; the metrics are named ``<split or scope>/...``.
 
     ``geometry``: the same items' shapes, shared by the models of one evaluation (read once).
+    ``runtime``: ``torch`` (the weights) or ``onnx`` (the export in ``model_dir/onnx``, checked
+    against the weights): a runtime's figures are worth having only with its own recall.
     """
     whole = scope == WHOLE
     items = catalogue.items.reset_index(drop=True) if whole else catalogue.split(config.split)
     if len(items) == 0:
         raise EvaluationError(f"{catalogue.table_path}: " + ("no items to evaluate" if whole else f"split {config.split!r} has no items to evaluate"))
-    model = load_model(model_dir).to(resolve_device(config.device, field="evaluate.device"))
+    if runtime == "torch":
+        model = load_model(model_dir).to(resolve_device(config.device, field="evaluate.device"))
+    else:  # ONNX Runtime (onnx, onnxruntime) loads only for the runs that ask for it
+        from lightclip.models.onnx_runtime import load_runtime_model
+
+        model = load_runtime_model(model_dir, runtime)
     tokenizer = load_tokenizer(model_dir)
     shift = geometry_check(name, model_dir, geometry or CatalogueGeometry(catalogue, items))
     pre = preprocess_config(model)
