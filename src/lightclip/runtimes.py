@@ -142,6 +142,7 @@ def write_figure(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     markers = {"torch": "o", "onnx": "s"}
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
@@ -151,6 +152,10 @@ def write_figure(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Pa
             ax.scatter([row["batch1_ms"]], [row["mean_recall"]], marker=markers.get(runtime, "^"), color=colour, s=45)
             ax.annotate(f"{name} ({runtime})", (row["batch1_ms"], row["mean_recall"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.12)
     ax.set_xlabel("image + title at batch 1, one thread (ms, log scale)")
     ax.set_ylabel(f"mean recall, {split} (%)")
     ax.set_title("recall vs latency, every model and runtime")
