@@ -40,13 +40,17 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_mlflow_uri: 
     return projects.enter(root, monkeypatch, mlflow_uri=shared_mlflow_uri)
 
 
-def test_bench_at_tiny_sizes_writes_speed_json(project: Path, capsys: pytest.CaptureFixture[str]):
+def test_bench_at_tiny_sizes_writes_speed_json_and_the_runtimes_plot(project: Path, tiny_catalogue, capsys: pytest.CaptureFixture[str]):
+    from lightclip.bench import flat_metrics
     from lightclip.cli import main
 
+    catalogue = tiny_catalogue(16, root=project / "data" / "split")  # the evaluated catalogue: each runtime's recall
+    catalogue.items["split"] = "test"
+    catalogue.save()
     assert main(["bench", "--out", "metrics/speed.json"]) == 0
-    captured = capsys.readouterr()
-    out = captured.out
+    out = capsys.readouterr().out
     assert "of the embedding time" in out and "speed report: metrics/speed.json" in out
+    assert "recall vs latency, every model and runtime: metrics/plots/bench/recall_vs_latency.csv" in out
     report = json.loads((project / "metrics" / "speed.json").read_text())
     assert {"cores", "torch_threads", "cpu"} <= set(report["machine"])
     assert set(report["models"]) == {"teacher", "student"}
@@ -65,22 +69,7 @@ def test_bench_at_tiny_sizes_writes_speed_json(project: Path, capsys: pytest.Cap
     ivf = rows[(400, "ivf")]  # 400 vectors: 10 lists, all probed, so IVF searches exactly
     assert ivf["nlist"] == ivf["nprobe"] == 10 and ivf["recall@10_vs_flat"] == 1.0 and "query_ms_p95" in ivf
     assert "skipped" in rows[(400, "hnsw")] and "build_s" in rows[(200, "hnsw")]
-    assert report["runtimes"] == {}  # no catalogue at data/split: said, and skipped
-    assert "no catalogue at data/split: the runtimes' recall-vs-latency plot is skipped" in captured.err
-    assert not (project / "metrics" / "plots" / "bench").exists()
 
-
-def test_bench_plots_recall_against_latency_for_every_model_and_runtime(project: Path, tiny_catalogue, capsys: pytest.CaptureFixture[str]):
-    from lightclip.bench import flat_metrics
-    from lightclip.cli import main
-
-    catalogue = tiny_catalogue(16, root=project / "data" / "split")
-    catalogue.items["split"] = "test"
-    catalogue.save()
-    assert main(["bench", "--no-index-scaling", "--out", "metrics/speed.json"]) == 0
-    out = capsys.readouterr().out
-    assert "recall vs latency, every model and runtime: metrics/plots/bench/recall_vs_latency.csv" in out
-    report = json.loads((project / "metrics" / "speed.json").read_text())
     assert {name: set(rows) for name, rows in report["runtimes"].items()} == {"teacher": {"torch", "onnx"}, "student": {"torch", "onnx"}}
     for rows in report["runtimes"].values():
         assert rows["onnx"]["recall_ok"] and rows["onnx"]["batch1_ms"] > 0 and rows["torch"]["recall_change"] == 0
@@ -89,6 +78,24 @@ def test_bench_plots_recall_against_latency_for_every_model_and_runtime(project:
     assert (project / "reports" / "bench" / "recall_vs_latency.png").stat().st_size > 0
     assert "runtimes/student/onnx/mean_recall" in flat_metrics(report)
     assert not (project / "models" / "student" / "onnx").exists()  # exported in .cache/runtimes, not in the model directory
+
+
+def test_bench_without_the_evaluated_catalogue_says_so_and_skips_the_runtimes(project: Path, monkeypatch, capsys: pytest.CaptureFixture[str]):
+    import lightclip.bench
+    from lightclip.cli import main
+
+    seen = {}
+
+    def recorded(config, inputs, outputs, context):
+        seen.update(catalogue=inputs.catalogue, runtimes=config.runtimes)
+        return {"machine": {}, "models": {}, "ratios": {}, "index_scaling": [], "runtimes": {}}
+
+    monkeypatch.setattr(lightclip.bench, "run_bench", recorded)
+    assert main(["bench", "--in", "data/nowhere", "--out", "metrics/speed.json"]) == 0
+    captured = capsys.readouterr()
+    assert seen == {"catalogue": None, "runtimes": ["torch", "onnx"]}
+    assert "no catalogue at data/nowhere: the runtimes' recall-vs-latency plot is skipped (give --in DIR)" in captured.err
+    assert "recall vs latency" not in captured.out
 
 
 def test_bench_helpers():
