@@ -92,6 +92,8 @@ def test_bad_uploads_are_refused_naming_the_image_field(client):
     assert missing.status_code == 422 and missing.json()["error"]["field"] == "image"
     ok = client.post("/search/image", files={"image": ("red.png", png_bytes(), "image/png")})
     assert ok.status_code == 200 and ok.json()["count"] == 5
+    # both refusals are counted under their endpoint, the one refused by its length before any route ran too
+    assert 'lightclip_requests_total{endpoint="/search/image",method="POST",status="413"} 2.0' in client.get("/metrics").text
 
 
 def test_similar_excludes_the_item_itself_and_unknown_ids_are_404(client, served_a):

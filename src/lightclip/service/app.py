@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lightclip.service.engine import PRICE_COLUMN, Filters, Outcome, ServedModel, ServiceError, TextQuery
@@ -86,19 +87,24 @@ def safe_image_path(path: Path, allowed_root: Path) -> Path | None:
 
 class RequestMetrics:
     """ASGI middleware: counts and times every HTTP request by route, and refuses an upload whose
-    ``Content-Length`` is over ``max_body_bytes`` before its body is read.
+    ``Content-Length`` is over ``max_upload_bytes`` (plus the multipart envelope) before its body is read.
 
     Plain ASGI, not Starlette's ``@app.middleware("http")``: that wraps every request in a task and
-    a memory stream, a cost each search paid again on top of its own work."""
+    a memory stream, a cost each search paid again on top of its own work. The route comes from
+    the router (``scope["route"]``); a request refused here never reaches it, so its route is
+    matched here, on that rare path only."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_upload_bytes: int, routes: Sequence[BaseRoute]) -> None:
+        self.app, self.metrics, self.max_upload_bytes, self.routes = app, metrics, max_upload_bytes, routes
 
     def too_large(self, scope: Scope) -> bool:
         if scope["method"] != "POST":
             return False
         length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
-        return length.isdigit() and int(length) > self.max_body_bytes
+        return length.isdigit() and int(length) > self.max_upload_bytes + MULTIPART_SLACK_BYTES
+
+    def matched_route(self, scope: Scope) -> BaseRoute | None:
+        return next((route for route in self.routes if route.matches(scope)[0] == Match.FULL), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,8 +121,8 @@ class RequestMetrics:
 
         try:
             if self.too_large(scope):
-                limit = self.max_body_bytes - MULTIPART_SLACK_BYTES
-                await error_response(413, "image", f"upload is larger than {limit} bytes")(scope, receive, send_and_note)
+                scope["route"] = self.matched_route(scope)
+                await error_response(413, "image", f"upload is larger than {self.max_upload_bytes} bytes")(scope, receive, send_and_note)
             else:
                 await self.app(scope, receive, send_and_note)
         finally:
@@ -168,7 +174,7 @@ def create_app(state: ServiceState, metrics: Metrics | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, None, "internal error (logged on the server)")
 
-    app.add_middleware(RequestMetrics, metrics=metrics, max_body_bytes=config.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    app.add_middleware(RequestMetrics, metrics=metrics, max_upload_bytes=config.max_upload_bytes, routes=app.router.routes)
 
     # -- helpers --------------------------------------------------------------------------------
 
