@@ -109,7 +109,8 @@ def run_distill(job: DistillJob, inputs: DistillInputs, outputs: DistillOutputs,
     cache = context.image_cache_dir
     mode = spec.resize_mode
     with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
-        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=job.train.images)
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=job.train.images,
+                                           batch_groups=job.train.batch_groups)
         val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     task = DistillTask(
         model, tokenizer(spec), train_pairs, val_pairs,

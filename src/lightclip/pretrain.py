@@ -126,7 +126,8 @@ def _train_member(
     mode = spec.resize_mode
     world = distributed.world()
     with distributed.main_first(world):  # under torchrun: rank 0 decodes the images, the others reuse its cache
-        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=config.train.images)
+        train_pairs = PairSet.from_catalogue(catalogue, "train", spec.image_size, cache, progress=context.progress, resize_mode=mode, images=config.train.images,
+                                           batch_groups=config.train.batch_groups)
         val_pairs = PairSet.from_catalogue(catalogue, "val", spec.image_size, cache, progress=context.progress, resize_mode=mode) if len(catalogue.split("val")) else None
     if concepts is None:
         task: ImageTextTask = ImageTextTask(model, tok, train_pairs, val_pairs, hflip=config.hflip)

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightclip import devices, distributed
-from lightclip.config import FinetuneConfig, TrainConfig, TrainImagesConfig
+from lightclip.config import BatchGroupsConfig, FinetuneConfig, TrainConfig, TrainImagesConfig
 from lightclip.errors import LightclipError
 from lightclip.io import atomic_file, staged_dir, torch_threads
 from lightclip.models.zoo import count_parameters, save_model
@@ -488,6 +488,7 @@ def train(
 #: Knobs whose value here trains exactly as before they existed: left out of :func:`checkpoint_key`.
 KEY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "resize_mode": "crop", "finetune": FinetuneConfig().model_dump(mode="json"), "images": TrainImagesConfig().model_dump(mode="json"),
+    "batch_groups": BatchGroupsConfig().model_dump(mode="json"),
 }
 
 #: Knobs that never change the trajectory at any value: left out of :func:`checkpoint_key`, so a run

@@ -34,6 +34,7 @@ from lightclip.config.data import (  # noqa: F401 (re-exported)
     ValidateConfig,
 )
 from lightclip.config.training import (  # noqa: F401 (re-exported)
+    BatchGroupsConfig,
     ConceptLossConfig,
     FinetuneConfig,
     ImageSourceConfig,

@@ -45,6 +45,18 @@ class TrainImagesConfig(StrictModel):
         return self
 
 
+class BatchGroupsConfig(StrictModel):
+    """Hard negatives from the batch itself (``lightclip.tasks.image_text.grouped_order``).
+
+    With ``column`` set, each batch is made of runs of ``run`` training pairs that share that
+    catalogue column's value (e.g. ``articleType``): every pair then meets look-alikes of its own
+    kind among its in-batch negatives, instead of mostly other kinds that any model tells apart.
+    """
+
+    column: str | None = Field(None, description="catalogue column whose equal values are batched together; null = uniform shuffle")
+    run: int = Field(8, ge=2, description="consecutive pairs of one value within a batch (a group's last run may be shorter)")
+
+
 class TrainConfig(StrictModel):
     """How to train (shared by every trainer)."""
 
@@ -65,6 +77,13 @@ class TrainConfig(StrictModel):
     log_every_n_steps: int = Field(10, ge=1)
     nproc: int = Field(1, ge=1, description="ranks on this machine: >1 = data parallel through torchrun (batch_size stays the global batch); see docs/distributed.md")
     images: TrainImagesConfig = TrainImagesConfig()
+    batch_groups: BatchGroupsConfig = BatchGroupsConfig()
+
+    @model_validator(mode="after")
+    def _groups_need_the_cache(self) -> "TrainConfig":
+        if self.batch_groups.column is not None and self.images.source != "cache":
+            raise ValueError("train.batch_groups.column needs train.images.source: cache (a shard stream's order is the shards', not the groups')")
+        return self
 
 
 class ConceptLossConfig(StrictModel):

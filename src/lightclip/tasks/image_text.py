@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from lightclip import distributed
-from lightclip.config import TrainImagesConfig
-from lightclip.data.catalogue import Catalogue
+from lightclip.config import BatchGroupsConfig, TrainImagesConfig
+from lightclip.data.catalogue import Catalogue, CatalogueError
 from lightclip.evaluation import embed_pairs, retrieval_metrics, title_groups
 from lightclip.imagecache import ImageCache, build_image_cache, hflip, normalise, resize_mode_of
 from lightclip.losses import clip_loss
@@ -36,10 +37,16 @@ class PairSet:
     images: ImageCache | ShardTrainStream  # a stream: the train split read from shards (train.images)
     titles: tuple[str, ...]
     groups: np.ndarray | None = None  # evaluation positives; default: identical titles
+    #: Training batches of look-alikes (``train.batch_groups``): each pair's kind (an integer code
+    #: of the grouping column's value) and how many pairs of one kind run together in a batch.
+    batch_kinds: np.ndarray | None = None
+    batch_run: int = 8
 
     def __post_init__(self) -> None:
         if len(self.titles) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.titles)} titles")
+        if self.batch_kinds is not None and len(self.batch_kinds) != len(self.titles):
+            raise ValueError(f"{len(self.batch_kinds)} batch kinds but {len(self.titles)} pairs")
         if self.groups is None:
             object.__setattr__(self, "groups", title_groups(self.titles))
 
@@ -49,9 +56,10 @@ class PairSet:
     @classmethod
     def from_catalogue(
         cls, catalogue: Catalogue, split: str, image_size: int, cache_dir: Path | str, *, progress: bool = True, resize_mode: str = "crop",
-        images: TrainImagesConfig | None = None,
+        images: TrainImagesConfig | None = None, batch_groups: BatchGroupsConfig | None = None,
     ) -> "PairSet":
-        """The split's pairs; ``images`` (the trainers' ``train.images``) may stream them from shards instead of the cache."""
+        """The split's pairs; ``images`` (the trainers' ``train.images``) may stream them from shards
+        instead of the cache; ``batch_groups`` (``train.batch_groups``) batches look-alikes together."""
         items = catalogue.split(split)
         if images is not None and images.source == "webdataset":
             assert images.shards is not None  # the config's validator
@@ -59,7 +67,39 @@ class PairSet:
                                       shuffle_buffer=images.shuffle_buffer, num_workers=images.decode_threads)
             return cls(images=stream, titles=tuple(str(t) for t in items["title"]))
         cache = build_image_cache(catalogue, split, image_size, cache_dir, progress=progress, resize_mode=resize_mode)
-        return cls(images=cache, titles=tuple(str(t) for t in items["title"]))
+        kinds, run = None, BatchGroupsConfig().run
+        if batch_groups is not None and batch_groups.column is not None:
+            kinds, run = batch_kinds(catalogue, items, batch_groups.column), batch_groups.run
+        return cls(images=cache, titles=tuple(str(t) for t in items["title"]), batch_kinds=kinds, batch_run=run)
+
+
+def batch_kinds(catalogue: Catalogue, items: pd.DataFrame, column: str) -> np.ndarray:
+    """Integer codes of ``items[column]`` (an empty value is a kind of its own, never a dropped pair)."""
+    if column not in items.columns:
+        raise CatalogueError(
+            f"{catalogue.table_path}: train.batch_groups.column {column!r} is not a column of the catalogue "
+            f"(its columns: {', '.join(map(str, items.columns))})"
+        )
+    values = items[column].astype("string").fillna("")
+    return pd.factorize(values, sort=True)[0].astype(np.int64)
+
+
+def grouped_order(kinds: np.ndarray, run: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the rows made of runs of up to ``run`` rows of one kind, the runs in random order.
+
+    Cut into batches, it gives each batch several small clusters of look-alikes: every pair's
+    in-batch negatives then include others of its own kind (hard negatives), and every row still
+    comes once per epoch. Within a kind the rows are shuffled, so the runs differ every epoch.
+    """
+    shuffled = rng.permutation(len(kinds))
+    by_kind = shuffled[np.argsort(kinds[shuffled], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, kinds[by_kind][1:] != kinds[by_kind][:-1]])
+    runs: list[np.ndarray] = []
+    for start, stop in zip(starts, np.r_[starts[1:], len(by_kind)]):
+        runs.extend(by_kind[i : min(i + run, stop)] for i in range(start, stop, run))
+    if not runs:
+        return by_kind
+    return np.concatenate([runs[i] for i in rng.permutation(len(runs))])
 
 
 @dataclass
@@ -156,7 +196,8 @@ class ImageTextTask:
             yield from self._streamed_rows(self.train_set.images, rng, batch_size)
             return
         n = len(self.train_set)
-        order = rng.permutation(n)
+        kinds = self.train_set.batch_kinds
+        order = rng.permutation(n) if kinds is None else grouped_order(kinds, self.train_set.batch_run, rng)
         flips = rng.random(n) < 0.5 if self.hflip else np.zeros(n, dtype=bool)
         size = min(batch_size, n)
         for b in range(self.batches_per_epoch(batch_size)):
