@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightclip import efficiency
-from lightclip.efficiency import count_flops, encode_batch, encode_calls, encode_flops, matmul_peak_gflops, model_efficiency, peak_table
+from lightclip.efficiency import (
+    count_flops, encode_batch, encode_calls, encode_flops, interleaved_timings, matmul_peak_gflops, model_efficiency, peak_table,
+)
 
 TINY_SIZES = (64,)  # peak matmul side in tests: the arithmetic, not the machine, is under test
 
@@ -120,3 +122,22 @@ def test_bench_report_has_the_efficiency_section(tmp_path: Path):
     metrics = flat_metrics(report)
     assert metrics["efficiency/student/image_peak_ratio_fp32"] == row["image_peak_ratio_fp32"]
     assert metrics["efficiency/peak/fp32_gflops"] == section["peak"]["fp32"]["gflops"]
+
+
+def test_interleaved_timings_rotate_the_start_and_split_the_runs_over_the_rounds():
+    order: list[tuple[str, str]] = []
+
+    def call(key: str, kind: str):
+        return lambda: order.append((key, kind))
+
+    calls = {key: {kind: call(key, kind) for kind in ("one", "batch")} for key in ("a", "b", "c")}
+    samples = interleaved_timings(calls, rounds=3, runs={"one": 7, "batch": 3}, warmup={"one": 2, "batch": 1})
+    assert order[:9] == [("a", "one"), ("a", "one"), ("a", "batch"), ("b", "one"), ("b", "one"), ("b", "batch"),
+                         ("c", "one"), ("c", "one"), ("c", "batch")]  # the untimed warm-up
+    timed = order[9:]
+    starts = [timed[i * 3 * (3 + 1)][0] for i in range(3)]  # each round: 3 keys x (3 "one" + 1 "batch")
+    assert starts == ["a", "b", "c"]  # each round starts one key further along
+    assert {key: {kind: len(v) for kind, v in kinds.items()} for key, kinds in samples.items()} == {
+        key: {"one": 9, "batch": 3} for key in "abc"  # ceil(7 / 3) = 3 per round
+    }
+    assert all(s >= 0 for kinds in samples.values() for v in kinds.values() for s in v)

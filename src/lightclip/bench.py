@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig
-from lightclip.efficiency import efficiency_metrics, efficiency_report, time_calls
+from lightclip.efficiency import efficiency_metrics, efficiency_report, interleaved_timings, time_calls
 from lightclip.io import cpu_budget, torch_threads, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, count_parameters, encode_text, load_model, load_tokenizer, preprocess_config
 from lightclip.stage import StageContext
@@ -303,19 +303,10 @@ def encode_speed(model_dirs: Mapping[str, Path], config: BenchConfig, *, log: Ca
             "image_batch": lambda m=model, x=batch_images: m.encode_image(x, normalize=True),
             "text_batch": lambda m=model, t=batch_text: encode_text(m, t, normalize=True),
         }
-    samples: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in ("image", "text", "image_batch", "text_batch")} for name in names}
-    runs_per_round = math.ceil(config.runs / config.rounds)
-    batches_per_round = math.ceil(config.throughput_batches / config.rounds)
+    latency, batch = {"image": config.runs, "text": config.runs}, {"image_batch": config.throughput_batches, "text_batch": config.throughput_batches}
     with torch.no_grad():
-        for name in names:  # warm-up, untimed
-            for kind, fn in calls[name].items():
-                for _ in range(config.warmup if kind in ("image", "text") else 1):
-                    fn()
-        for round_ in range(config.rounds):
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                for kind, fn in calls[name].items():
-                    n = runs_per_round if kind in ("image", "text") else batches_per_round
-                    samples[name][kind].extend(time_calls(fn, warmup=0, runs=n).tolist())
+        samples = interleaved_timings(calls, rounds=config.rounds, runs=latency | batch,
+                                      warmup={kind: config.warmup if kind in latency else 1 for kind in latency | batch})
     out: dict[str, dict[str, float]] = {}
     for name in names:
         row: dict[str, float] = {}

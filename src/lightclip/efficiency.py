@@ -19,10 +19,11 @@ int8 has a peak only (``torch._int_mm``, checked exact first): lightclip encodes
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -92,6 +93,8 @@ def int8_support() -> tuple[bool, str]:
 # Timing
 # ----------------------------------------------------------------------------------------------
 
+K = TypeVar("K", bound=Hashable)
+
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> np.ndarray:
     """Seconds per call of ``fn`` over ``runs`` calls, after ``warmup`` untimed ones."""
@@ -102,6 +105,29 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> np.ndarray:
         t0 = time.perf_counter()
         fn()
         samples[i] = time.perf_counter() - t0
+    return samples
+
+
+def interleaved_timings(
+    calls: Mapping[K, Mapping[str, Callable[[], Any]]], *, rounds: int, runs: Mapping[str, int], warmup: Mapping[str, int],
+) -> dict[K, dict[str, list[float]]]:
+    """Seconds per call of every ``calls[key][kind]``, timed in ``rounds`` interleaved rounds.
+
+    ``runs[kind]`` calls of each kind are split over the rounds; each round times every key in
+    turn, starting one further along, so a change of machine state during the measurement (another
+    tenant, clock speed) hits every key alike and the ratios between keys stay honest. Each call
+    is first made ``warmup[kind]`` times untimed.
+    """
+    keys = list(calls)
+    for key in keys:
+        for kind, fn in calls[key].items():
+            time_calls(fn, warmup=warmup[kind], runs=0)
+    per_round = {kind: max(1, math.ceil(n / rounds)) for kind, n in runs.items()}
+    samples: dict[K, dict[str, list[float]]] = {key: {kind: [] for kind in calls[key]} for key in keys}
+    for round_ in range(rounds):
+        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+            for kind, fn in calls[key].items():
+                samples[key][kind].extend(time_calls(fn, warmup=0, runs=per_round[kind]).tolist())
     return samples
 
 

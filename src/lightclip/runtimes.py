@@ -15,7 +15,6 @@ every row alike.
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ import torch
 
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
-from lightclip.efficiency import time_calls
+from lightclip.efficiency import interleaved_timings
 from lightclip.evaluation import evaluate_model
 from lightclip.io import staged_dir, torch_threads
 from lightclip.models.onnx_runtime import RUNTIME_DIR, RuntimeMismatchError, export_onnx, load_runtime_model, read_runtime_info
@@ -73,16 +72,9 @@ def batch1_latency(models: Mapping[tuple[str, str], torch.nn.Module], sizes: Map
         model, name = models[key], key[0]
         return lambda: (model.encode_image(images[name], normalize=True), model.encode_text(tokens[name], normalize=True))
 
-    fns = {key: call(key) for key in keys}
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
-    per_round = max(1, math.ceil(calls / rounds))
     with torch.no_grad(), torch_threads(1):
-        for fn in fns.values():
-            time_calls(fn, warmup=3, runs=1)
-        for round_ in range(rounds):
-            for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
-                samples[key].extend(time_calls(fns[key], warmup=0, runs=per_round).tolist())
-    return {key: 1000.0 * float(np.median(values)) for key, values in samples.items()}
+        samples = interleaved_timings({key: {"pair": call(key)} for key in keys}, rounds=rounds, runs={"pair": calls}, warmup={"pair": 4})
+    return {key: 1000.0 * float(np.median(kinds["pair"])) for key, kinds in samples.items()}
 
 
 def compare_runtimes(model_dirs: Mapping[str, Path], runtimes: Sequence[str], catalogue: Catalogue, evaluate_config: EvaluateConfig, *,
