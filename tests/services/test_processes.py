@@ -99,3 +99,28 @@ def test_wait_until_stops_at_once_when_the_process_died(tmp_path: Path):
 def test_wait_until_returns_the_first_truthy_answer():
     answers = iter([None, 0, "ready"])
     assert wait_until(lambda: next(answers), what="x", timeout_s=5, interval_s=0.01) == "ready"
+
+
+def ignored_signals(pid: int) -> int:
+    """The ``SigIgn`` mask of ``pid`` (bit n-1 = signal n ignored)."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return int(line.split()[1], 16)
+
+
+def test_a_service_started_by_a_background_job_can_still_be_interrupted(tmp_path: Path):
+    """A shell's background job (CI) runs with SIGINT ignored; a service started from it must not
+    inherit that, or a Prefect worker (which stops by sending itself SIGINT) never stops."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `cmd &` gives the test process
+    try:
+        process = start_detached(["sleep", "60"], log_file=tmp_path / "svc.log", env=os.environ, cwd=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        mask = ignored_signals(process.pid)
+        assert not mask & (1 << (signal.SIGINT - 1)) and not mask & (1 << (signal.SIGQUIT - 1))
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(timeout=5) == -signal.SIGINT  # the default action: it ends
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -74,8 +74,21 @@ def read_pid_file(path: Path) -> ProcessRecord | None:
         return None
 
 
+#: Signals a service must be able to receive whoever started it: a shell starts background jobs
+#: (``cmd &``, CI scripts) with SIGINT and SIGQUIT ignored, exec keeps an ignored signal ignored,
+#: and a Prefect worker stops on SIGTERM by sending itself SIGINT: ignored, it waited for SIGKILL.
+DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+
+
+def _default_signals() -> None:
+    """``preexec_fn``: only ``signal.signal`` calls (async-signal-safe), between fork and exec."""
+    for sig in DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_detached(command: Sequence[str], *, log_file: Path, env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    """Start ``command`` in a new session (its own process group), stdout and stderr appended to ``log_file``."""
+    """Start ``command`` in a new session (its own process group) with SIGINT and SIGQUIT at their
+    default actions (:data:`DEFAULT_SIGNALS`), stdout and stderr appended to ``log_file``."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
@@ -83,7 +96,7 @@ def start_detached(command: Sequence[str], *, log_file: Path, env: Mapping[str, 
         log.flush()
         try:
             return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=dict(env), cwd=cwd, start_new_session=True)
+                                    env=dict(env), cwd=cwd, start_new_session=True, preexec_fn=_default_signals)
         except FileNotFoundError as exc:
             raise ServicesError(f"cannot start {command[0]}: {exc.strerror}") from exc
 
