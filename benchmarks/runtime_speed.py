@@ -12,8 +12,8 @@ median over rounds of the per-round median.
 
 * batch-1 latency: one image + one title per call, one thread (as the promotion gate measures);
 * throughput: batches of ``--batch`` images and titles, ``--threads`` threads;
-* recall: test mean recall of each runtime on ``--catalogue``/``--split`` (the evaluate stage's
-  metric); ONNX must stay within 0.5 point of PyTorch.
+* recall: test mean recall of each runtime on ``--catalogue``/``--split``, computed by the evaluate
+  stage's ``evaluate_model(runtime=...)``; ONNX must stay within 0.5 point of PyTorch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from lightclip.config import EvaluateConfig
 from lightclip.data.catalogue import Catalogue
-from lightclip.evaluation import embed_images, embed_split, embed_texts, score_embeddings
+from lightclip.evaluation import embed_images, embed_texts, evaluate_model
 from lightclip.imagecache import build_image_cache
 from lightclip.models.onnx_runtime import export_onnx, has_onnx, load_runtime_model
 from lightclip.models.zoo import load_tokenizer, preprocess_config
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     single: dict[tuple[str, str], torch.nn.Module] = {}  # on one thread (batch 1): ONNX Runtime fixes threads per session
     inputs: dict[str, dict[str, torch.Tensor]] = {}
     recall: dict[str, dict[str, float]] = {}
-    config = EvaluateConfig(models=models)
+    config = EvaluateConfig(models=models, split=args.split)
     for name, directory in models.items():
         if not has_onnx(directory):
             export_onnx(directory)
@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.as_tensor(cache.batch(np.arange(args.batch)))
         inputs[name] = {"images": images, "tokens": tokens}
         torch.set_num_threads(args.threads)
-        recall[name] = {}
-        for runtime in RUNTIMES:
-            emb = embed_split(loaded[name, runtime], load_tokenizer(directory), cache, titles, 256)
-            result, _, _ = score_embeddings(emb, titles, cache, {}, config)
-            recall[name][runtime] = result["metrics"]["mean_recall"]
+        recall[name] = {  # the evaluate stage's own path, on each runtime
+            runtime: float(evaluate_model(name, directory, catalogue, config, cache_dir=Path(".cache") / "images", runtime=runtime)
+                           .metrics[f"{args.split}/mean_recall"])
+            for runtime in RUNTIMES
+        }
 
     latency: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}
     throughput: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}
