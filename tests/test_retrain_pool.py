@@ -348,7 +348,7 @@ def tracking_report(pool: Pool, flow_run_ids: list) -> str:
 
 def experiments(project: Path) -> dict[str, str]:
     """DVC experiment name -> its git ref, as the project sees them."""
-    names = orch._run_checked(orch.dvc_command("exp", "list", "--name-only"), project, orch.stage_env()).split()
+    names = orch.run_checked(orch.dvc_command("exp", "list", "--name-only"), project, orch.stage_env()).split()
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project, capture_output=True, text=True, check=True).stdout.split()
     return {n: next(r for r in refs if r.endswith("/" + n)) for n in names}
 
