@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lightclip.config import SynthConfig, load_params
-from lightclip.data import synth
+from lightclip.data.synth import generate as synth_generate
 from lightclip.data.catalogue import CATALOGUE_FILE, COLUMNS, Catalogue, CatalogueError
 from lightclip.data.synth import SYNTH_VERSION, ItemSpec, generate_catalogue, render_item
 
@@ -206,7 +206,7 @@ def test_a_crash_leaves_the_previous_catalogue_untouched(tmp_path: Path, monkeyp
     generate_catalogue(out, SynthConfig(seed=1, n_items=10), progress=False)
     before = digests(out)
     calls = {"n": 0}
-    real = synth.render_item
+    real = synth_generate.render_item  # looked up where the writer calls it
 
     def flaky(item: ItemSpec, size: int) -> Image.Image:
         calls["n"] += 1
@@ -214,7 +214,7 @@ def test_a_crash_leaves_the_previous_catalogue_untouched(tmp_path: Path, monkeyp
             raise RuntimeError("boom")
         return real(item, size)
 
-    monkeypatch.setattr(synth, "render_item", flaky)
+    monkeypatch.setattr(synth_generate, "render_item", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         generate_catalogue(out, SynthConfig(seed=2, n_items=10), progress=False)
     assert digests(out) == before
