@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         variant[tower].update(change)
         models[name] = open_clip.model.CLIP(**variant).eval()
         tokens[name] = tokens["student"][:, : variant["text_cfg"]["context_length"]]
-    size = int(preprocess_config(models["student"])["size"])
-    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    teacher_image = torch.randn(1, 3, int(preprocess_config(models["teacher"])["size"]), int(preprocess_config(models["teacher"])["size"]))
+    gen = torch.Generator().manual_seed(0)
+    images = {which: torch.randn(1, 3, size, size, generator=gen)
+              for which, size in ((w, int(preprocess_config(models[w])["size"])) for w in ("teacher", "student"))}
     calls = {
-        name: {"image": (lambda m=model, x=(teacher_image if name == "teacher" else image): m.encode_image(x, normalize=True)),
+        name: {"image": (lambda m=model, x=images["teacher" if name == "teacher" else "student"]: m.encode_image(x, normalize=True)),
                "text": (lambda m=model, t=tokens[name]: encode_text(m, t, normalize=True))}
         for name, model in models.items()
     }
