@@ -146,6 +146,16 @@ def test_run_distill_writes_the_student_and_metrics(workspace: Path, tmp_path: P
     assert "train/intra_ts_image/fd" in {k for m, _ in logged for k in m}
 
 
+def test_a_student_with_the_pooled_text_tower_distils_like_any_other(workspace: Path, tmp_path: Path, saved_model_metrics):
+    catalogue = Catalogue.load(workspace / "split")
+    job = tiny_job(epochs=2).model_copy(update={"student": ModelConfig(arch="lc-test-tiny-pooled")})
+    metrics = distill(job, workspace, "teacher", "teacher_emb", tmp_path / "student")
+    assert metrics["steps"] == 6 and np.isfinite(metrics["test/mean_recall"])
+    assert type(load_model(tmp_path / "student")).__name__ == "PooledTextCLIP"
+    test = saved_model_metrics(tmp_path / "student", catalogue, "test", workspace / "cache")
+    assert test and {k: metrics[k] for k in test} == pytest.approx(test)  # the saved student is the one scored
+
+
 def test_wide_teacher_needs_projections(workspace: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"distill.projection: false.*32-d.*48-d"):
         distill(tiny_job(projection=False), workspace, None, "wide_teacher_emb", tmp_path / "s")

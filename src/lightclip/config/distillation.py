@@ -161,7 +161,7 @@ class DistillConfig(StrictModel):
     """
 
     students: dict[str, ModelConfig] = Field(
-        default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt"), "xxt": ModelConfig(arch="lc-vit-xxt")}
+        default_factory=lambda: {"xt": ModelConfig(arch="lc-vit-xt"), "xxt": ModelConfig(arch="lc-vit-xxt"), "fast": ModelConfig(arch="lc-fast")}
     )
     train: TrainConfig = TrainConfig(epochs=40)
     edges: list[EdgeLossConfig] = Field(default_factory=lambda: _edges(*FULL_GRAPH_EDGES))

@@ -15,7 +15,7 @@ class EvaluateConfig(StrictModel):
 
     #: name -> saved model directory; every one is evaluated, a missing one is an error.
     models: dict[str, str] = Field(
-        default_factory=lambda: {"teacher": "models/teacher", "xt": "models/students/xt", "xxt": "models/students/xxt"}
+        default_factory=lambda: {"teacher": "models/teacher", "xt": "models/students/xt", "xxt": "models/students/xxt", "fast": "models/students/fast"}
     )
     split: Literal["train", "val", "test"] = "test"
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="R@k and t2i P@k")

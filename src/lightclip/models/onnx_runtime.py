@@ -91,7 +91,7 @@ def _probe_inputs(model: nn.Module, model_dir: Path) -> tuple[dict[str, torch.Te
     short = tokenize(["red floral dress", "watch"])
     varied = tokenize(["men black leather formal shoes with laces and a padded collar, size 9", "kurta", "blue jeans",
                        "women grey melange printed round neck t-shirt", "bag"])
-    trace = {"image": images[:2], "text": _cut_after_end_of_text(short.numpy())}
+    trace = {"image": images[:2], "text": short}  # export_onnx cuts the titles when the text graph takes cut ones
     checks = {"image": [images, images[:1]], "text": [varied, varied[1:2]]}
     return {k: torch.as_tensor(v) for k, v in trace.items()}, checks
 
@@ -134,6 +134,7 @@ def export_onnx(model_dir: Path | str, *, opset: int = DEFAULT_OPSET) -> dict[st
         files = {}
         for tower, module in modules.items():
             path = staging / f"{tower}.onnx"
+            example = torch.as_tensor(_cut_after_end_of_text(trace[tower].numpy())) if module.prefix else trace[tower]
             # torch.export's exporter: the batch and (for cut titles) the length are symbolic, so no
             # size seen while tracing is baked into a reshape
             shape = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
@@ -141,7 +142,7 @@ def export_onnx(model_dir: Path | str, *, opset: int = DEFAULT_OPSET) -> dict[st
                 shape[1] = torch.export.Dim("length", min=2, max=int(checks["text"][0].shape[1]))
             with unfused_attention(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, (trace[tower],), str(path), input_names=["input"], output_names=["output"],
+                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
                                   dynamic_shapes=(shape,), opset_version=opset, dynamo=True, verbose=False)
             session = _session(path, threads=1)
             worst[tower] = 1.0

@@ -64,6 +64,7 @@ from lightclip.models.common import (
     square_side,
 )
 from lightclip.models.ensemble import EnsembleCLIP, ensemble_arch_name
+from lightclip.models.pooled_text import TEXT_TOWER_KEY, PooledTextCLIP, is_pooled_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_FORMAT = "lightclip-model/1"
@@ -146,6 +147,8 @@ class ModelSpec(ModelConfig):
 
 
 def _model_class(config: Mapping[str, Any]) -> type[nn.Module]:
+    if is_pooled_text(config):
+        return PooledTextCLIP
     custom_text = bool(config.get("custom_text", False)) or "hf_model_name" in config.get("text_cfg", {})
     if custom_text:
         return open_clip.CoCa if "multimodal_cfg" in config else open_clip.CustomTextCLIP
@@ -157,6 +160,7 @@ def build_from_config(config: Mapping[str, Any], preprocess_cfg: Mapping[str, An
     cfg = deepcopy(dict(config))
     cls = _model_class(cfg)
     cfg.pop("custom_text", None)
+    cfg.pop(TEXT_TOWER_KEY, None)
     if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False
     if "hf_model_name" in cfg.get("text_cfg", {}):
