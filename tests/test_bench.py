@@ -12,6 +12,7 @@ from lightclip.bench import clustered_vectors, model_ratios, p50_p95_ms
 
 MODEL_FIELDS = (
     "params_total", "params_non_embedding", "file_mb", "peak_rss_mb", "image_ms_p50", "image_ms_p95", "text_ms_p50", "text_ms_p95",
+    "image_ms_p50_one_thread", "text_ms_p50_one_thread",
     "image_per_s", "text_per_s", "index_build_s", "query_ms_p50", "query_ms_p95", "search_text_ms_p50", "search_text_ms_p95",
     "eval_overhead/embed_s", "eval_overhead/metrics_s", "eval_overhead/share", "eval_overhead/ok",
 )
@@ -61,7 +62,7 @@ def test_bench_at_tiny_sizes_writes_speed_json_and_the_runtimes_plot(project: Pa
         assert values["eval_overhead/gallery"] == 300 and values["eval_overhead/rounds"] == 2
     assert report["models"]["student"]["embed_dim"] == 16
     ratios = report["ratios"]["student"]
-    assert {"image_latency_x", "text_latency_x", "params_x", "file_size_x", "peak_rss_x"} <= set(ratios)
+    assert {"image_latency_x", "text_latency_x", "image_latency_one_thread_x", "text_latency_one_thread_x", "params_x", "file_size_x", "peak_rss_x"} <= set(ratios)
     assert ratios["params_x"] > 1  # the 16-d student has fewer parameters
     rows = {(r["n"], r["kind"]): r for r in report["index_scaling"]}
     assert set(rows) == {(n, k) for n in (200, 400) for k in ("flat", "ivf", "hnsw")}
