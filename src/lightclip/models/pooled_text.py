@@ -40,7 +40,8 @@ def is_pooled_text(config: Mapping[str, Any]) -> bool:
 
 
 class PooledTextCLIP(nn.Module):
-    """open_clip's image tower with a pooled-embedding text tower; the interface of ``open_clip.CLIP``."""
+    """open_clip's image tower with a pooled-embedding text tower; what lightclip calls of ``open_clip.CLIP``
+    (``encode_image``, ``encode_text``, ``logit_scale``, ``visual``)."""
 
     def __init__(
         self,
@@ -65,7 +66,6 @@ class PooledTextCLIP(nn.Module):
         self.text_mlp: nn.Module = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU()) if mlp_width else nn.Identity()
         self.text_projection = nn.Linear(mlp_width or width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
-        self.logit_bias = None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.text_projection.weight, std=(mlp_width or width) ** -0.5)
 
@@ -85,10 +85,3 @@ class PooledTextCLIP(nn.Module):
         pooled = summed / mask.sum(dim=1, keepdim=True)
         features = self.text_projection(self.text_mlp(self.ln_final(pooled)))
         return F.normalize(features, dim=-1) if normalize else features
-
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
-        return {
-            "image_features": None if image is None else self.encode_image(image, normalize=True),
-            "text_features": None if text is None else self.encode_text(text, normalize=True),
-            "logit_scale": self.logit_scale.exp(),
-        }
