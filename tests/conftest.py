@@ -261,7 +261,7 @@ class Projects:
     def tiny_params(self) -> dict[str, Any]:
         """The repository's params at test size: 48 items at 32 px, 8 val / 8 test items, tiny
         models, one epoch of batch 8 on one thread, one ensemble member, the first student only
-        (in the pipeline and in the ablation, one seed), 8 index queries, 5 latency runs, one retry."""
+        (in the pipeline and in the ablation, one seed), 8 index queries, 5 latency runs on PyTorch, one retry."""
         params = self.repo_params()
         params["synth"].update(n_items=48, image_size=32)
         params["split"].update(val=8, test=8)
@@ -275,7 +275,7 @@ class Projects:
         params["evaluate"]["models"] = {k: v for k, v in models.items() if not str(v).startswith("models/students/") or v == f"models/students/{keep}"}
         params["distill_ablation"].update(students=[keep], seeds=[0])
         params["index"]["eval_queries"] = 8
-        params["register"].update(latency_runs=5, latency_warmup=0)
+        params["register"].update(latency_runs=5, latency_warmup=0, runtime="torch")  # ONNX exports: tests/registry
         params["orchestration"].update(retries=1, retry_delay_seconds=0.5)
         return params
 

@@ -15,6 +15,12 @@ is null), so one call can mix titles and images, over the REST API too. The imag
 base64 ``string`` rather than MLflow's ``binary`` type because MLflow's REST input conversion
 cannot decode a null in a binary column, which would forbid mixed requests.
 
+Runtime: a model directory carrying an ONNX export (``onnx/``, made by ``lightclip export-onnx``
+or shipped by ``lightclip register`` with ``register.runtime: onnx``) is run on ONNX Runtime, the
+runtime its registered latency was measured on; otherwise on PyTorch. The export is checked
+against the weights' sha256 and its own files' before use: a mismatch is an error, never
+vectors from other weights.
+
 Output: a float32 array ``n x embed_dim``, row ``i`` the L2-normalised embedding of row ``i``.
 Titles and images share one space: the cosine similarity of a title and an image is the dot
 product of their rows. Images are preprocessed exactly as in evaluation (RGB, shortest side to
@@ -28,10 +34,11 @@ import base64
 import binascii
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from lightclip.errors import LightclipError
 from lightclip.evaluation import embed_images, embed_texts, tokenize_checked
@@ -47,6 +54,11 @@ TEXT_COLUMN = "text"
 IMAGE_COLUMN = "image"
 #: The name of the model directory among the logged model's artifacts.
 MODEL_ARTIFACT = "model"
+#: ``auto``: ONNX Runtime when the model directory carries an export, else PyTorch.
+RUNTIME_CHOICES = ("auto", "torch", "onnx")
+#: Where an ONNX export sits in a model directory (``lightclip.models.onnx_runtime.RUNTIME_DIR``,
+#: which is not imported here: ONNX Runtime loads only for the models that carry an export).
+ONNX_RUNTIME_FILE = Path("onnx") / "runtime.json"
 
 
 class ServingError(LightclipError, ValueError):
@@ -74,12 +86,49 @@ def image_bytes(value: Any, row: int) -> bytes:
     raise ServingError(f"row {row}: column '{IMAGE_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
 
 
-class Embedder:
-    """One saved model, ready to embed titles and encoded images (what the pyfunc serves)."""
+def carries_onnx(model_dir: Path | str) -> bool:
+    """Whether ``model_dir`` holds an ONNX export (checked against the weights only when loaded)."""
+    return (Path(model_dir) / ONNX_RUNTIME_FILE).is_file()
 
-    def __init__(self, model_dir: Path | str, batch_size: int = 64) -> None:
+
+def serving_runtime(model_dir: Path | str, runtime: str = "auto") -> Literal["torch", "onnx"]:
+    """The runtime ``model_dir`` is served on: ``auto`` follows what the directory carries."""
+    if runtime not in RUNTIME_CHOICES:
+        raise ServingError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIME_CHOICES)}")
+    if runtime == "auto":
+        return "onnx" if carries_onnx(model_dir) else "torch"
+    if runtime == "onnx" and not carries_onnx(model_dir):
+        raise ServingError(f"{model_dir}: runtime onnx was asked for but the model carries no ONNX export ({ONNX_RUNTIME_FILE} missing); "
+                           f"export it (`lightclip export-onnx --model {model_dir}`), register it with register.runtime: onnx, or use runtime auto/torch")
+    return runtime  # type: ignore[return-value]
+
+
+def load_serving_model(model_dir: Path | str, runtime: str = "auto", *, threads: int | None = None) -> tuple[torch.nn.Module, str]:
+    """The model in ``model_dir`` on its serving runtime (:func:`serving_runtime`), and that runtime.
+
+    ``threads``: ONNX Runtime's intra-op threads (default: torch's current setting, so the
+    service's ``serve.threads`` applies to both runtimes).
+    """
+    chosen = serving_runtime(model_dir, runtime)
+    if chosen == "torch":
+        return load_model(model_dir), chosen
+    # imported here: onnx and onnxruntime (about 45 ms to import) load only for the models that carry an export
+    from lightclip.models.onnx_runtime import load_runtime_model
+
+    # an export that is not these weights' raises RuntimeMismatchError, naming the file
+    return load_runtime_model(model_dir, "onnx", threads=threads or torch.get_num_threads()), chosen
+
+
+class Embedder:
+    """One saved model, ready to embed titles and encoded images (what the pyfunc serves).
+
+    ``runtime``: ``auto`` (ONNX Runtime when the directory carries an export, else PyTorch),
+    ``torch`` or ``onnx``; :attr:`runtime` says which one runs.
+    """
+
+    def __init__(self, model_dir: Path | str, batch_size: int = 64, *, runtime: str = "auto", threads: int | None = None) -> None:
         self.model_dir = Path(model_dir)
-        self.model = load_model(self.model_dir)
+        self.model, self.runtime = load_serving_model(self.model_dir, runtime, threads=threads)
         self.model.eval()
         self.tokenizer = load_tokenizer(self.model_dir)
         self.preprocess = preprocess_config(self.model)
@@ -152,6 +201,7 @@ class LightclipPyfunc(PythonModel):  # type: ignore[misc,valid-type]
     """The pyfunc: loads the ``model`` artifact once, embeds DataFrames (see the module doc)."""
 
     def load_context(self, context: Any) -> None:
+        # the runtime the version was registered (and its latency gated) on: ONNX Runtime when it carries an export
         self.embedder = Embedder(context.artifacts[MODEL_ARTIFACT])
 
     # ``pd.DataFrame`` is a hint MLflow 3 accepts without inferring a second signature from it:

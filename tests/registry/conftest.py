@@ -82,11 +82,12 @@ class Project:
     def registry(self) -> ModelRegistry:
         return ModelRegistry(self.root)
 
-    def write_params(self, models: list[str], **promote) -> Path:
+    def write_params(self, models: list[str], runtime: str = "torch", **promote) -> Path:
         params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
         params["evaluate"]["models"] = {name: model_dir(name) for name in models}
         params["register"]["latency_runs"] = 5
         params["register"]["latency_warmup"] = 1
+        params["register"]["runtime"] = runtime  # onnx exports every model: only the tests of it ask
         params["promote"].update(promote)
         path = self.root / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -117,3 +117,19 @@ def test_a_batch_of_text_queries_gets_what_each_would_get_alone(served_a):
         assert outcome.matching == alone.matching
     assert len(outcomes[5].hits) == len(items)  # k above the catalogue: all of it, never more
     assert all(h.attributes["baseColour"] == colour for h in outcomes[2].hits)
+
+
+def test_a_model_carrying_its_onnx_export_is_served_on_onnx_runtime_over_the_same_index(svc_assets, served_a, tmp_path):
+    from lightclip.runtimes import runtime_dir
+
+    catalogue = Catalogue.load(svc_assets / "catalogue")
+    exported = runtime_dir(svc_assets / "models" / "a", "onnx", tmp_path / "runtimes")  # a copy of a's dir with onnx/
+    carrying = ResolvedModel(label="a+onnx", version="local", model_dir=exported, weights_sha256=weights_sha256(exported))
+    kwargs = dict(reuse=None, cache_dir=tmp_path / "index", image_cache_dir=tmp_path / "images")
+    served = load_served(carrying, catalogue, INDEX, **kwargs)
+    assert served.describe()["runtime"] == "onnx" and served_a.describe()["runtime"] == "torch"
+    assert served.weights_sha256 == served_a.weights_sha256 and served.index.ids == served_a.index.ids
+    titles = list(catalogue.items["title"][:6])
+    on_onnx, on_torch = served.embed_texts(titles), served_a.embed_texts(titles)
+    assert float((on_onnx * on_torch).sum(axis=1).min()) >= 0.999
+    assert load_served(carrying, catalogue, INDEX, runtime="torch", **kwargs).describe()["runtime"] == "torch"

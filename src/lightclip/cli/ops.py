@@ -63,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lightclip.service import run_serve
 
     params = _params(args)
-    config = _with(params.serve, model=args.model, host=args.host, port=args.port, catalogue=args.catalogue, index=args.index)
+    config = _with(params.serve, model=args.model, host=args.host, port=args.port, catalogue=args.catalogue, index=args.index,
+                   runtime=args.runtime)
     run_serve(config, params.index, _project(args))
     return 0
 

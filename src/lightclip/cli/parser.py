@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: serve.port)")
     serve.add_argument("--catalogue", help="the catalogue to serve (default: serve.catalogue)")
     serve.add_argument("--index", help="an index to reuse when it records the served weights (default: serve.index)")
+    serve.add_argument("--runtime", choices=["auto", "torch", "onnx"],
+                       help="what embeds the queries (default: serve.runtime, auto = ONNX Runtime when the version carries an export)")
     serve.set_defaults(handler=cmd_serve)
 
     services = commands.add_parser("services", help="the team deployment: PostgreSQL, S3 (SeaweedFS), MLflow and Prefect servers, 2 workers (docs/team.md)")

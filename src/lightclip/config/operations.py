@@ -42,7 +42,9 @@ class ServeConfig(StrictModel):
     max_query_chars: int = Field(300, ge=1)
     k_default: int = Field(12, ge=1)
     k_max: int = Field(100, ge=1)
-    threads: int | None = Field(None, ge=1, description="torch and FAISS threads for the model; null = the usable CPUs less one for the event loop")
+    threads: int | None = Field(None, ge=1, description="torch, ONNX Runtime and FAISS threads for the model; null = the usable CPUs less one for the event loop")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto = ONNX Runtime when the served version carries an ONNX export (register.runtime: onnx), else PyTorch")
 
     @model_validator(mode="after")
     def _k(self) -> "ServeConfig":
@@ -64,7 +66,9 @@ class RegisterConfig(StrictModel):
     registered weights: batch 1, one image + one title (tokenisation included), ``latency_rounds``
     rounds of ``latency_runs`` calls (each beside a reference matmul) after ``latency_warmup``, on
     ``latency_threads`` torch threads; up to ``latency_max_rounds`` rounds when the machine is busy
-    (see ``lightclip.registry.packaging.measure_encode_latency``).
+    (see ``lightclip.registry.packaging.measure_encode_latency``), on the runtime the version
+    will be served on: ``runtime``. A version already registered with the same weights keeps
+    the runtime its artifact carries.
     """
 
     model_name: str = "lightclip-student"
@@ -75,6 +79,9 @@ class RegisterConfig(StrictModel):
     latency_max_rounds: int = Field(15, ge=1, description="rounds at most, when the machine is busy")
     latency_warmup: int = Field(5, ge=0)
     latency_threads: int | None = Field(1, ge=1, description="torch threads while timing; null = all cores")
+    runtime: Literal["torch", "onnx"] = Field(
+        "onnx", description="what a new version carries and is gated on: onnx = both towers exported to ONNX beside the weights "
+                             "(checked against them), the latency timed on ONNX Runtime, which serve and the pyfunc then run")
 
     @field_validator("model_name", "teacher_model_name")
     @classmethod

@@ -6,8 +6,8 @@ arithmetic; ONNX Runtime runs the same graph with far less of it. Export writes 
 export on a probe batch before keeping it; loading checks that the graphs belong to these weights.
 A mismatch is an error, never wrong vectors.
 
-``<model>/onnx/runtime.json`` records the weights' sha256 the graphs were exported from, each
-graph's sha256, the opset, the versions used and the probe's worst cosine to PyTorch.
+``<model>/onnx/runtime.json`` records the weights' sha256 the graphs were exported from, the
+sha256 of each file of the export (graphs and their external data), the opset, the versions used and the probe's worst cosine to PyTorch.
 :class:`OnnxCLIP` wraps the two sessions as a module with ``encode_image``/``encode_text``, so
 every caller of :mod:`lightclip.evaluation.embedding` embeds through it unchanged.
 """
@@ -131,7 +131,6 @@ def export_onnx(model_dir: Path | str, *, opset: int = DEFAULT_OPSET) -> dict[st
     worst: dict[str, float] = {}
     modules = {tower: _Tower(model, tower).eval() for tower in TOWERS}
     with staged_dir(model_dir / RUNTIME_DIR) as staging:
-        files = {}
         for tower, module in modules.items():
             path = staging / f"{tower}.onnx"
             example = torch.as_tensor(_cut_after_end_of_text(trace[tower].numpy())) if module.prefix else trace[tower]
@@ -154,7 +153,8 @@ def export_onnx(model_dir: Path | str, *, opset: int = DEFAULT_OPSET) -> dict[st
             if worst[tower] < MIN_PROBE_COSINE:
                 raise RuntimeMismatchError(f"{model_dir}: the exported {tower} tower disagrees with PyTorch "
                                            f"(worst cosine {worst[tower]:.6f} < {MIN_PROBE_COSINE}); nothing was written")
-            files[path.name] = file_sha256(path)
+        # every file the exporter wrote: the graphs and their external weights (``<tower>.onnx.data``)
+        files = {f.name: file_sha256(f) for f in sorted(staging.iterdir()) if f.is_file()}
         info = {"format": RUNTIME_FORMAT, "weights_sha256": weights_sha256(model_dir), "opset": opset, "files": files,
                 "text_cut_after_end_of_text": modules["text"].prefix,
                 "probe_worst_cosine": worst, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
@@ -177,6 +177,11 @@ def read_runtime_info(model_dir: Path | str) -> dict[str, Any]:
     if info.get("weights_sha256") != recorded:
         raise RuntimeMismatchError(f"{path}: exported from weights sha256 {str(info.get('weights_sha256'))[:16]}..., but {model_dir / INFO_FILE} "
                                    f"records {str(recorded)[:16]}...: the graphs belong to other weights; re-export them")
+    listed = set(info.get("files", {}))
+    unlisted = sorted(f.name for f in (model_dir / RUNTIME_DIR).iterdir() if f.is_file() and f.name != RUNTIME_FILE and f.name not in listed)
+    if unlisted:  # e.g. a graph's external weights an older export did not record: they could change unnoticed
+        raise RuntimeMismatchError(f"{path}: the export holds files it does not record ({', '.join(unlisted)}), so they cannot be "
+                                   "checked; re-export it (`lightclip export-onnx`)")
     for name, expected in info.get("files", {}).items():
         actual = file_sha256(model_dir / RUNTIME_DIR / name)
         if actual != expected:

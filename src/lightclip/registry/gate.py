@@ -26,11 +26,15 @@ TAG_FRACTION_HIGH = f"{TAG_PREFIX}teacher_fraction_high"
 TAG_FRACTION_INTERVAL = f"{TAG_PREFIX}teacher_fraction_interval"  # how it was computed, in words
 SPEED_TAG_PREFIX = f"{TAG_PREFIX}speed."  # the latency and how it was measured (registry.packaging)
 TAG_ENCODE_MS = f"{SPEED_TAG_PREFIX}encode_ms_p50"
+#: the runtime the version carries, is served on and was timed on (torch | onnx; absent: torch)
+TAG_RUNTIME = f"{SPEED_TAG_PREFIX}runtime"
 TAG_TEST_SET = f"{TAG_PREFIX}test_set"
 GATE_TAG_PREFIX = f"{TAG_PREFIX}gate."
 #: The checks :func:`gate` makes, in the order it makes (and the card lists) them.
 CHECK_NAMES: tuple[str, ...] = ("teacher_fraction", "latency", "regression")
 _VERDICTS = {"pass": True, "fail": False, "skipped": None}
+#: The runtimes' names as the card and the gate's reasons say them.
+RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ def latency_conditions(speed: Mapping[str, Any]) -> str:
             return float("nan")
 
     busy = ", busy" if number("busy") == 1 else ""
-    return (f"{speed.get('method', '?')}, {number('rounds'):.0f} rounds x {number('runs'):.0f} runs, {number('threads'):.0f} thread(s); "
+    runtime = f"{RUNTIME_NAMES.get(str(speed['runtime']), speed['runtime'])}, " if "runtime" in speed else ""
+    return (f"{runtime}{speed.get('method', '?')}, {number('rounds'):.0f} rounds x {number('runs'):.0f} runs, {number('threads'):.0f} thread(s); "
             f"load {number('load_1min'):.2f} on {number('cpus'):.0f} CPUs, contention x{number('contention'):.2f}{busy}")
 
 

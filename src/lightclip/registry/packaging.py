@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import mlflow
 import numpy as np
@@ -40,10 +40,12 @@ from lightclip.bench import SAMPLE_TITLE
 from lightclip.config import Params
 from lightclip.data.catalogue import Catalogue, file_sha256
 from lightclip.io import cpu_budget, torch_threads
-from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_model, load_tokenizer, preprocess_config
+from lightclip.models.onnx_runtime import read_runtime_info
+from lightclip.models.zoo import INFO_FILE, WEIGHTS_FILE, encode_text, load_tokenizer, preprocess_config
 from lightclip.registry import model_code
 from lightclip.registry.aliases import TAG_CANDIDATE, TAG_WEIGHTS, RegistryError
 from lightclip.registry.gate import (
+    RUNTIME_NAMES,
     SPEED_TAG_PREFIX,
     TAG_FRACTION_HIGH,
     TAG_FRACTION_INTERVAL,
@@ -53,7 +55,7 @@ from lightclip.registry.gate import (
     TAG_TEST_SET,
     latency_conditions,
 )
-from lightclip.serving import IMAGE_COLUMN, MODEL_ARTIFACT, TEXT_COLUMN
+from lightclip.serving import IMAGE_COLUMN, MODEL_ARTIFACT, ONNX_RUNTIME_FILE, TEXT_COLUMN, load_serving_model
 from lightclip.tracking import TAG_PREFIX, mlflow_metric_name
 
 # Version tags (all under the lightclip. prefix, so they sort together in the UI); the gate's
@@ -70,6 +72,8 @@ EVAL_TAG_PREFIX = f"{TAG_PREFIX}eval."
 
 PIP_PACKAGES: tuple[str, ...] = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "pandas",
                                  "pyarrow", "pydantic", "pyyaml")
+#: What a version that carries an ONNX export needs besides (lightclip.models.onnx_runtime imports both).
+ONNX_PACKAGES: tuple[str, ...] = ("onnx", "onnxruntime")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +104,10 @@ def _load_1min() -> float:
 
 
 def measure_encode_latency(model_dir: Path, *, runs: int, warmup: int, threads: int | None, rounds: int = 5,
-                           max_rounds: int = 15) -> dict[str, float | str]:
-    """Batch-1 latency of one image + one title (tokenisation included), measured so that machine
-    load does not flip the gate.
+                           max_rounds: int = 15, runtime: str = "torch") -> dict[str, float | str]:
+    """Batch-1 latency of one image + one title (tokenisation included) on ``runtime`` (``torch``,
+    or ``onnx``: the export in ``model_dir/onnx`` on ONNX Runtime, the runtime that will serve it),
+    measured so that machine load does not flip the gate.
 
     Method: ``rounds`` rounds of ``runs`` calls; every call of the model alternates with a call of
     a fixed reference workload (a 256 x 256 fp32 matmul, one thread). Each call is timed by the
@@ -124,19 +129,18 @@ def measure_encode_latency(model_dir: Path, *, runs: int, warmup: int, threads: 
     shows it: the method, rounds, runs, threads, load, CPUs, contention, the reference's CPU time
     (how fast this machine is) and the naive wall-clock p50 beside the figure.
     """
-    model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    size = int(preprocess_config(model)["size"])
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(1, 3, size, size, generator=generator)
     left, right = (torch.randn(REFERENCE_MATMUL, REFERENCE_MATMUL, generator=generator) for _ in range(2))
-
-    def encode() -> None:
-        model.encode_image(image, normalize=True)
-        encode_text(model, tokenizer([SAMPLE_TITLE]), normalize=True)
-
     cpus, load = cpu_budget().usable, _load_1min()
     with torch_threads(threads) as used, torch.no_grad():
+        model, runtime = load_serving_model(model_dir, runtime, threads=used)  # ONNX Runtime's threads are set when it loads
+        size = int(preprocess_config(model)["size"])
+        image = torch.randn(1, 3, size, size, generator=generator)
+
+        def encode() -> None:
+            model.encode_image(image, normalize=True)
+            encode_text(model, tokenizer([SAMPLE_TITLE]), normalize=True)
 
         def reference() -> None:
             if used > 1:
@@ -169,6 +173,7 @@ def measure_encode_latency(model_dir: Path, *, runs: int, warmup: int, threads: 
         "encode_ms_p95": float(np.percentile(every[:, column], 95)),
         "encode_wall_ms_p50": float(np.percentile(every[:, 0], 50)),
         "method": METHOD_THREAD_CPU if used == 1 else METHOD_WALL,
+        "runtime": runtime,
         "runs": float(runs),
         "rounds": float(len(timings)),
         "threads": float(used),
@@ -206,10 +211,11 @@ def params_hash(params: Params) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def pip_requirements() -> list[str]:
-    """What the pyfunc imports, pinned to the versions installed here (inferring them costs seconds)."""
+def pip_requirements(extra: Sequence[str] = ()) -> list[str]:
+    """What the pyfunc imports (and ``extra`` packages), pinned to the versions installed here
+    (inferring them costs seconds)."""
     out = []
-    for package in PIP_PACKAGES:
+    for package in (*PIP_PACKAGES, *extra):
         try:
             out.append(f"{package}=={installed_version(package).split('+')[0]}")
         except PackageNotFoundError:
@@ -273,17 +279,22 @@ def package_archive() -> Iterator[Path]:
 
 
 @contextmanager
-def model_files(model_dir: Path) -> Iterator[Path]:
-    """The files that make the model (weights + ``model.json``) in a directory named ``model``.
+def model_files(model_dir: Path, onnx_from: Path | None = None) -> Iterator[Path]:
+    """The files that make the model (weights + ``model.json``) in a directory named ``model``,
+    and, from ``onnx_from`` (a directory holding the same weights' export), its ``onnx/``.
 
     Training by-products beside them (history, prototypes) are not shipped; the stable name
-    gives every logged model the same layout (``artifacts/model/``).
+    gives every logged model the same layout (``artifacts/model/``). The export is checked
+    against these weights before it is shipped.
     """
     with tempfile.TemporaryDirectory(prefix="lightclip-model-") as tmp:
         target = Path(tmp) / "model"
         target.mkdir()
         for name in (WEIGHTS_FILE, INFO_FILE):
             shutil.copy2(Path(model_dir) / name, target / name)
+        if onnx_from is not None:
+            shutil.copytree(Path(onnx_from) / ONNX_RUNTIME_FILE.parent, target / ONNX_RUNTIME_FILE.parent)
+            read_runtime_info(target)  # the graphs are these weights' (sha256), byte for byte
         yield target
 
 
@@ -293,9 +304,13 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
-def log_pyfunc(model_dir: Path, *, artifact_name: str, embed_dim: int, image_size: int) -> ModelInfo:
-    """Log one saved model as a models-from-code pyfunc in the active run; returns MLflow's ModelInfo."""
-    with package_archive() as code, model_files(model_dir) as files:
+def log_pyfunc(model_dir: Path, *, artifact_name: str, embed_dim: int, image_size: int, onnx_from: Path | None = None) -> ModelInfo:
+    """Log one saved model as a models-from-code pyfunc in the active run; returns MLflow's ModelInfo.
+
+    ``onnx_from``: a directory with the same weights and their ONNX export, shipped beside them
+    (the pyfunc then runs on ONNX Runtime, and its requirements include it).
+    """
+    with package_archive() as code, model_files(model_dir, onnx_from) as files:
         return mlflow.pyfunc.log_model(
             name=artifact_name,
             python_model=str(Path(model_code.__file__).resolve()),
@@ -303,7 +318,7 @@ def log_pyfunc(model_dir: Path, *, artifact_name: str, embed_dim: int, image_siz
             code_paths=[str(code)],
             signature=signature(embed_dim),
             input_example=input_example(image_size),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(ONNX_PACKAGES if onnx_from is not None else ()),
         )
 
 
@@ -451,7 +466,8 @@ def model_card(
     lines += [
         "",
         "## Speed (the registering machine)",
-        f"- encode one image + one title (batch 1, tokenisation included, {int(speed.get('threads', 1))} thread(s)): "
+        f"- encode one image + one title on {RUNTIME_NAMES.get(str(speed.get('runtime', 'torch')), speed.get('runtime'))} "
+        f"(batch 1, tokenisation included, {int(speed.get('threads', 1))} thread(s)): "
         f"p50 {speed.get('encode_ms_p50', float('nan')):.2f} ms, p95 {speed.get('encode_ms_p95', float('nan')):.2f} ms over "
         + (f"{int(speed.get('rounds', 0))} rounds of {int(speed.get('runs', 0))} runs" if "rounds" in speed else f"{int(speed.get('runs', 0))} runs"),
         *_speed_conditions(speed),
@@ -459,7 +475,9 @@ def model_card(
         "## Use",
         "`mlflow.pyfunc.load_model(\"models:/<name>@staging\").predict(df)`: `df` has a `text` column (titles) and/or an `image` "
         "column (base64-encoded image files, or bytes in-process), one of the two per row; the result is a float32 array, one "
-        "L2-normalised embedding per row.",
+        "L2-normalised embedding per row."
+        + (" The version carries its ONNX export (`model/onnx/`, checked against the weights' sha256 on load), so the pyfunc and "
+           "`lightclip serve` run it on ONNX Runtime, as timed above." if speed.get("runtime") == "onnx" else ""),
         "",
         "## Limits",
         f"- images are resized to {image.get('size', '?')} px ({_FITS.get(str(image.get('resize_mode', 'shortest')), image.get('resize_mode'))}): "

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mlflow.entities.model_registry import ModelVersion
+
 from lightclip.config import Params, PromoteConfig
 from lightclip.data.catalogue import file_sha256
 from lightclip.evaluation import EvaluationError, RatioInterval, check_model_dirs, item_recall_scores, paired_ratio_interval, read_ranks
 from lightclip.io import read_json, write_json
 from lightclip.models.zoo import WEIGHTS_FILE, read_model_info
 from lightclip.registry.aliases import NOT_STAGED_SUFFIX, TAG_WEIGHTS, AliasMove, ModelRegistry, RegistryError, actor, now_utc
-from lightclip.registry.gate import GateResult, gate_tag, latency_conditions
+from lightclip.registry.gate import TAG_RUNTIME, GateResult, gate_tag, latency_conditions
 from lightclip.registry.packaging import (
     active_run_id,
     TAG_REGISTERED_AT,
@@ -33,6 +35,7 @@ from lightclip.registry.packaging import (
     test_set_fingerprint,
     version_tags,
 )
+from lightclip.runtimes import runtime_dir
 from lightclip.serving import Embedder
 from lightclip.stage import StageContext
 from lightclip.tracking import TAG_PREFIX, data_version, lineage_tags
@@ -162,12 +165,17 @@ def register_one(
     teacher: Mapping[str, Any] | None,
     run_id: str | None,
     model_description: str,
+    existing: ModelVersion | None,
+    onnx_from: Path | None = None,
 ) -> Registered:
-    """Log and register ``model_dir`` (or reuse the version with the same weights); tag it, describe it."""
+    """Log and register ``model_dir`` (or reuse ``existing``, the version with the same weights); tag it, describe it.
+
+    ``onnx_from``: a directory with the same weights and their ONNX export, shipped in a new version.
+    """
     weights = model_dir / WEIGHTS_FILE
     sha = file_sha256(weights)
     info = read_model_info(model_dir)
-    embedder = Embedder(model_dir)  # the embedding width and input size, whatever the architecture
+    embedder = Embedder(model_dir, runtime="torch")  # the embedding width and input size, whatever the architecture
     embed_dim, image_size = embedder.embed_dim, int(embedder.preprocess["size"])
     lineage = {**lineage, "weights_sha256": sha}
     metrics = {k: v for k, v in eval_entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -178,14 +186,13 @@ def register_one(
     card = model_card(name=name, role=role, info=info, metrics=metrics, split=split, speed=speed, lineage=lineage, teacher=teacher,
                       file_mb=weights.stat().st_size / 2**20, embed_dim=embed_dim)
     registry.ensure_model(registered_name, model_description)
-    existing = registry.find_by_weights(registered_name, sha)
     if existing is not None:
         version, reused = str(existing.version), True
         keep_first = (TAG_REGISTERED_AT, TAG_REGISTERED_BY)  # when and by whom it was first registered
         registry.set_version_tags(registered_name, version, {k: v for k, v in tags.items() if k not in keep_first}, current=existing.tags)
         registry.client.update_model_version(registered_name, version, description=card)
     else:
-        logged = log_pyfunc(model_dir, artifact_name=name, embed_dim=embed_dim, image_size=image_size)
+        logged = log_pyfunc(model_dir, artifact_name=name, embed_dim=embed_dim, image_size=image_size, onnx_from=onnx_from)
         created = registry.client.create_model_version(registered_name, source=logged.model_uri, run_id=run_id, tags=tags,
                                                        description=card, model_id=logged.model_id)
         version, reused = first_of_same_weights(registry, registered_name, sha, str(created.version)), False
@@ -193,6 +200,12 @@ def register_one(
                       speed=dict(speed), model_dir=recorded_dir, weights_sha256=sha,
                       teacher_version=str(teacher["ref"]) if teacher else None,
                       fraction=teacher.get("fraction_interval") if teacher else None, card=card)
+
+
+def version_runtime(existing: ModelVersion | None, wanted: str) -> str:
+    """The runtime a version is served and timed on: ``wanted`` for a new one; what ``existing``,
+    the version already registered with the same weights, carries (its artifact is not rewritten)."""
+    return wanted if existing is None else str((existing.tags or {}).get(TAG_RUNTIME, "torch"))
 
 
 def first_of_same_weights(registry: ModelRegistry, registered_name: str, sha: str, created: str) -> str:
@@ -302,15 +315,24 @@ def run_register(
     run_id = run_id or active_run_id()
     auto = promote.auto if auto_promote is None else auto_promote
 
-    speeds = {}
+    speeds, onnx_dirs, existing = {}, {}, {}
     for name, directory in model_dirs.items():
-        speeds[name] = measure_encode_latency(directory, runs=cfg.latency_runs, warmup=cfg.latency_warmup, threads=cfg.latency_threads,
-                                              rounds=cfg.latency_rounds, max_rounds=cfg.latency_max_rounds)
+        registered_name = cfg.teacher_model_name if name == cfg.teacher else cfg.model_name
+        existing[name] = registry.find_by_weights(registered_name, file_sha256(directory / WEIGHTS_FILE))
+        runtime = version_runtime(existing[name], cfg.runtime)
+        if runtime != cfg.runtime:
+            log(f"  {name}: already registered with these weights on {runtime}: it keeps that runtime (register.runtime applies to new versions)")
+        timed = directory
+        if runtime == "onnx":  # exported once per weights, in the bench's cache: the model dir is a DVC output
+            timed = onnx_dirs[name] = runtime_dir(directory, "onnx", context.cache_dir / "runtimes")
+        speeds[name] = measure_encode_latency(timed, runs=cfg.latency_runs, warmup=cfg.latency_warmup, threads=cfg.latency_threads,
+                                              rounds=cfg.latency_rounds, max_rounds=cfg.latency_max_rounds, runtime=runtime)
         log(f"  {name}: encode p50 {speeds[name]['encode_ms_p50']:.2f} ms (image + title, batch 1; {latency_conditions(speeds[name])})")
 
     teacher = register_one(registry, registered_name=cfg.teacher_model_name, name=cfg.teacher, role="teacher", model_dir=model_dirs[cfg.teacher],
                            eval_entry=entries[cfg.teacher], split=split, speed=speeds[cfg.teacher], lineage=lineage, teacher=None,
-                           run_id=run_id, model_description=TEACHER_MODEL_DESCRIPTION)
+                           run_id=run_id, model_description=TEACHER_MODEL_DESCRIPTION, existing=existing[cfg.teacher],
+                           onnx_from=onnx_dirs.get(cfg.teacher))
     log(f"  {cfg.teacher}: {teacher.registered_model} v{teacher.version}{' (same weights: reused)' if teacher.reused else ''}")
     teacher_ref = f"{teacher.registered_model}/{teacher.version}"
 
@@ -325,7 +347,8 @@ def run_register(
             teacher_info["ref"] = f"{found.name}/{found.version}" if found is not None else f"unregistered (weights sha256 {distilled_from[:16]})"
         student = register_one(registry, registered_name=cfg.model_name, name=name, role="student", model_dir=model_dirs[name],
                                eval_entry=entries[name], split=split, speed=speeds[name], lineage=lineage, teacher=teacher_info,
-                               run_id=run_id, model_description=STUDENT_MODEL_DESCRIPTION)
+                               run_id=run_id, model_description=STUDENT_MODEL_DESCRIPTION, existing=existing[name],
+                               onnx_from=onnx_dirs.get(name))
         students.append(student)
         log(f"  {name}: {student.registered_model} v{student.version}{' (same weights: reused)' if student.reused else ''}")
 

@@ -188,7 +188,7 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "label": self.label, "weights_sha256": self.weights_sha256, "alias": self.resolved.alias,
-                "index_items": len(self.index), "index_kind": self.index.meta.get("kind")}
+                "index_items": len(self.index), "index_kind": self.index.meta.get("kind"), "runtime": self.embedder.runtime}
 
     # -- embedding (called on the model's worker thread) --------------------------------------
 
@@ -316,11 +316,16 @@ def served_index(resolved: ResolvedModel, catalogue: Catalogue, config: IndexCon
 
 
 def load_served(resolved: ResolvedModel, catalogue: Catalogue, config: IndexConfig, *, reuse: Path | None, cache_dir: Path,
-                image_cache_dir: Path) -> ServedModel:
-    """Load the model and the index of its weights, checked against each other and the catalogue."""
+                image_cache_dir: Path, runtime: str = "auto") -> ServedModel:
+    """Load the model and the index of its weights, checked against each other and the catalogue.
+
+    ``runtime`` (``serve.runtime``) is what embeds the queries; the index is built with PyTorch
+    from the same weights (an ONNX export is refused at export unless its vectors match them to
+    a cosine of 0.999), so either runtime searches the same index.
+    """
     index, source = served_index(resolved, catalogue, config, reuse=reuse, cache_dir=cache_dir, image_cache_dir=image_cache_dir)
     index.check_model(resolved.model_dir)  # the weights on disk are the ones the index records
-    embedder = Embedder(resolved.model_dir)
+    embedder = Embedder(resolved.model_dir, runtime=runtime)
     served = ServedModel(resolved, embedder, index, CatalogueRows(catalogue, index.ids), index_vectors(index))
-    log.info("serving %s: %s index of %d items (%s)", resolved.label, index.meta.get("kind"), len(index), source)
+    log.info("serving %s on %s: %s index of %d items (%s)", resolved.label, embedder.runtime, index.meta.get("kind"), len(index), source)
     return served

@@ -38,7 +38,7 @@ def build_state(config: ServeConfig, index_config: IndexConfig, project_dir: Pat
 
     def load(resolved: ResolvedModel) -> ServedModel:
         return load_served(resolved, catalogue, index_config, reuse=reuse if reuse.is_dir() else None, cache_dir=cache / "index",
-                           image_cache_dir=context.image_cache_dir)
+                           image_cache_dir=context.image_cache_dir, runtime=config.runtime)
 
     return ServiceState(config, resolver, load)
 
