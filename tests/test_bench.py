@@ -71,14 +71,17 @@ def test_bench_at_tiny_sizes_writes_speed_json_and_the_runtimes_plot(project: Pa
     assert ivf["nlist"] == ivf["nprobe"] == 10 and ivf["recall@10_vs_flat"] == 1.0 and "query_ms_p95" in ivf
     assert "skipped" in rows[(400, "hnsw")] and "build_s" in rows[(200, "hnsw")]
 
-    assert {name: set(rows) for name, rows in report["runtimes"].items()} == {"teacher": {"torch", "onnx"}, "student": {"torch", "onnx"}}
+    every = {"torch", "onnx", "onnx-int8"}
+    assert {name: set(rows) for name, rows in report["runtimes"].items()} == {"teacher": every, "student": every}
     for rows in report["runtimes"].values():
         assert rows["onnx"]["recall_ok"] and rows["onnx"]["batch1_ms"] > 0 and rows["torch"]["recall_change"] == 0
     lines = (project / "metrics" / "plots" / "bench" / "recall_vs_latency.csv").read_text().splitlines()
-    assert lines[0] == "model,runtime,label,batch1_ms,mean_recall" and len(lines) == 5
+    assert lines[0] == "model,runtime,label,batch1_ms,mean_recall" and len(lines) == 7
     assert (project / "reports" / "bench" / "recall_vs_latency.png").stat().st_size > 0
     assert "runtimes/student/onnx/mean_recall" in flat_metrics(report)
     assert not (project / "models" / "student" / "onnx").exists()  # exported in .cache/runtimes, not in the model directory
+    if report["efficiency"]["peak"]["int8"].get("available"):  # the int8 graphs timed against the int8 peak
+        assert report["efficiency"]["models"]["student"]["image_peak_ratio_int8"] > 0
 
 
 def test_bench_without_the_evaluated_catalogue_says_so_and_skips_the_runtimes(project: Path, monkeypatch, capsys: pytest.CaptureFixture[str]):
@@ -94,7 +97,7 @@ def test_bench_without_the_evaluated_catalogue_says_so_and_skips_the_runtimes(pr
     monkeypatch.setattr(lightclip.bench, "run_bench", recorded)
     assert main(["bench", "--in", "data/nowhere", "--out", "metrics/speed.json"]) == 0
     captured = capsys.readouterr()
-    assert seen == {"catalogue": None, "runtimes": ["torch", "onnx"]}
+    assert seen == {"catalogue": None, "runtimes": ["torch", "onnx", "onnx-int8"]}
     assert "no catalogue at data/nowhere: the runtimes' recall-vs-latency plot is skipped (give --in DIR)" in captured.err
     assert "recall vs latency" not in captured.out
 

@@ -101,6 +101,23 @@ def test_model_efficiency_measures_only_available_dtypes(tiny_model: nn.Module):
     assert not any(key.endswith("_bf16") for key in row)
 
 
+def test_int8_graphs_are_timed_against_the_int8_peak(tiny_model: nn.Module, tmp_path: Path):
+    from lightclip.models.onnx_runtime import export_onnx, load_runtime_model
+    from lightclip.models.zoo import save_model
+
+    save_model(tiny_model, "lc-test-tiny", tmp_path / "student")
+    export_onnx(tmp_path / "student")
+    int8_model = load_runtime_model(tmp_path / "student", "onnx-int8", threads=1)
+    peaks = {"fp32": {"available": True, "gflops": 10.0}, "int8": {"available": True, "gflops": 40.0}}
+    row = model_efficiency(tiny_model, 4, peaks, runs=1, int8_model=int8_model)
+    for kind in ("image", "text"):  # the fp32 forward's counted operations over the int8 graphs' time
+        assert row[f"{kind}_gflops_int8"] == pytest.approx(row[f"{kind}_mflops_per_item"] * row[f"{kind}_per_s_int8"] / 1e3)
+        assert row[f"{kind}_peak_ratio_int8"] == pytest.approx(row[f"{kind}_gflops_int8"] / 40.0)
+    assert "int8" in efficiency.describe("student", row)
+    unavailable = model_efficiency(tiny_model, 4, {**peaks, "int8": {"available": False, "reason": "test"}}, runs=1, int8_model=int8_model)
+    assert not any(key.endswith("_int8") for key in unavailable)
+
+
 def test_bench_report_has_the_efficiency_section(tmp_path: Path):
     from lightclip.bench import bench_report, flat_metrics
     from lightclip.config import BenchConfig, EvaluateConfig, IndexConfig

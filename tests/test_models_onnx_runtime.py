@@ -14,7 +14,9 @@ import torch
 from lightclip.cli import main
 from lightclip.evaluation import embed_images, embed_texts, evaluate_retrieval
 from lightclip.models.common import ModelError
+from lightclip.models import onnx_runtime
 from lightclip.models.onnx_runtime import (
+    MIN_INT8_PROBE_COSINE,
     RUNTIME_DIR,
     RUNTIME_FILE,
     OnnxCLIP,
@@ -46,7 +48,7 @@ def _inputs(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_onnx_embeddings_equal_pytorch_through_the_embedding_path(exported: Path):
     info = json.loads((exported / RUNTIME_DIR / RUNTIME_FILE).read_text())
     # the graphs and their external weights, every one hashed
-    assert set(info["files"]) == {"image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"}
+    assert set(info["files"]) == {"image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data", "image.int8.onnx", "text.int8.onnx"}
     assert min(info["probe_worst_cosine"].values()) >= 0.999
     torch_model, onnx_model = load_model(exported), load_runtime_model(exported, "onnx", threads=1)
     assert isinstance(onnx_model, OnnxCLIP) and preprocess_config(onnx_model) == preprocess_config(torch_model)
@@ -110,5 +112,56 @@ def test_export_onnx_cli(exported: Path, tmp_path: Path, capsys: pytest.CaptureF
     shutil.rmtree(copy / RUNTIME_DIR)
     assert main(["-q", "export-onnx", "--model", str(copy)]) == 0
     out = capsys.readouterr().out
-    assert f"{copy / RUNTIME_DIR}" in out and "worst cosine to PyTorch" in out
+    assert f"{copy / RUNTIME_DIR}" in out and "worst cosine to PyTorch" in out and "int8 graphs (runtime onnx-int8;" in out
     assert np.isclose(json.loads((copy / RUNTIME_DIR / RUNTIME_FILE).read_text())["opset"], 18)
+
+
+def test_int8_graphs_run_beside_the_fp32_ones_close_to_pytorch(exported: Path):
+    info = json.loads((exported / RUNTIME_DIR / RUNTIME_FILE).read_text())
+    int8 = info["int8"]
+    assert int8["available"] and int8["ops"] == ["MatMul", "Gemm"]
+    assert min(int8["probe_worst_cosine"].values()) >= MIN_INT8_PROBE_COSINE
+    # 7-bit weights exactly where the exporting CPU lacks VNNI (x86)
+    assert int8["reduce_range"] == (onnx_runtime._is_x86() and not onnx_runtime.cpu_has_vnni())
+    fp32_model, int8_model = load_runtime_model(exported, "onnx", threads=1), load_runtime_model(exported, "onnx-int8", threads=1)
+    assert isinstance(int8_model, OnnxCLIP) and int8_model.precision == "int8"
+    for tower in ("image", "text"):  # integer matmuls on int8 weights, activations quantised per call
+        ops = {node.op_type for node in onnx.load(str(exported / RUNTIME_DIR / f"{tower}.int8.onnx")).graph.node}
+        assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops, ops
+    images, tokens = _inputs(exported)
+    reference = embed_images(load_model(exported), images, 4), embed_texts(load_model(exported), tokens, 4)
+    for batch_size in (1, 4):
+        quantised = embed_images(int8_model, images, batch_size), embed_texts(int8_model, tokens, batch_size)
+        for a, b in zip(quantised, reference):
+            assert a.shape == b.shape and float((a * b).sum(dim=1).min()) >= MIN_INT8_PROBE_COSINE
+    # not the fp32 graphs under another name
+    assert not torch.equal(embed_images(fp32_model, images, 4), quantised[0])
+
+
+def test_full_range_int8_graphs_refuse_a_cpu_without_vnni(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    copy = tmp_path / "student"
+    shutil.copytree(exported, copy)
+    monkeypatch.setattr(onnx_runtime, "_is_x86", lambda: True)
+    monkeypatch.setattr(onnx_runtime, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx2"}))
+    export_onnx(copy)  # quantised on a VNNI CPU: full 8-bit weights
+    assert json.loads((copy / RUNTIME_DIR / RUNTIME_FILE).read_text())["int8"]["reduce_range"] is False
+    OnnxCLIP(copy, threads=1, precision="int8")
+    monkeypatch.setattr(onnx_runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # served on a CPU without VNNI
+    with pytest.raises(RuntimeMismatchError, match=r"full 8-bit weights .* this CPU lacks VNNI \(it has none of avx512_vnni.*can saturate; re-export"):
+        load_runtime_model(copy, "onnx-int8")
+    OnnxCLIP(copy, threads=1)  # its fp32 graphs still run
+    export_onnx(copy)  # re-exported on that CPU: 7-bit weights, which run right there
+    assert json.loads((copy / RUNTIME_DIR / RUNTIME_FILE).read_text())["int8"]["reduce_range"] is True
+    OnnxCLIP(copy, threads=1, precision="int8")
+
+
+def test_int8_graphs_that_miss_the_probe_are_not_kept(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    copy = tmp_path / "student"
+    shutil.copytree(exported, copy)
+    monkeypatch.setattr(onnx_runtime, "MIN_INT8_PROBE_COSINE", 1.01)
+    info = export_onnx(copy)
+    assert info["int8"]["available"] is False and "worst probe cosine to PyTorch is" in info["int8"]["reason"]
+    assert not list((copy / RUNTIME_DIR).glob("*.int8.onnx")) and "image.int8.onnx" not in info["files"]
+    with pytest.raises(RuntimeMismatchError, match=r"no int8 graphs: the int8 .* tower's worst probe cosine .* < 1.01; re-export it .* or use runtime onnx"):
+        load_runtime_model(copy, "onnx-int8")
+    OnnxCLIP(copy, threads=1)

@@ -4,6 +4,7 @@ directory, timed in one interleaved loop, and flagged when a runtime moves recal
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -32,29 +33,31 @@ def catalogue(tiny_catalogue):
     return catalogue
 
 
-def compare(models, catalogue, tmp_path, **kwargs):
+def compare(models, catalogue, tmp_path, runtime_names=("torch", "onnx"), **kwargs):
     config = EvaluateConfig(models={k: str(v) for k, v in models.items()}, batch_size=8)
     lines: list[str] = []
-    report = runtimes.compare_runtimes(models, ["torch", "onnx"], catalogue, config, cache_dir=tmp_path / "runtimes",
+    report = runtimes.compare_runtimes(models, list(runtime_names), catalogue, config, cache_dir=tmp_path / "runtimes",
                                        image_cache_dir=tmp_path / "images", rounds=2, calls=4, log=lines.append, **kwargs)
     return report, lines
 
 
 def test_each_model_on_each_runtime_has_its_own_recall_and_latency(models, catalogue, tmp_path):
-    report, lines = compare(models, catalogue, tmp_path)
+    report, lines = compare(models, catalogue, tmp_path, runtimes.RUNTIMES)
     assert list(report) == ["teacher", "student"]
     for name in models:
         torch_row, onnx_row = report[name]["torch"], report[name]["onnx"]
         assert torch_row["batch1_ms"] > 0 and onnx_row["batch1_ms"] > 0
         assert torch_row["recall_change"] == 0 and abs(onnx_row["recall_change"]) <= runtimes.MAX_RECALL_CHANGE and onnx_row["recall_ok"]
+        int8_row = report[name]["onnx-int8"]  # evaluated on its own graphs: a recall of its own, flagged or not by the same rule
+        assert int8_row["batch1_ms"] > 0 and int8_row["recall_ok"] == (abs(int8_row["recall_change"]) <= runtimes.MAX_RECALL_CHANGE)
         assert not (models[name] / RUNTIME_DIR).exists()  # the model directory (a pipeline output) is never written
-    assert not any("WARNING" in line for line in lines)
+    assert not any("WARNING" in line and "on onnx " in line for line in lines)
     exports = sorted((tmp_path / "runtimes").iterdir())
     assert len(exports) == 2 and all(has_onnx(d) for d in exports)  # one export per weights, in the cache
 
     written = runtimes.write_plot_data(report, tmp_path / "plots" / "recall_vs_latency.csv")
     rows = list(csv.DictReader(written.open()))
-    assert [(r["model"], r["runtime"]) for r in rows] == [("teacher", "torch"), ("teacher", "onnx"), ("student", "torch"), ("student", "onnx")]
+    assert [(r["model"], r["runtime"]) for r in rows] == [(m, r) for m in ("teacher", "student") for r in ("torch", "onnx", "onnx-int8")]
     assert float(rows[1]["mean_recall"]) == pytest.approx(report["teacher"]["onnx"]["mean_recall"], abs=1e-3)
     figure = runtimes.write_figure(report, tmp_path / "figures" / "recall_vs_latency.png", "test")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,6 +71,9 @@ def test_an_export_is_made_once_per_weights_and_redone_when_it_no_longer_matches
     graph.write_bytes(graph.read_bytes() + b"\0")  # a changed graph: re-exported, never used
     again = runtimes.runtime_dir(models["student"], "onnx", tmp_path)
     assert again == first and graph.stat().st_mtime_ns != stamp and has_onnx(again)
+    info_path = again / RUNTIME_DIR / "runtime.json"  # an export from before int8 graphs: redone for them
+    info_path.write_text(json.dumps({k: v for k, v in json.loads(info_path.read_text()).items() if k != "int8"}))
+    assert runtimes.runtime_dir(models["student"], "onnx-int8", tmp_path) == first and "int8" in json.loads(info_path.read_text())
     assert runtimes.runtime_dir(models["student"], "torch", tmp_path) == models["student"]
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         runtimes.runtime_dir(models["student"], "tensorrt", tmp_path)

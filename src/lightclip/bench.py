@@ -23,8 +23,8 @@ Per model (``bench.models``, default ``evaluate.models``):
   the bench process did before).
 * ``efficiency`` (a section of its own): FLOPs per image and per title (counted), achieved
   GFLOP/s at batch ``bench.efficiency_batch_size`` (256) and its ratio to a square-matmul peak
-  timed in the same run, fp32 and bf16 where the CPU has it (``lightclip.efficiency``,
-  docs/efficiency.md).
+  timed in the same run, fp32 and bf16 where the CPU has it, and int8 (the ONNX int8 graphs)
+  where ``bench.runtimes`` lists ``onnx-int8`` (``lightclip.efficiency``, docs/efficiency.md).
 * ``eval_overhead/*``: the evaluate stage's own time (positives and every metric:
   ``evaluation.score_embeddings``) on a split of ``bench.gallery_size`` products rendered by the
   embedded default's generator vs the
@@ -493,9 +493,16 @@ def bench_report(
         log(f"encode speed, {config.rounds} interleaved rounds:")
         speed = encode_speed(model_dirs, config, log=log)
         gc.collect()
+        caches = Path(cache_dir if cache_dir is not None else project_dir / ".cache")
         efficiency: dict[str, Any] = {}
         if config.efficiency_batch_size:
-            efficiency = efficiency_report(model_dirs, batch_size=config.efficiency_batch_size, runs=config.efficiency_runs, seed=config.seed, log=log)
+            int8_dirs = None
+            if catalogue is not None and "onnx-int8" in config.runtimes:
+                from lightclip.runtimes import runtime_dir  # see the note at the imports
+
+                int8_dirs = {name: runtime_dir(directory, "onnx-int8", caches / "runtimes") for name, directory in model_dirs.items()}
+            efficiency = efficiency_report(model_dirs, batch_size=config.efficiency_batch_size, runs=config.efficiency_runs, seed=config.seed,
+                                           log=log, int8_dirs=int8_dirs)
             gc.collect()
         # the evaluate-overhead split, rendered once per image size and shared by the models
         splits = {size: synthetic_gallery(config.gallery_size, size, seed=config.seed) for size in sorted({r["image_size"] for r in speed.values()})}
@@ -514,7 +521,6 @@ def bench_report(
             from lightclip.runtimes import compare_runtimes
 
             log(f"runtimes ({', '.join(config.runtimes)}): batch-1 latency, {config.rounds} interleaved rounds, and {evaluate_config.split} recall:")
-            caches = Path(cache_dir if cache_dir is not None else project_dir / ".cache")
             runtimes = compare_runtimes(model_dirs, config.runtimes, Catalogue.load(catalogue), evaluate_config, cache_dir=caches / "runtimes",
                                         image_cache_dir=caches / "images", rounds=config.rounds, calls=config.runs, log=log)
             gc.collect()

@@ -31,6 +31,22 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("none", "bf16", "fp16")
 
 
+#: int8 dot-product instructions (VNNI): int8 GEMMs without the u8 x s8 saturation of AVX2/AVX-512 alone
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's instruction-set flags from ``/proc/cpuinfo``; ``None`` where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
 def cuda_available() -> bool:
     """Whether a CUDA device can be used (a seam: tests patch it to exercise the CUDA branches)."""
     return torch.cuda.is_available()

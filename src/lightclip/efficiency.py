@@ -14,7 +14,8 @@ the CPU idle. This module puts both on one scale:
 
 bf16 is measured only where the CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in
 ``/proc/cpuinfo``): elsewhere oneDNN emulates it and its "peak" would measure the emulation.
-int8 has a peak only (``torch._int_mm``, checked exact first): lightclip encodes in fp32/bf16.
+int8's peak is ``torch._int_mm`` (checked exact first); its achieved figure times the model's int8
+ONNX graphs (``onnx-int8``, :mod:`lightclip.models.onnx_runtime`) where the bench is given them.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from lightclip.devices import autocast
+from lightclip.devices import INT8_FLAGS, autocast, cpu_flags
 from lightclip.errors import LightclipError
 from lightclip.models.common import unfused_attention
 from lightclip.models.zoo import encode_text, load_model, preprocess_config
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # recorded beside the int8 peak, not required
 PEAK_SIZES = (1024, 2048)  # square matmul sides; the peak is the best of them
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -48,18 +48,6 @@ class EfficiencyError(LightclipError):
 # ----------------------------------------------------------------------------------------------
 # What the CPU has
 # ----------------------------------------------------------------------------------------------
-
-
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's instruction-set flags from ``/proc/cpuinfo``; ``None`` where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
 
 
 def bf16_support() -> tuple[bool, str]:
@@ -237,9 +225,14 @@ def encode_flops(model: nn.Module, batch_size: int, *, batch: EncodeBatch | None
     return {kind: count_flops(fn) for kind, fn in encode_calls(model, batch).items()}
 
 
-def model_efficiency(model: nn.Module, batch_size: int, peaks: Mapping[str, Mapping[str, Any]], *, runs: int = 3, seed: int = 0) -> dict[str, float]:
+def model_efficiency(model: nn.Module, batch_size: int, peaks: Mapping[str, Mapping[str, Any]], *, runs: int = 3, seed: int = 0,
+                     int8_model: nn.Module | None = None) -> dict[str, float]:
     """FLOPs per item, achieved GFLOP/s and achieved / peak of both towers, fp32 and (where
-    ``peaks`` has it) bf16 autocast; flat keys such as ``image_gflops_fp32``, ``image_peak_ratio_bf16``."""
+    ``peaks`` has it) bf16 autocast; flat keys such as ``image_gflops_fp32``, ``image_peak_ratio_bf16``.
+
+    ``int8_model``: the same weights' int8 graphs on ONNX Runtime (``onnx-int8``), timed on the
+    same inputs against the int8 peak; its achieved figure counts the fp32 forward's operations
+    (the graphs also keep some in float: attention products, norms, activations)."""
     model = model.eval()
     batch = encode_batch(model, batch_size, seed=seed)
     flops = encode_flops(model, batch_size, batch=batch)
@@ -262,13 +255,21 @@ def model_efficiency(model: nn.Module, batch_size: int, peaks: Mapping[str, Mapp
             out[f"{kind}_per_s_{dtype}"] = batch_size / seconds
             out[f"{kind}_gflops_{dtype}"] = achieved
             out[f"{kind}_peak_ratio_{dtype}"] = achieved / float(peak["gflops"])
+    if int8_model is not None and peaks.get("int8", {}).get("available"):
+        for kind, fn in encode_calls(int8_model, batch).items():
+            with torch.inference_mode():
+                seconds = best_seconds(fn, runs=runs)
+            achieved = flops[kind] / seconds / 1e9
+            out[f"{kind}_per_s_int8"] = batch_size / seconds
+            out[f"{kind}_gflops_int8"] = achieved
+            out[f"{kind}_peak_ratio_int8"] = achieved / float(peaks["int8"]["gflops"])
     return out
 
 
 def describe(name: str, row: Mapping[str, float]) -> str:
     """One log line: FLOPs per item and the fraction of peak per tower and dtype."""
     parts = [f"{name}: {row['image_mflops_per_item']:.1f} / {row['text_mflops_per_item']:.1f} MFLOP per image / title"]
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "int8"):
         if f"image_gflops_{dtype}" in row:
             parts.append(
                 f"{dtype} image {row[f'image_gflops_{dtype}']:.1f} GFLOP/s ({row[f'image_peak_ratio_{dtype}']:.0%} of peak), "
@@ -283,10 +284,12 @@ def describe(name: str, row: Mapping[str, float]) -> str:
 
 
 def efficiency_report(
-    model_dirs: Mapping[str, Path], *, batch_size: int, runs: int, seed: int = 0, log: Callable[[str], None] = print
+    model_dirs: Mapping[str, Path], *, batch_size: int, runs: int, seed: int = 0, log: Callable[[str], None] = print,
+    int8_dirs: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """The ``efficiency`` section of ``metrics/speed.json``: the peaks once, then every model, all
-    on the current torch threads (the bench's ``bench.num_threads``)."""
+    on the current torch threads (the bench's ``bench.num_threads``); ``int8_dirs``: the models'
+    ONNX exports, whose int8 graphs are timed against the int8 peak (ONNX Runtime on as many threads)."""
     peaks = peak_table(runs=runs)
     threads = torch.get_num_threads()
     log(
@@ -296,7 +299,12 @@ def efficiency_report(
     )
     models: dict[str, dict[str, float]] = {}
     for name, directory in model_dirs.items():
-        models[name] = model_efficiency(load_model(directory), batch_size, peaks, runs=runs, seed=seed)
+        int8_model = None
+        if int8_dirs and name in int8_dirs and peaks.get("int8", {}).get("available"):
+            from lightclip.models.onnx_runtime import load_runtime_model  # onnx and onnxruntime load only when int8 is timed
+
+            int8_model = load_runtime_model(int8_dirs[name], "onnx-int8", threads=threads)
+        models[name] = model_efficiency(load_model(directory), batch_size, peaks, runs=runs, seed=seed, int8_model=int8_model)
         log("  " + describe(name, models[name]))
     return {"batch_size": batch_size, "runs": runs, "threads": threads, "peak": peaks, "models": models}
 

@@ -30,7 +30,7 @@ from lightclip.io import staged_dir, torch_threads
 from lightclip.models.onnx_runtime import RUNTIME_DIR, RuntimeMismatchError, export_onnx, load_runtime_model, read_runtime_info
 from lightclip.models.zoo import load_tokenizer, preprocess_config, weights_sha256
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 #: a runtime whose test mean recall differs from PyTorch's by more than this (points) is flagged
 MAX_RECALL_CHANGE = 0.5
 SAMPLE_TITLE = "Men Navy Blue Solid Polo Collar T-shirt"
@@ -38,17 +38,18 @@ PLOT_COLUMNS = ("model", "runtime", "label", "batch1_ms", "mean_recall")
 
 
 def runtime_dir(model_dir: Path | str, runtime: str, cache_dir: Path | str) -> Path:
-    """Where ``model_dir`` runs on ``runtime``: itself for ``torch``; for ``onnx`` a copy in
-    ``cache_dir`` keyed by the weights' sha256, exported once (re-exported if it no longer matches)."""
+    """Where ``model_dir`` runs on ``runtime``: itself for ``torch``; for ``onnx`` and ``onnx-int8`` a
+    copy in ``cache_dir`` keyed by the weights' sha256, exported once (re-exported if it no longer
+    matches, or predates int8 graphs)."""
     model_dir = Path(model_dir)
     if runtime == "torch":
         return model_dir
-    if runtime != "onnx":
+    if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {RUNTIMES}")
     copy = Path(cache_dir) / weights_sha256(model_dir)[:16]
     try:
-        read_runtime_info(copy)
-        return copy
+        if "int8" in read_runtime_info(copy):
+            return copy
     except (RuntimeMismatchError, OSError):
         pass
     with staged_dir(copy) as staging:
@@ -136,7 +137,7 @@ def write_figure(report: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Pa
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    markers = {"torch": "o", "onnx": "s"}
+    markers = {"torch": "o", "onnx": "s", "onnx-int8": "D"}
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
     for i, (name, runtimes) in enumerate(report.items()):
         colour = f"C{i}"

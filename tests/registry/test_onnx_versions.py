@@ -106,6 +106,8 @@ def test_an_export_that_is_not_the_weights_is_refused_never_used(onnx_staged: Pr
     assert Embedder(bare).runtime == "torch"
     with pytest.raises(ServingError, match=r"runtime onnx was asked for but the model carries no ONNX export \(onnx/runtime.json missing\)"):
         Embedder(bare, runtime="onnx")
+    with pytest.raises(ServingError, match=r"runtime onnx-int8 was asked for but the model carries no ONNX export"):
+        Embedder(bare, runtime="onnx-int8")
     with pytest.raises(ServingError, match="unknown runtime 'tensorrt'"):
         Embedder(bare, runtime="tensorrt")
 

@@ -133,3 +133,6 @@ def test_a_model_carrying_its_onnx_export_is_served_on_onnx_runtime_over_the_sam
     on_onnx, on_torch = served.embed_texts(titles), served_a.embed_texts(titles)
     assert float((on_onnx * on_torch).sum(axis=1).min()) >= 0.999
     assert load_served(carrying, catalogue, INDEX, runtime="torch", **kwargs).describe()["runtime"] == "torch"
+    on_int8 = load_served(carrying, catalogue, INDEX, runtime="onnx-int8", **kwargs)  # asked for: the export's int8 graphs
+    assert on_int8.describe()["runtime"] == "onnx-int8" and on_int8.index.ids == served_a.index.ids
+    assert float((on_int8.embed_texts(titles) * on_torch).sum(axis=1).min()) >= 0.99

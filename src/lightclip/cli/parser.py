@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--out", required=True, help="output model dir")
     ensemble.set_defaults(handler=cmd_ensemble)
 
-    export_onnx = commands.add_parser("export-onnx", help="export a saved model's towers to ONNX (ONNX Runtime: same vectors, less per-call overhead)")
+    export_onnx = commands.add_parser("export-onnx", help="export a saved model's towers to ONNX, fp32 and int8 (ONNX Runtime: same vectors, less per-call overhead)")
     export_onnx.add_argument("--model", required=True, metavar="DIR", help="a saved model dir; the graphs go to DIR/onnx/")
     export_onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     export_onnx.set_defaults(handler=cmd_export_onnx)
@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: serve.port)")
     serve.add_argument("--catalogue", help="the catalogue to serve (default: serve.catalogue)")
     serve.add_argument("--index", help="an index to reuse when it records the served weights (default: serve.index)")
-    serve.add_argument("--runtime", choices=["auto", "torch", "onnx"],
-                       help="what embeds the queries (default: serve.runtime, auto = ONNX Runtime when the version carries an export)")
+    serve.add_argument("--runtime", choices=["auto", "torch", "onnx", "onnx-int8"],
+                       help="what embeds the queries (default: serve.runtime, auto = ONNX Runtime when the version carries an export; "
+                            "onnx-int8 = its int8 graphs)")
     serve.set_defaults(handler=cmd_serve)
 
     services = commands.add_parser("services", help="the team deployment: PostgreSQL, S3 (SeaweedFS), MLflow and Prefect servers, 2 workers (docs/team.md)")

@@ -110,6 +110,13 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     worst = ", ".join(f"{tower} {value:.6f}" for tower, value in sorted(info["probe_worst_cosine"].items()))
     print(f"{args.model}: image and text towers -> {Path(args.model) / RUNTIME_DIR} (opset {info['opset']}, "
           f"onnxruntime {info['onnxruntime']}); worst cosine to PyTorch on the probe batch: {worst}")
+    int8 = info["int8"]
+    if int8["available"]:
+        worst = ", ".join(f"{tower} {value:.6f}" for tower, value in sorted(int8["probe_worst_cosine"].items()))
+        bits = "7-bit weights: this CPU has no VNNI" if int8["reduce_range"] else "8-bit weights"
+        print(f"  int8 graphs (runtime onnx-int8; {bits}): worst cosine to PyTorch {worst}")
+    else:
+        print(f"  no int8 graphs: {int8['reason']}")
     return 0
 
 

@@ -109,7 +109,7 @@ class BenchConfig(StrictModel):
     seed: int = 0
     efficiency_batch_size: int = Field(256, ge=0, description="batch of the achieved-vs-peak GFLOP/s check (docs/efficiency.md); 0 = skip it")
     efficiency_runs: int = Field(3, ge=1, description="timed calls per forward and per peak matmul; the best counts")
-    runtimes: list[Literal["torch", "onnx"]] = Field(default_factory=lambda: ["torch", "onnx"],
+    runtimes: list[Literal["torch", "onnx", "onnx-int8"]] = Field(default_factory=lambda: ["torch", "onnx", "onnx-int8"],
                                                      description="runtimes of the recall-vs-latency plot (each evaluated on it); [] = skip")
 
     @field_validator("models")

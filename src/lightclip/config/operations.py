@@ -43,8 +43,9 @@ class ServeConfig(StrictModel):
     k_default: int = Field(12, ge=1)
     k_max: int = Field(100, ge=1)
     threads: int | None = Field(None, ge=1, description="torch, ONNX Runtime and FAISS threads for the model; null = the usable CPUs less one for the event loop")
-    runtime: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="auto = ONNX Runtime when the served version carries an ONNX export (register.runtime: onnx), else PyTorch")
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="auto = ONNX Runtime when the served version carries an ONNX export (register.runtime: onnx), else PyTorch; "
+        "onnx-int8 = the export's int8 graphs")
 
     @model_validator(mode="after")
     def _k(self) -> "ServeConfig":

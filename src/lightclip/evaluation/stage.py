@@ -182,7 +182,7 @@ def evaluate_model(
     model in ``model_dir`` and score it; the metrics are named ``<split or scope>/...``.
 
     ``geometry``: the same items' shapes, shared by the models of one evaluation (read once).
-    ``runtime``: ``torch`` (the weights) or ``onnx`` (the export in ``model_dir/onnx``, checked
+    ``runtime``: ``torch`` (the weights), ``onnx`` or ``onnx-int8`` (the export in ``model_dir/onnx``, checked
     against the weights): a runtime's figures are worth having only with its own recall.
     """
     whole = scope == WHOLE
